@@ -1,0 +1,36 @@
+"""Settings shared by the engine, the server and the CLI: durability and size limits."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+MiB = 1024 * 1024
+
+
+class Durability(enum.StrEnum):
+    """How hard a change is pushed to stable storage before it is reported done.
+
+    Both modes are atomic (readers see old or new, never a mix); only ``full`` also survives a
+    power loss, because it fsyncs the file before the rename and the directory after it.
+    """
+
+    FULL = "full"
+    FAST = "fast"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Upper bounds that keep one call from exhausting memory or producing an unsendable reply."""
+
+    max_read_bytes: int = 32 * MiB
+    """Largest file read whole (text or bytes); head/tail reads stream and are not bound by it."""
+    max_write_bytes: int = 64 * MiB
+    """Largest content given in one call; the streaming writer has no such limit."""
+    max_edits: int = 200
+    max_list_entries: int = 10_000
+    max_tree_entries: int = 10_000
+    max_tree_depth: int = 64
+    max_search_results: int = 10_000
+    chunk_bytes: int = 1 * MiB
+    """Granularity of streamed reads/writes: the memory a copy or a large write holds at once."""

@@ -1,0 +1,148 @@
+"""The errors every layer raises: each names the problem, the fix, and whether anything changed.
+
+The MCP layer turns these into ``isError`` results verbatim, so a message must be readable by a
+model without a traceback: what went wrong, on which path, and what to do instead.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import ClassVar
+
+NOTHING_CHANGED = "nothing was changed"
+
+
+class AtomicToolsError(Exception):
+    """Base of every error the toolkit raises on purpose; ``code`` is stable for programs."""
+
+    code: ClassVar[str] = "error"
+
+    def __init__(self, message: str, *, changed: bool = False) -> None:
+        self.message = message
+        self.changed = changed
+        super().__init__(message if changed else f"{message}; {NOTHING_CHANGED}")
+
+
+class InvalidArgumentError(AtomicToolsError):
+    code = "invalid_argument"
+
+
+class InvalidPathError(InvalidArgumentError):
+    code = "invalid_path"
+
+
+class OutsideRootsError(AtomicToolsError):
+    code = "outside_roots"
+
+
+class NotFoundError(AtomicToolsError):
+    code = "not_found"
+
+
+class AlreadyExistsError(AtomicToolsError):
+    code = "exists"
+
+
+class WrongTypeError(AtomicToolsError):
+    """A file where a directory was needed, or the reverse, or a device or socket."""
+
+    code = "wrong_type"
+
+
+class PreconditionFailedError(AtomicToolsError):
+    """``expected_sha256`` did not match: someone changed the file since it was read."""
+
+    code = "precondition_failed"
+
+    def __init__(self, message: str, *, current_sha256: str | None) -> None:
+        self.current_sha256 = current_sha256
+        super().__init__(message)
+
+
+class EditError(AtomicToolsError):
+    """One edit of a list could not be applied, so none was."""
+
+    code = "edit_failed"
+
+    def __init__(self, message: str, *, index: int) -> None:
+        self.index = index
+        super().__init__(message)
+
+
+class EditNotFoundError(EditError):
+    code = "edit_not_found"
+
+
+class EditAmbiguousError(EditError):
+    code = "edit_ambiguous"
+
+
+class TextEncodingError(AtomicToolsError):
+    """Binary content where text was expected, or text the file's encoding cannot hold."""
+
+    code = "encoding"
+
+
+class TooLargeError(AtomicToolsError):
+    code = "too_large"
+
+
+class ReadOnlyError(AtomicToolsError):
+    code = "read_only"
+
+
+class PermissionDeniedError(AtomicToolsError):
+    code = "permission_denied"
+
+
+class DiskFullError(AtomicToolsError):
+    code = "disk_full"
+
+
+class FileSystemError(AtomicToolsError):
+    """An I/O error the file system reported (EIO and friends)."""
+
+    code = "io_error"
+
+
+class ConcurrentChangeError(AtomicToolsError):
+    """The tree changed under us in a way that makes the call unsafe to finish; retry it."""
+
+    code = "concurrent_change"
+
+
+class DurabilityUnknownError(AtomicToolsError):
+    """The change is visible but syncing its directory failed, so it may not survive power loss."""
+
+    code = "durability_unknown"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, changed=True)
+
+
+def from_os_error(err: OSError, path: str, action: str) -> AtomicToolsError:
+    """Translate an OSError raised while doing ``action`` on ``path`` into a clear toolkit error."""
+    reason = err.strerror or str(err)
+    code = err.errno
+    if code == errno.ENOENT:
+        return NotFoundError(f"cannot {action} {path}: it does not exist (check the path)")
+    if code in (errno.EEXIST, errno.ENOTEMPTY):
+        return AlreadyExistsError(f"cannot {action} {path}: it already exists")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDeniedError(
+            f"cannot {action} {path}: permission denied ({reason}); "
+            "check the file's and its directory's permissions"
+        )
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"cannot {action} {path}: the disk is full ({reason}); free space")
+    if code == errno.EISDIR:
+        return WrongTypeError(f"cannot {action} {path}: it is a directory")
+    if code == errno.ENOTDIR:
+        return WrongTypeError(f"cannot {action} {path}: a part of the path is not a directory")
+    if code == errno.ENAMETOOLONG:
+        return InvalidPathError(f"cannot {action} {path}: the name is too long")
+    if code == errno.ELOOP:
+        return ConcurrentChangeError(
+            f"cannot {action} {path}: it became a symbolic link during the call; retry"
+        )
+    return FileSystemError(f"cannot {action} {path}: {reason} (errno {code})")

@@ -1,0 +1,94 @@
+"""Thin, synchronous POSIX helpers the atomic protocols are built from.
+
+Each function is one system-call idea (a full write loop, a durable fsync, a rename that refuses
+to clobber) so the protocols above read as a list of steps. Nothing here retries an fsync: after
+a failed fsync the kernel may have dropped the dirty pages, so a second success proves nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import hashlib
+import os
+import stat
+
+RENAME_NOREPLACE = 1
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
+if _renameat2 is not None:
+    _renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    _renameat2.restype = ctypes.c_int
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write every byte of ``data``: ``os.write`` may write less than asked (short writes)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def durable_sync(fd: int) -> None:
+    """Push a file's data to stable storage (F_FULLFSYNC where plain fsync stops at the cache)."""
+    full_fsync = getattr(fcntl, "F_FULLFSYNC", None)
+    if full_fsync is not None:
+        fcntl.fcntl(fd, full_fsync)
+    else:
+        os.fsync(fd)
+
+
+def sync_directory(dir_fd: int) -> None:
+    """Make the directory's entries (a create, rename or unlink) durable."""
+    os.fsync(dir_fd)
+
+
+def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> None:
+    """Rename ``src`` to ``dst`` atomically, failing with FileExistsError if ``dst`` exists.
+
+    Uses ``renameat2(RENAME_NOREPLACE)``; where the kernel or file system lacks it, a hard link
+    plus unlink gives the same no-clobber guarantee for files (the link fails if ``dst`` exists).
+    """
+    if _renameat2 is not None:
+        rc = _renameat2(
+            src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), RENAME_NOREPLACE
+        )
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), dst)
+        if err == errno.EINVAL and _is_directory(src_dir_fd, src):
+            raise OSError(err, "cannot move a directory into itself", dst)
+    os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
+    os.unlink(src, dir_fd=src_dir_fd)
+
+
+def _is_directory(dir_fd: int, name: str) -> bool:
+    return stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+
+
+def sha256_of_fd(fd: int, chunk_bytes: int) -> tuple[str, int]:
+    """Hash an open file from its current offset; returns (hex digest, bytes read)."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := os.read(fd, chunk_bytes):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def read_all(fd: int, chunk_bytes: int) -> bytes:
+    parts: list[bytes] = []
+    while chunk := os.read(fd, chunk_bytes):
+        parts.append(chunk)
+    return b"".join(parts)

@@ -1,0 +1,238 @@
+"""Read-only views of the tree: list a directory, a bounded tree, glob search, file info.
+
+Walks open each directory relative to its parent's descriptor with ``O_NOFOLLOW`` and never
+follow a symlink into a directory, so they cannot leave the roots or loop. They run in worker
+threads in batches with a cancellation point between batches, and stop at the configured limits
+so one call cannot build a reply too large to send. Our own temp files are not shown.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Generator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import anyio.to_thread
+
+from .config import Limits
+from .errors import TooLargeError, WrongTypeError, from_os_error
+from .fileops import entry_type
+from .globmatch import Glob, any_match
+from .results import DirEntry, EntryType, FileInfo, SearchResult, TreeNode
+from .sandbox import Location
+from .steps import step
+from .tempfiles import is_temp_name
+
+_BATCH = 512
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True, slots=True)
+class DirListing:
+    path: str
+    entries: tuple[DirEntry, ...]
+    truncated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    rel: str
+    """Path relative to the walked directory."""
+    name: str
+    type: EntryType
+    size: int | None
+    depth: int
+    depth_limited: bool
+
+
+def _open_directory(location: Location) -> int:
+    try:
+        fd = os.open(location.name, _DIR_FLAGS, dir_fd=location.dir_fd)
+    except NotADirectoryError as err:
+        raise WrongTypeError(f"{location.display} is a file, not a directory") from err
+    except OSError as err:
+        raise from_os_error(err, location.display, "list") from err
+    return fd
+
+
+def _scan(dir_fd: int) -> list[tuple[str, os.stat_result]]:
+    """Entries of an open directory with their own (not followed) metadata, sorted by name."""
+    found: list[tuple[str, os.stat_result]] = []
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            if is_temp_name(entry.name):
+                continue
+            try:
+                found.append((entry.name, entry.stat(follow_symlinks=False)))
+            except FileNotFoundError:
+                continue  # removed while we listed
+    found.sort(key=lambda item: item[0])
+    return found
+
+
+def _walk(dir_fd: int, excludes: tuple[Glob, ...], max_depth: int) -> Generator[_Found, None, None]:
+    """Walk below ``dir_fd`` (not closed here); a directory always comes before its entries."""
+    stack: list[tuple[int, str, int, bool]] = [(dir_fd, "", 0, False)]  # fd, rel, depth, owned
+    try:
+        while stack:
+            fd, prefix, depth, owned = stack.pop()
+            found: list[_Found] = []
+            subdirs: list[tuple[int, str, int, bool]] = []
+            try:
+                for name, st in _scan(fd):
+                    rel = f"{prefix}{name}"
+                    if excludes and any_match(excludes, rel):
+                        continue
+                    kind = entry_type(st)
+                    limited = kind == "directory" and depth + 1 >= max_depth
+                    size = st.st_size if kind == "file" else None
+                    found.append(_Found(rel, name, kind, size, depth, limited))
+                    if kind == "directory" and not limited:
+                        try:
+                            child_fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                        except OSError:
+                            continue  # vanished, replaced by a link, or unreadable: skip it
+                        subdirs.append((child_fd, f"{rel}/", depth + 1, True))
+            finally:
+                if owned:
+                    os.close(fd)
+                stack.extend(reversed(subdirs))  # from here on closed by the outer finally
+            yield from found
+    finally:
+        for fd, _, _, owned in stack:
+            if owned:
+                os.close(fd)
+
+
+async def _collect(walker: Generator[_Found, None, None], limit: int) -> tuple[list[_Found], bool]:
+    """Drain ``walker`` in thread batches; stops after ``limit`` items (truncated=True)."""
+    found: list[_Found] = []
+
+    def next_batch() -> list[_Found]:
+        batch: list[_Found] = []
+        for item in walker:
+            batch.append(item)
+            if len(batch) >= _BATCH or len(found) + len(batch) > limit:
+                break
+        return batch
+
+    try:
+        while batch := await anyio.to_thread.run_sync(next_batch):
+            found.extend(batch)
+            if len(found) > limit:
+                return found[:limit], True
+            await step("walk.batch")
+        return found, False
+    finally:
+        walker.close()
+
+
+async def list_directory(location: Location, limits: Limits) -> DirListing:
+    fd = _open_directory(location)
+    try:
+        children = await anyio.to_thread.run_sync(_scan, fd)
+    finally:
+        os.close(fd)
+    entries = tuple(
+        DirEntry(name, kind, st.st_size if kind == "file" else None)
+        for name, st in children[: limits.max_list_entries]
+        for kind in (entry_type(st),)
+    )
+    return DirListing(location.display, entries, len(children) > limits.max_list_entries)
+
+
+async def directory_tree(
+    location: Location,
+    limits: Limits,
+    *,
+    exclude: tuple[str, ...] = (),
+    max_depth: int | None = None,
+) -> TreeNode:
+    """The tree below a directory; refuses (clearly) one with more entries than the limit."""
+    depth = min(max_depth or limits.max_tree_depth, limits.max_tree_depth)
+    fd = _open_directory(location)
+    try:
+        found, truncated = await _collect(
+            _walk(fd, tuple(Glob(p) for p in exclude), depth), limits.max_tree_entries
+        )
+    finally:
+        os.close(fd)
+    if truncated:
+        raise TooLargeError(
+            f"the tree under {location.display} has more than {limits.max_tree_entries} "
+            "entries; ask for a subdirectory, add excludePatterns, or use search_files"
+        )
+    children: dict[str, list[TreeNode]] = {"": []}
+    # Post-order assembly: children lists are complete before their parent node is frozen.
+    for item in reversed(found):
+        parent = item.rel.rpartition("/")[0]
+        kids = children.pop(item.rel, []) if item.type == "directory" else None
+        node = TreeNode(
+            item.name,
+            item.type,
+            tuple(reversed(kids)) if kids is not None and not item.depth_limited else None,
+            item.depth_limited,
+        )
+        children.setdefault(parent, []).append(node)
+    name = location.rel[-1] if location.rel else location.root.path.name
+    return TreeNode(name, "directory", tuple(reversed(children[""])))
+
+
+async def search(
+    location: Location, pattern: str, limits: Limits, *, exclude: tuple[str, ...] = ()
+) -> SearchResult:
+    """Files and directories below ``location`` whose path matches the glob ``pattern``."""
+    glob = Glob(pattern)
+    fd = _open_directory(location)
+    prefix = f"{location.display}/" if location.rel else ""
+    matches: list[str] = []
+    walker = _walk(fd, tuple(Glob(p) for p in exclude), limits.max_tree_depth)
+    try:
+
+        def next_batch() -> int:
+            seen = 0
+            for item in walker:
+                seen += 1
+                if glob.matches(item.rel):
+                    matches.append(prefix + item.rel)
+                if seen >= _BATCH * 8 or len(matches) > limits.max_search_results:
+                    break
+            return seen
+
+        while await anyio.to_thread.run_sync(next_batch):
+            if len(matches) > limits.max_search_results:
+                break
+            await step("walk.batch")
+    finally:
+        walker.close()
+        os.close(fd)
+    truncated = len(matches) > limits.max_search_results
+    return SearchResult(tuple(matches[: limits.max_search_results]), truncated)
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=UTC).isoformat()
+
+
+def file_info(location: Location) -> FileInfo:
+    try:
+        st = os.stat(location.name, dir_fd=location.dir_fd, follow_symlinks=False)
+    except OSError as err:
+        raise from_os_error(err, location.display, "inspect") from err
+    birth = getattr(st, "st_birthtime", None)
+    target = None
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(location.name, dir_fd=location.dir_fd)
+    return FileInfo(
+        path=location.display,
+        type=entry_type(st),
+        size=st.st_size,
+        permissions=f"{stat.S_IMODE(st.st_mode):o}",
+        modified=_iso(st.st_mtime),
+        accessed=_iso(st.st_atime),
+        changed=_iso(st.st_ctime),
+        created=_iso(birth) if birth is not None else None,
+        symlink_target=target,
+    )

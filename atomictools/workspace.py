@@ -1,0 +1,325 @@
+"""The embedding API: a Workspace is a set of roots plus the atomic operations inside them.
+
+It is the one place that joins the engine's pieces for a caller: resolve the user's path through
+the sandbox, refuse changes in read-only mode, serialise changes to the same file, then run the
+single-file operation. Every method is a coroutine that is safe to cancel (see ``fileops``).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import anyio.to_thread
+
+from . import fileops, listing
+from .config import Durability, Limits
+from .edits import Edit
+from .errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    ReadOnlyError,
+    TooLargeError,
+    WrongTypeError,
+    from_os_error,
+)
+from .listing import DirListing
+from .locks import KeyedLocks
+from .results import (
+    BytesRead,
+    CopyResult,
+    DeleteResult,
+    EditResult,
+    FileInfo,
+    MkdirResult,
+    MoveResult,
+    SearchResult,
+    TextRead,
+    TreeNode,
+    WriteResult,
+)
+from .sandbox import Location, Sandbox
+from .writer import AtomicWriter, open_atomic_writer
+
+PathArg = str | os.PathLike[str]
+EditArg = Edit | tuple[str, str]
+
+
+class Workspace:
+    """Atomic file operations confined to ``roots``.
+
+    >>> ws = Workspace(["/srv/project"])                       # doctest: +SKIP
+    >>> await ws.write("notes.txt", "hello\\n")                 # doctest: +SKIP
+
+    ``durability="full"`` (default) fsyncs every change before reporting it; ``"fast"`` skips
+    the fsyncs (still atomic, not power-loss safe). ``read_only=True`` refuses every change.
+    """
+
+    def __init__(
+        self,
+        roots: Iterable[PathArg],
+        *,
+        durability: Durability | str = Durability.FULL,
+        limits: Limits | None = None,
+        read_only: bool = False,
+    ) -> None:
+        self.sandbox = Sandbox(roots)
+        self.durability = Durability(durability)
+        self.limits = limits or Limits()
+        self.read_only = read_only
+        self._locks = KeyedLocks()
+
+    def __repr__(self) -> str:
+        return f"Workspace({[str(p) for p in self.roots]!r}, durability={self.durability.value!r})"
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        return tuple(root.path for root in self.sandbox.roots)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _resolve(self, path: PathArg, *, follow_final: bool = True) -> Iterator[Location]:
+        with self.sandbox.resolve(path, follow_final=follow_final) as location:
+            yield location
+
+    def _refuse_if_read_only(self, action: str, path: PathArg) -> None:
+        if self.read_only:
+            raise ReadOnlyError(
+                f"cannot {action} {os.fspath(path)}: the workspace is read-only; "
+                "it can be read but not changed"
+            )
+
+    @staticmethod
+    def _lock_key(location: Location) -> tuple[int, int, str]:
+        st = os.fstat(location.dir_fd)
+        return (st.st_dev, st.st_ino, location.name)
+
+    @asynccontextmanager
+    async def _changing(self, *locations: Location) -> AsyncIterator[None]:
+        async with self._locks.hold(*(self._lock_key(loc) for loc in locations)):
+            yield
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def read_text(
+        self, path: PathArg, *, head: int | None = None, tail: int | None = None
+    ) -> TextRead:
+        """Text of a file (or its first/last lines), with its sha256, encoding and newlines."""
+        with self._resolve(path) as location:
+            return await fileops.read_text(location, self.limits, head=head, tail=tail)
+
+    async def read_bytes(self, path: PathArg) -> BytesRead:
+        with self._resolve(path) as location:
+            return await fileops.read_bytes(location, self.limits)
+
+    async def info(self, path: PathArg) -> FileInfo:
+        with self._resolve(path) as location:
+            return await anyio.to_thread.run_sync(listing.file_info, location)
+
+    async def list_directory(self, path: PathArg = ".") -> DirListing:
+        with self._resolve(path) as location:
+            return await listing.list_directory(location, self.limits)
+
+    async def tree(
+        self, path: PathArg = ".", *, exclude: Sequence[str] = (), max_depth: int | None = None
+    ) -> TreeNode:
+        with self._resolve(path) as location:
+            return await listing.directory_tree(
+                location, self.limits, exclude=tuple(exclude), max_depth=max_depth
+            )
+
+    async def search(
+        self, path: PathArg, pattern: str, *, exclude: Sequence[str] = ()
+    ) -> SearchResult:
+        if not pattern:
+            raise InvalidArgumentError("pattern is empty; give a glob such as '*.py'")
+        with self._resolve(path) as location:
+            return await listing.search(location, pattern, self.limits, exclude=tuple(exclude))
+
+    # -- changes ----------------------------------------------------------------------------
+
+    async def write(
+        self,
+        path: PathArg,
+        content: str | bytes,
+        *,
+        encoding: str = "utf-8",
+        expected_sha256: str | None = None,
+        create_only: bool = False,
+    ) -> WriteResult:
+        """Create or replace a file atomically: readers see the old or the new content."""
+        self._refuse_if_read_only("write", path)
+        data = content.encode(encoding) if isinstance(content, str) else bytes(content)
+        if len(data) > self.limits.max_write_bytes:
+            raise TooLargeError(
+                f"the content for {os.fspath(path)} is {len(data)} bytes, more than the "
+                f"{self.limits.max_write_bytes}-byte limit for one call; use the streaming writer"
+            )
+        with self._resolve(path) as location:
+            async with self._changing(location):
+                return await fileops.write(
+                    location,
+                    data,
+                    durability=self.durability,
+                    create_only=create_only,
+                    expected_sha256=expected_sha256,
+                    chunk_bytes=self.limits.chunk_bytes,
+                )
+
+    @asynccontextmanager
+    async def atomic_writer(
+        self, path: PathArg, *, expected_sha256: str | None = None, create_only: bool = False
+    ) -> AsyncIterator[AtomicWriter]:
+        """Stream a large file: ``async with ws.atomic_writer(p) as w: await w.write(chunk)``.
+
+        Memory stays bounded by the chunk size. The target changes only if the block exits
+        cleanly; an exception or cancellation inside it leaves the target as it was.
+        """
+        self._refuse_if_read_only("write", path)
+        with self._resolve(path) as location:
+            async with (
+                self._changing(location),
+                open_atomic_writer(
+                    location,
+                    durability=self.durability,
+                    create_only=create_only,
+                    expected_sha256=expected_sha256,
+                    chunk_bytes=self.limits.chunk_bytes,
+                ) as writer,
+            ):
+                yield writer
+
+    async def edit(
+        self,
+        path: PathArg,
+        edits: Sequence[EditArg],
+        *,
+        dry_run: bool = False,
+        expected_sha256: str | None = None,
+    ) -> EditResult:
+        """Apply exact ``old -> new`` replacements all-or-nothing; returns a unified diff."""
+        if not dry_run:
+            self._refuse_if_read_only("edit", path)
+        normalized = [e if isinstance(e, Edit) else Edit(*e) for e in edits]
+        with self._resolve(path) as location:
+            async with self._changing(location):
+                return await fileops.edit(
+                    location,
+                    normalized,
+                    durability=self.durability,
+                    limits=self.limits,
+                    dry_run=dry_run,
+                    expected_sha256=expected_sha256,
+                )
+
+    async def move(
+        self, source: PathArg, destination: PathArg, *, overwrite: bool = False
+    ) -> MoveResult:
+        """Rename a file or directory (a symlink is moved as a link)."""
+        self._refuse_if_read_only("move", source)
+        with (
+            self._resolve(source, follow_final=False) as src,
+            self._resolve(destination, follow_final=False) as dst,
+        ):
+            async with self._changing(src, dst):
+                return await fileops.move(src, dst, overwrite=overwrite, durability=self.durability)
+
+    async def copy(
+        self, source: PathArg, destination: PathArg, *, overwrite: bool = False
+    ) -> CopyResult:
+        """Copy a file; the destination appears complete or not at all."""
+        self._refuse_if_read_only("copy to", destination)
+        with self._resolve(source) as src, self._resolve(destination) as dst:
+            async with self._changing(dst):
+                return await fileops.copy(
+                    src,
+                    dst,
+                    overwrite=overwrite,
+                    durability=self.durability,
+                    chunk_bytes=self.limits.chunk_bytes,
+                )
+
+    async def delete(self, path: PathArg, *, expected_sha256: str | None = None) -> DeleteResult:
+        """Delete a file or a symlink (never what the link points to)."""
+        self._refuse_if_read_only("delete", path)
+        with self._resolve(path, follow_final=False) as location:
+            async with self._changing(location):
+                return await fileops.delete(
+                    location,
+                    durability=self.durability,
+                    expected_sha256=expected_sha256,
+                    chunk_bytes=self.limits.chunk_bytes,
+                )
+
+    async def mkdir(self, path: PathArg) -> MkdirResult:
+        """Create a directory and any missing parents (``mkdir -p``); fine if it exists."""
+        self._refuse_if_read_only("create directory", path)
+        make = fileops.directory_maker(self.durability)
+
+        def create() -> MkdirResult:
+            with self.sandbox.resolve(path, make_dir=make) as location:
+                st = location.lstat()
+                if st is not None:
+                    if not stat.S_ISDIR(st.st_mode):
+                        raise WrongTypeError(
+                            f"cannot create directory {location.display}: a "
+                            "file with that name exists"
+                        )
+                    return MkdirResult(location.display, created=False)
+                try:
+                    make(location.dir_fd, location.name)
+                except FileExistsError:
+                    return MkdirResult(location.display, created=False)
+                except OSError as err:
+                    raise from_os_error(err, location.display, "create directory") from err
+                return MkdirResult(location.display, created=True)
+
+        # One shielded thread call: a cancel never leaves half of a ``mkdir -p`` behind.
+        with anyio.CancelScope(shield=True):
+            result = await anyio.to_thread.run_sync(create)
+        return result
+
+
+def _workspace_of_file(path: PathArg, durability: Durability | str) -> tuple[Workspace, str]:
+    """A workspace whose only root is the file's own directory, and the file's name in it."""
+    target = Path(os.path.abspath(os.fspath(path)))
+    if not target.parent.is_dir():
+        raise NotFoundError(f"cannot write {target}: its directory does not exist")
+    unlimited = Limits(max_write_bytes=sys.maxsize)
+    return Workspace([target.parent], durability=durability, limits=unlimited), target.name
+
+
+@asynccontextmanager
+async def atomic_writer(
+    path: PathArg,
+    *,
+    durability: Durability | str = Durability.FULL,
+    expected_sha256: str | None = None,
+    create_only: bool = False,
+) -> AsyncIterator[AtomicWriter]:
+    """Stream an atomic write to any path: ``async with atomic_writer("out.bin") as w: ...``."""
+    workspace, name = _workspace_of_file(path, durability)
+    async with workspace.atomic_writer(
+        name, expected_sha256=expected_sha256, create_only=create_only
+    ) as writer:
+        yield writer
+
+
+async def atomic_write(
+    path: PathArg,
+    content: str | bytes,
+    *,
+    durability: Durability | str = Durability.FULL,
+    expected_sha256: str | None = None,
+    create_only: bool = False,
+) -> WriteResult:
+    """Atomically create or replace one file anywhere, without setting up a workspace."""
+    workspace, name = _workspace_of_file(path, durability)
+    return await workspace.write(
+        name, content, expected_sha256=expected_sha256, create_only=create_only
+    )

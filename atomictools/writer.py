@@ -1,0 +1,216 @@
+"""Atomic replacement of one file: a pending temp file that becomes the target only on commit.
+
+Life cycle (the renameio shape): create a locked temp next to the target, write, fsync, then
+``os.replace`` it over the target (the single commit point) and fsync the directory. Until the
+replace, the target is untouched and any exit (error, cancellation) removes the temp; after it,
+the change is done and is finished even if the caller is being cancelled. A failed fsync is
+never retried, and the temp is then abandoned rather than renamed.
+
+Caveat: the rename is atomic only on local POSIX file systems (not NFS with several clients, not
+FAT). Readers see the old bytes or the new bytes, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+import anyio
+import anyio.to_thread
+
+from . import fsutil
+from .config import Durability
+from .errors import (
+    AlreadyExistsError,
+    AtomicToolsError,
+    DurabilityUnknownError,
+    PreconditionFailedError,
+    from_os_error,
+)
+from .sandbox import Location, open_entry, require_regular
+from .steps import crash_point, step
+from .tempfiles import create_locked_temp
+
+
+class PendingFile:
+    """A locked temp file in the target's directory; synchronous, one system call per method."""
+
+    def __init__(self, location: Location, *, durability: Durability, replace: bool) -> None:
+        self.location = location
+        self.durability = durability
+        self.replace = replace
+        self.committed = False
+        self.fd = -1
+        self.temp_name = ""
+
+    def create(self, template: os.stat_result | None) -> None:
+        """Create the temp; copy owner and mode from ``template`` (the file being replaced)."""
+        loc = self.location
+        try:
+            self.fd, self.temp_name = create_locked_temp(loc.dir_fd, loc.name)
+            if template is not None:
+                if (template.st_uid, template.st_gid) != (os.getuid(), os.getgid()):
+                    with suppress(PermissionError):
+                        os.fchown(self.fd, template.st_uid, template.st_gid)
+                os.fchmod(self.fd, stat.S_IMODE(template.st_mode))
+        except OSError as err:
+            raise from_os_error(err, loc.display, "write") from err
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            fsutil.write_all(self.fd, data)
+        except OSError as err:
+            raise from_os_error(err, self.location.display, "write") from err
+
+    def sync(self) -> None:
+        if self.durability is Durability.FULL:
+            try:
+                fsutil.durable_sync(self.fd)
+            except OSError as err:
+                raise from_os_error(err, self.location.display, "write") from err
+
+    def publish(self) -> None:
+        """The commit point: rename over (or, without ``replace``, next to) the target."""
+        loc = self.location
+        try:
+            if self.replace:
+                os.replace(self.temp_name, loc.name, src_dir_fd=loc.dir_fd, dst_dir_fd=loc.dir_fd)
+            else:
+                fsutil.rename_noreplace(loc.dir_fd, self.temp_name, loc.dir_fd, loc.name)
+        except FileExistsError as err:
+            raise AlreadyExistsError(
+                f"cannot create {loc.display}: it already exists (created meanwhile?); "
+                "read it first, or allow overwriting"
+            ) from err
+        except OSError as err:
+            raise from_os_error(err, loc.display, "write") from err
+        self.committed = True
+        crash_point("write.renamed")
+        with suppress(OSError):
+            os.close(self.fd)
+        self.fd = -1
+        if self.durability is Durability.FULL:
+            try:
+                fsutil.sync_directory(loc.dir_fd)
+            except OSError as err:
+                raise DurabilityUnknownError(
+                    f"{loc.display} was written, but syncing its directory failed "
+                    f"({err.strerror}); the change may not survive a power loss"
+                ) from err
+
+    def discard(self) -> None:
+        """Remove the temp unless it was committed; safe to call twice, never raises."""
+        if self.fd >= 0:
+            with suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+        if not self.committed and self.temp_name:
+            with suppress(OSError):
+                os.unlink(self.temp_name, dir_fd=self.location.dir_fd)
+            self.temp_name = ""
+
+
+class AtomicWriter:
+    """What ``open_atomic_writer`` yields: write chunks; the target changes only at a clean exit."""
+
+    def __init__(self, pending: PendingFile, chunk_bytes: int) -> None:
+        self._pending = pending
+        self._chunk_bytes = chunk_bytes
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    async def write(self, data: bytes | bytearray | memoryview | str) -> None:
+        """Append ``data`` (str is UTF-8 encoded); a cancellation point between chunks."""
+        payload = memoryview(data.encode() if isinstance(data, str) else data).cast("B")
+        for start in range(0, len(payload), self._chunk_bytes):
+            piece = payload[start : start + self._chunk_bytes]
+            await step("write.chunk")
+            await anyio.to_thread.run_sync(self._pending.write, piece)
+            self._digest.update(piece)
+            self.size += len(piece)
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+
+async def current_sha256(location: Location, chunk_bytes: int) -> str | None:
+    """Hash of the entry's current content, or None if it does not exist."""
+
+    def compute() -> str | None:
+        try:
+            fd = open_entry(location)
+        except AtomicToolsError as err:
+            if isinstance(err.__cause__, FileNotFoundError):
+                return None
+            raise
+        try:
+            return fsutil.sha256_of_fd(fd, chunk_bytes)[0]
+        finally:
+            os.close(fd)
+
+    return await anyio.to_thread.run_sync(compute)
+
+
+async def check_expected_sha256(
+    location: Location, expected: str | None, chunk_bytes: int, action: str
+) -> None:
+    """Refuse the change when the file no longer has the content the caller read."""
+    if expected is None:
+        return
+    current = await current_sha256(location, chunk_bytes)
+    if current is None:
+        raise PreconditionFailedError(
+            f"cannot {action} {location.display}: expectedSha256 was given but the file "
+            "does not exist any more; read it again",
+            current_sha256=None,
+        )
+    if current != expected.lower():
+        raise PreconditionFailedError(
+            f"cannot {action} {location.display}: it changed since it was read "
+            f"(expectedSha256 {expected}, current sha256 {current}); read it again, "
+            "then retry with the current sha256",
+            current_sha256=current,
+        )
+
+
+@asynccontextmanager
+async def open_atomic_writer(
+    location: Location,
+    *,
+    durability: Durability = Durability.FULL,
+    create_only: bool = False,
+    expected_sha256: str | None = None,
+    mode_from: os.stat_result | None = None,
+    chunk_bytes: int = 1024 * 1024,
+) -> AsyncIterator[AtomicWriter]:
+    """Stream new content for ``location``; it replaces the target atomically at a clean exit.
+
+    Cancellable at every chunk and step until the rename; then the rename and directory fsync
+    finish shielded. An exception or cancellation before that leaves the target untouched and
+    no temp behind. ``mode_from`` gives a new file the mode of another (a copy's source).
+    """
+    existing = location.lstat()
+    if existing is not None:
+        require_regular(existing, location, "write")
+        if create_only:
+            raise AlreadyExistsError(
+                f"cannot create {location.display}: it already exists; "
+                "drop createOnly to replace it, or choose another name"
+            )
+    await check_expected_sha256(location, expected_sha256, chunk_bytes, "write")
+    pending = PendingFile(location, durability=durability, replace=not create_only)
+    try:
+        await anyio.to_thread.run_sync(pending.create, existing or mode_from)
+        await step("write.created")
+        yield AtomicWriter(pending, chunk_bytes)
+        await step("write.written")
+        await anyio.to_thread.run_sync(pending.sync)
+        await step("write.synced")
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(pending.publish)
+    finally:
+        pending.discard()

@@ -1,0 +1,44 @@
+"""Shared fixtures: every async test runs on asyncio and on trio through anyio's plugin."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from atomictools import Workspace
+from atomictools.tempfiles import is_temp_name
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A root directory with a sibling whose name shares its prefix (``root-evil``)."""
+    path = tmp_path / "root"
+    path.mkdir()
+    (tmp_path / "root-evil").mkdir()
+    (tmp_path / "root-evil" / "secret.txt").write_text("outside\n")
+    (tmp_path / "outside.txt").write_text("outside\n")
+    return path
+
+
+@pytest.fixture
+def ws(root: Path) -> Workspace:
+    return Workspace([root])
+
+
+def temp_files(directory: Path) -> list[Path]:
+    """Every temp file of ours anywhere below ``directory``."""
+    return [p for p in directory.rglob("*") if is_temp_name(p.name)]
+
+
+@pytest.fixture
+def no_temps_left(tmp_path: Path) -> Iterator[None]:
+    """Fails the test if any of our temp files is left anywhere under tmp_path."""
+    yield
+    assert temp_files(tmp_path) == []
