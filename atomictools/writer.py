@@ -25,12 +25,11 @@ from . import fsutil
 from .config import Durability
 from .errors import (
     AlreadyExistsError,
-    AtomicToolsError,
     DurabilityUnknownError,
     PreconditionFailedError,
     from_os_error,
 )
-from .sandbox import Location, open_entry, require_regular
+from .sandbox import Location, require_regular
 from .steps import crash_point, step
 from .tempfiles import create_locked_temp
 
@@ -141,12 +140,13 @@ async def current_sha256(location: Location, chunk_bytes: int) -> str | None:
     """Hash of the entry's current content, or None if it does not exist."""
 
     def compute() -> str | None:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = open_entry(location)
-        except AtomicToolsError as err:
-            if isinstance(err.__cause__, FileNotFoundError):
-                return None
-            raise
+            fd = os.open(location.name, flags, dir_fd=location.dir_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise from_os_error(err, location.display, "read") from err
         try:
             return fsutil.sha256_of_fd(fd, chunk_bytes)[0]
         finally:
