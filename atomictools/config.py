@@ -34,3 +34,9 @@ class Limits:
     max_search_results: int = 10_000
     chunk_bytes: int = 1 * MiB
     """Granularity of streamed reads/writes: the memory a copy or a large write holds at once."""
+    inline_io_bytes: int = 64 * 1024
+    """Work on at most this many bytes runs on the event loop instead of a worker thread."""
+
+    def inline(self, size: int | None) -> bool:
+        """Whether I/O on ``size`` bytes (None: unknown) is small enough to run inline."""
+        return size is not None and size <= self.inline_io_bytes

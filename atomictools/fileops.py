@@ -17,10 +17,8 @@ import stat
 from collections import deque
 from collections.abc import Sequence
 
-import anyio
-import anyio.to_thread
-
 from . import fsutil
+from .blocking import run_blocking
 from .config import Durability, Limits
 from .edits import Edit, apply_edits, unified_diff
 from .errors import (
@@ -59,8 +57,9 @@ def _open_regular(location: Location, action: str) -> tuple[int, os.stat_result]
     return fd, st
 
 
-async def _read_whole(location: Location, limit: int, chunk_bytes: int) -> bytes:
-    """Read a whole regular file, refusing one larger than ``limit`` before reading it."""
+async def _read_whole(location: Location, limits: Limits) -> bytes:
+    """Read a whole regular file, refusing one larger than the limit before reading it."""
+    limit = limits.max_read_bytes
     fd, st = _open_regular(location, "read")
     try:
         if st.st_size > limit:
@@ -70,7 +69,8 @@ async def _read_whole(location: Location, limit: int, chunk_bytes: int) -> bytes
             )
         parts: list[bytes] = []
         size = 0
-        while chunk := await anyio.to_thread.run_sync(os.read, fd, chunk_bytes):
+        inline = limits.inline(st.st_size)
+        while chunk := await run_blocking(inline, os.read, fd, limits.chunk_bytes):
             size += len(chunk)
             if size > limit:
                 raise TooLargeError(f"{location.display} grew past the {limit}-byte limit")
@@ -82,7 +82,7 @@ async def _read_whole(location: Location, limit: int, chunk_bytes: int) -> bytes
 
 
 async def read_bytes(location: Location, limits: Limits) -> BytesRead:
-    data = await _read_whole(location, limits.max_read_bytes, limits.chunk_bytes)
+    data = await _read_whole(location, limits)
     mime, _ = mimetypes.guess_type(location.name)
     return BytesRead(
         path=location.display,
@@ -103,7 +103,7 @@ async def read_text(
         if value is not None and value < 0:
             raise InvalidArgumentError(f"{name} must be zero or more lines, not {value}")
     if head is None and tail is None:
-        data = await _read_whole(location, limits.max_read_bytes, limits.chunk_bytes)
+        data = await _read_whole(location, limits)
         text, fmt = decode(data, location.display)
         return TextRead(
             path=location.display,
@@ -141,11 +141,12 @@ class _LineCollector:
 async def _read_lines(
     location: Location, limits: Limits, *, head: int | None, tail: int | None
 ) -> TextRead:
-    fd, _ = _open_regular(location, "read")
+    fd, st = _open_regular(location, "read")
+    inline = limits.inline(st.st_size)
     try:
         digest = hashlib.sha256()
         collector = _LineCollector(head, tail)
-        first = await anyio.to_thread.run_sync(os.read, fd, limits.chunk_bytes)
+        first = await run_blocking(inline, os.read, fd, limits.chunk_bytes)
         encoding, bom = sniff_encoding(first)
         if not bom and b"\x00" in first:
             raise TextEncodingError(
@@ -168,7 +169,7 @@ async def _read_lines(
             if not chunk:
                 break
             await step("read.chunk")
-            chunk = await anyio.to_thread.run_sync(os.read, fd, limits.chunk_bytes)
+            chunk = await run_blocking(inline, os.read, fd, limits.chunk_bytes)
             digest.update(chunk)
             size += len(chunk)
         content = "".join(collector.kept)
@@ -200,9 +201,9 @@ async def write(
     data: bytes,
     *,
     durability: Durability,
+    limits: Limits,
     create_only: bool = False,
     expected_sha256: str | None = None,
-    chunk_bytes: int = 1024 * 1024,
 ) -> WriteResult:
     """Replace (or create) the file with ``data`` atomically."""
     created = location.lstat() is None
@@ -211,7 +212,8 @@ async def write(
         durability=durability,
         create_only=create_only,
         expected_sha256=expected_sha256,
-        chunk_bytes=chunk_bytes,
+        limits=limits,
+        size_hint=len(data),
     ) as writer:
         await writer.write(data)
     return WriteResult(
@@ -236,7 +238,7 @@ async def edit(
             f"{len(edits)} edits in one call is more than the limit of {limits.max_edits}; "
             "split them, or write the whole file"
         )
-    data = await _read_whole(location, limits.max_read_bytes, limits.chunk_bytes)
+    data = await _read_whole(location, limits)
     before_sha = hashlib.sha256(data).hexdigest()
     if expected_sha256 is not None and expected_sha256.lower() != before_sha:
         raise PreconditionFailedError(
@@ -256,8 +258,8 @@ async def edit(
             location,
             new_data,
             durability=durability,
+            limits=limits,
             expected_sha256=before_sha,
-            chunk_bytes=limits.chunk_bytes,
         )
     return EditResult(
         path=location.display,
@@ -285,7 +287,12 @@ def entry_type(st: os.stat_result) -> EntryType:
 
 
 async def move(
-    source: Location, destination: Location, *, overwrite: bool, durability: Durability
+    source: Location,
+    destination: Location,
+    *,
+    overwrite: bool,
+    durability: Durability,
+    limits: Limits,
 ) -> MoveResult:
     """Rename a file, symlink or directory; without ``overwrite`` an existing target is kept.
 
@@ -322,11 +329,10 @@ async def move(
             fsutil.sync_directory(source.dir_fd)
 
     try:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(commit)
+        commit()  # a rename and two directory fsyncs: inline, so no cancel can split them
     except OSError as err:
         if err.errno == errno.EXDEV and stat.S_ISREG(src_st.st_mode):
-            await _move_across_devices(source, destination, overwrite, durability)
+            await _move_across_devices(source, destination, overwrite, durability, limits)
         elif err.errno == errno.EXDEV:
             raise WrongTypeError(
                 f"cannot move {source.display} to {destination.display}: they are on different "
@@ -349,17 +355,20 @@ async def move(
 
 
 async def _move_across_devices(
-    source: Location, destination: Location, overwrite: bool, durability: Durability
+    source: Location,
+    destination: Location,
+    overwrite: bool,
+    durability: Durability,
+    limits: Limits,
 ) -> None:
-    await copy(source, destination, overwrite=overwrite, durability=durability)
+    await copy(source, destination, overwrite=overwrite, durability=durability, limits=limits)
 
     def remove_source() -> None:
         os.unlink(source.name, dir_fd=source.dir_fd)
         if durability is Durability.FULL:
             fsutil.sync_directory(source.dir_fd)
 
-    with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(remove_source)
+    remove_source()
 
 
 async def copy(
@@ -368,7 +377,7 @@ async def copy(
     *,
     overwrite: bool,
     durability: Durability,
-    chunk_bytes: int = 1024 * 1024,
+    limits: Limits,
 ) -> CopyResult:
     """Copy a regular file through a temp next to the destination (streamed, bounded memory)."""
     _refuse_root(destination, "replace")
@@ -385,14 +394,16 @@ async def copy(
                     f"cannot copy {source.display} to {destination.display}: the destination "
                     "exists; pass overwrite to replace it, or choose another name"
                 )
+        inline = limits.inline(src_st.st_size)
         async with open_atomic_writer(
             destination,
             durability=durability,
             create_only=dst_st is None,
             mode_from=src_st,
-            chunk_bytes=chunk_bytes,
+            limits=limits,
+            size_hint=src_st.st_size,
         ) as writer:
-            while chunk := await anyio.to_thread.run_sync(os.read, fd, chunk_bytes):
+            while chunk := await run_blocking(inline, os.read, fd, limits.chunk_bytes):
                 await writer.write(chunk)
     finally:
         os.close(fd)
@@ -409,8 +420,8 @@ async def delete(
     location: Location,
     *,
     durability: Durability,
+    limits: Limits,
     expected_sha256: str | None = None,
-    chunk_bytes: int = 1024 * 1024,
 ) -> DeleteResult:
     """Remove a file or a symlink (the link, not its target); directories are refused."""
     _refuse_root(location, "delete")
@@ -426,7 +437,7 @@ async def delete(
         raise InvalidArgumentError(
             f"cannot check expectedSha256 of {location.display}: it is not a regular file"
         )
-    await check_expected_sha256(location, expected_sha256, chunk_bytes, "delete")
+    await check_expected_sha256(location, expected_sha256, limits, "delete")
     await step("delete.before")
 
     def commit() -> None:
@@ -435,8 +446,7 @@ async def delete(
             fsutil.sync_directory(location.dir_fd)
 
     try:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(commit)
+        commit()  # an unlink and a directory fsync: inline, so no cancel can split them
     except OSError as err:
         raise from_os_error(err, location.display, "delete") from err
     return DeleteResult(path=location.display, type=entry_type(st))

@@ -85,10 +85,3 @@ def sha256_of_fd(fd: int, chunk_bytes: int) -> tuple[str, int]:
         digest.update(chunk)
         size += len(chunk)
     return digest.hexdigest(), size
-
-
-def read_all(fd: int, chunk_bytes: int) -> bytes:
-    parts: list[bytes] = []
-    while chunk := os.read(fd, chunk_bytes):
-        parts.append(chunk)
-    return b"".join(parts)

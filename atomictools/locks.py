@@ -8,7 +8,7 @@ name), so every spelling of a path (through symlinks, ``..``, another root) maps
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Hashable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 
 import anyio
 
@@ -22,17 +22,26 @@ class KeyedLocks:
     @asynccontextmanager
     async def hold(self, *keys: Hashable) -> AsyncIterator[None]:
         """Hold the locks of all ``keys``, taken in a fixed order so holders never deadlock."""
-        async with AsyncExitStack() as stack:
+        held: list[Hashable] = []
+        try:
             for key in sorted(set(keys), key=repr):
                 lock = self._acquire_ref(key)
-                stack.callback(self._release_ref, key)
-                await stack.enter_async_context(lock)
+                try:
+                    await lock.acquire()
+                except BaseException:
+                    self._release_ref(key)
+                    raise
+                held.append(key)
             yield
+        finally:
+            for key in reversed(held):
+                self._locks[key][0].release()
+                self._release_ref(key)
 
     def _acquire_ref(self, key: Hashable) -> anyio.Lock:
         lock, users = self._locks.get(key, (None, 0))
         if lock is None:
-            lock = anyio.Lock()
+            lock = anyio.Lock(fast_acquire=True)
         self._locks[key] = (lock, users + 1)
         return lock
 

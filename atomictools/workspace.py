@@ -14,8 +14,6 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
-import anyio.to_thread
-
 from . import fileops, listing
 from .config import Durability, Limits
 from .edits import Edit
@@ -43,6 +41,7 @@ from .results import (
     WriteResult,
 )
 from .sandbox import Location, Sandbox
+from .steps import step
 from .writer import AtomicWriter, open_atomic_writer
 
 PathArg = str | os.PathLike[str]
@@ -119,7 +118,7 @@ class Workspace:
 
     async def info(self, path: PathArg) -> FileInfo:
         with self._resolve(path) as location:
-            return await anyio.to_thread.run_sync(listing.file_info, location)
+            return listing.file_info(location)
 
     async def list_directory(self, path: PathArg = ".") -> DirListing:
         with self._resolve(path) as location:
@@ -168,7 +167,7 @@ class Workspace:
                     durability=self.durability,
                     create_only=create_only,
                     expected_sha256=expected_sha256,
-                    chunk_bytes=self.limits.chunk_bytes,
+                    limits=self.limits,
                 )
 
     @asynccontextmanager
@@ -189,7 +188,7 @@ class Workspace:
                     durability=self.durability,
                     create_only=create_only,
                     expected_sha256=expected_sha256,
-                    chunk_bytes=self.limits.chunk_bytes,
+                    limits=self.limits,
                 ) as writer,
             ):
                 yield writer
@@ -227,7 +226,9 @@ class Workspace:
             self._resolve(destination, follow_final=False) as dst,
         ):
             async with self._changing(src, dst):
-                return await fileops.move(src, dst, overwrite=overwrite, durability=self.durability)
+                return await fileops.move(
+                    src, dst, overwrite=overwrite, durability=self.durability, limits=self.limits
+                )
 
     async def copy(
         self, source: PathArg, destination: PathArg, *, overwrite: bool = False
@@ -241,7 +242,7 @@ class Workspace:
                     dst,
                     overwrite=overwrite,
                     durability=self.durability,
-                    chunk_bytes=self.limits.chunk_bytes,
+                    limits=self.limits,
                 )
 
     async def delete(self, path: PathArg, *, expected_sha256: str | None = None) -> DeleteResult:
@@ -253,7 +254,7 @@ class Workspace:
                     location,
                     durability=self.durability,
                     expected_sha256=expected_sha256,
-                    chunk_bytes=self.limits.chunk_bytes,
+                    limits=self.limits,
                 )
 
     async def mkdir(self, path: PathArg) -> MkdirResult:
@@ -279,10 +280,8 @@ class Workspace:
                     raise from_os_error(err, location.display, "create directory") from err
                 return MkdirResult(location.display, created=True)
 
-        # One shielded thread call: a cancel never leaves half of a ``mkdir -p`` behind.
-        with anyio.CancelScope(shield=True):
-            result = await anyio.to_thread.run_sync(create)
-        return result
+        await step("mkdir.before")
+        return create()  # inline, with no await inside: a cancel never splits a ``mkdir -p``
 
 
 def _workspace_of_file(path: PathArg, durability: Durability | str) -> tuple[Workspace, str]:

@@ -19,10 +19,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
 import anyio
-import anyio.to_thread
+import anyio.lowlevel
 
 from . import fsutil
-from .config import Durability
+from .blocking import run_blocking
+from .config import Durability, Limits
 from .errors import (
     AlreadyExistsError,
     DurabilityUnknownError,
@@ -32,6 +33,8 @@ from .errors import (
 from .sandbox import Location, require_regular
 from .steps import crash_point, step
 from .tempfiles import create_locked_temp
+
+DEFAULT_LIMITS = Limits()
 
 
 class PendingFile:
@@ -115,28 +118,35 @@ class PendingFile:
 class AtomicWriter:
     """What ``open_atomic_writer`` yields: write chunks; the target changes only at a clean exit."""
 
-    def __init__(self, pending: PendingFile, chunk_bytes: int) -> None:
+    def __init__(self, pending: PendingFile, limits: Limits) -> None:
         self._pending = pending
-        self._chunk_bytes = chunk_bytes
+        self._limits = limits
         self._digest = hashlib.sha256()
+        self._since_yield = 0
         self.size = 0
 
     async def write(self, data: bytes | bytearray | memoryview | str) -> None:
         """Append ``data`` (str is UTF-8 encoded); a cancellation point between chunks."""
         payload = memoryview(data.encode() if isinstance(data, str) else data).cast("B")
-        for start in range(0, len(payload), self._chunk_bytes):
-            piece = payload[start : start + self._chunk_bytes]
+        chunk = self._limits.chunk_bytes
+        for start in range(0, len(payload), chunk):
+            piece = payload[start : start + chunk]
             await step("write.chunk")
-            await anyio.to_thread.run_sync(self._pending.write, piece)
+            inline = self._limits.inline(len(piece))
+            await run_blocking(inline, self._pending.write, piece)
             self._digest.update(piece)
             self.size += len(piece)
+            self._since_yield = self._since_yield + len(piece) if inline else 0
+            if self._since_yield >= chunk:  # many small inline writes: let other tasks run
+                self._since_yield = 0
+                await anyio.lowlevel.checkpoint()
 
     @property
     def sha256(self) -> str:
         return self._digest.hexdigest()
 
 
-async def current_sha256(location: Location, chunk_bytes: int) -> str | None:
+async def current_sha256(location: Location, limits: Limits) -> str | None:
     """Hash of the entry's current content, or None if it does not exist."""
 
     def compute() -> str | None:
@@ -148,20 +158,21 @@ async def current_sha256(location: Location, chunk_bytes: int) -> str | None:
         except OSError as err:
             raise from_os_error(err, location.display, "read") from err
         try:
-            return fsutil.sha256_of_fd(fd, chunk_bytes)[0]
+            return fsutil.sha256_of_fd(fd, limits.chunk_bytes)[0]
         finally:
             os.close(fd)
 
-    return await anyio.to_thread.run_sync(compute)
+    st = location.lstat()
+    return await run_blocking(limits.inline(st.st_size if st else 0), compute)
 
 
 async def check_expected_sha256(
-    location: Location, expected: str | None, chunk_bytes: int, action: str
+    location: Location, expected: str | None, limits: Limits, action: str
 ) -> None:
     """Refuse the change when the file no longer has the content the caller read."""
     if expected is None:
         return
-    current = await current_sha256(location, chunk_bytes)
+    current = await current_sha256(location, limits)
     if current is None:
         raise PreconditionFailedError(
             f"cannot {action} {location.display}: expectedSha256 was given but the file "
@@ -185,13 +196,15 @@ async def open_atomic_writer(
     create_only: bool = False,
     expected_sha256: str | None = None,
     mode_from: os.stat_result | None = None,
-    chunk_bytes: int = 1024 * 1024,
+    limits: Limits = DEFAULT_LIMITS,
+    size_hint: int | None = None,
 ) -> AsyncIterator[AtomicWriter]:
     """Stream new content for ``location``; it replaces the target atomically at a clean exit.
 
     Cancellable at every chunk and step until the rename; then the rename and directory fsync
     finish shielded. An exception or cancellation before that leaves the target untouched and
-    no temp behind. ``mode_from`` gives a new file the mode of another (a copy's source).
+    no temp behind. ``mode_from`` gives a new file the mode of another (a copy's source);
+    ``size_hint`` (the total size, when known) lets small writes skip the worker threads.
     """
     existing = location.lstat()
     if existing is not None:
@@ -201,16 +214,17 @@ async def open_atomic_writer(
                 f"cannot create {location.display}: it already exists; "
                 "drop createOnly to replace it, or choose another name"
             )
-    await check_expected_sha256(location, expected_sha256, chunk_bytes, "write")
+    await check_expected_sha256(location, expected_sha256, limits, "write")
+    inline = limits.inline(size_hint)
     pending = PendingFile(location, durability=durability, replace=not create_only)
     try:
-        await anyio.to_thread.run_sync(pending.create, existing or mode_from)
+        await run_blocking(inline, pending.create, existing or mode_from)
         await step("write.created")
-        yield AtomicWriter(pending, chunk_bytes)
+        yield AtomicWriter(pending, limits)
         await step("write.written")
-        await anyio.to_thread.run_sync(pending.sync)
+        await run_blocking(inline, pending.sync)
         await step("write.synced")
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(pending.publish)
+            await run_blocking(inline, pending.publish)
     finally:
         pending.discard()
