@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import (
+    ConcurrentChangeError,
     InvalidPathError,
     NotFoundError,
     OutsideRootsError,
@@ -95,6 +96,13 @@ class Location:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _is_symlink(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _split(path: str) -> list[str]:
@@ -192,14 +200,17 @@ class Sandbox:
         stack: list[tuple[int, str]] = []  # (fd, name) of each open directory, root first
         pending = list(reversed(parts))  # components still to walk, next one last
         hops = 0
+        link: tuple[str, int] | None = None  # last symlink spliced in, and where its target ends
         try:
             stack.append((self._open_root(root, shown), ""))
             while pending:
                 name = pending.pop()
                 if name == "..":
                     if len(stack) == 1:
-                        raise self._outside(shown)
-                    os.close(stack.pop()[0])
+                        via = link[0] if link and len(pending) >= link[1] else None
+                        root = self._climb_out(root, stack, pending, shown=shown, via=via)
+                    else:
+                        os.close(stack.pop()[0])
                     continue
                 dir_fd = stack[-1][0]
                 is_last = not pending
@@ -218,6 +229,7 @@ class Sandbox:
                             f"path {shown!r} has too many levels of symbolic links (a loop?)"
                         )
                     via = "/".join([*(n for _, n in stack[1:]), name])
+                    link = (via, len(pending))
                     root = self._splice(root, stack, pending, target, shown=shown, via=via)
                     continue
                 if is_last:
@@ -251,6 +263,35 @@ class Sandbox:
             pending.extend(reversed(rest))
         else:
             pending.extend(reversed(_split(target)))
+        return root
+
+    def _climb_out(
+        self,
+        root: Root,
+        stack: list[tuple[int, str]],
+        pending: list[str],
+        *,
+        shown: str,
+        via: str | None,
+    ) -> Root:
+        """``..`` above a root: allowed only if the path comes back into a root at once.
+
+        The components that follow are applied to the root's real parent as text, without
+        touching anything outside the roots, until the path names a root (or a place inside
+        one), e.g. ``root1/link -> ../root2/file``. The walk then resumes from that root's
+        descriptor; if the path never comes back in, it is outside.
+        """
+        place = root.path.parent
+        while (anchored := self._root_of(place)) is None:
+            if not pending:
+                raise self._outside(shown, via)
+            name = pending.pop()
+            place = place.parent if name == ".." else place / name
+        root, rest = anchored
+        while stack:
+            os.close(stack.pop()[0])
+        stack.append((self._open_root(root, shown), ""))
+        pending.extend(reversed(rest))
         return root
 
     def _open_root(self, root: Root, shown: str) -> int:
@@ -289,6 +330,8 @@ class Sandbox:
         if err.errno == errno.ENOENT:
             return NotFoundError(f"{rel} does not exist; check the path (list_directory helps)")
         if err.errno in (errno.ENOTDIR, errno.ELOOP):
+            if _is_symlink(stack[-1][0], name):  # a directory swapped for a link after readlink
+                return ConcurrentChangeError(f"{rel} changed while it was resolved; retry")
             return WrongTypeError(f"{rel} is not a directory, so the path cannot go through it")
         if err.errno in (errno.EACCES, errno.EPERM):
             return PermissionDeniedError(f"permission denied opening {rel}")
