@@ -206,18 +206,16 @@ async def write(
     expected_sha256: str | None = None,
 ) -> WriteResult:
     """Replace (or create) the file with ``data`` atomically."""
-    created = location.lstat() is None
     async with open_atomic_writer(
         location,
         durability=durability,
         create_only=create_only,
         expected_sha256=expected_sha256,
         limits=limits,
-        size_hint=len(data),
     ) as writer:
-        await writer.write(data)
+        await writer.write(data, last=True)
     return WriteResult(
-        path=location.display, size=writer.size, sha256=writer.sha256, created=created
+        path=location.display, size=writer.size, sha256=writer.sha256, created=not writer.replaced
     )
 
 
@@ -401,7 +399,6 @@ async def copy(
             create_only=dst_st is None,
             mode_from=src_st,
             limits=limits,
-            size_hint=src_st.st_size,
         ) as writer:
             while chunk := await run_blocking(inline, os.read, fd, limits.chunk_bytes):
                 await writer.write(chunk)

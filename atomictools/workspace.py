@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 from . import fileops, listing
@@ -81,11 +81,6 @@ class Workspace:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    @contextmanager
-    def _resolve(self, path: PathArg, *, follow_final: bool = True) -> Iterator[Location]:
-        with self.sandbox.resolve(path, follow_final=follow_final) as location:
-            yield location
-
     def _refuse_if_read_only(self, action: str, path: PathArg) -> None:
         if self.read_only:
             raise ReadOnlyError(
@@ -98,10 +93,9 @@ class Workspace:
         st = os.fstat(location.dir_fd)
         return (st.st_dev, st.st_ino, location.name)
 
-    @asynccontextmanager
-    async def _changing(self, *locations: Location) -> AsyncIterator[None]:
-        async with self._locks.hold(*(self._lock_key(loc) for loc in locations)):
-            yield
+    def _changing(self, *locations: Location) -> AbstractAsyncContextManager[None]:
+        """Serialise changes to these entries with every other change in this workspace."""
+        return self._locks.hold(*(self._lock_key(loc) for loc in locations))
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -109,25 +103,25 @@ class Workspace:
         self, path: PathArg, *, head: int | None = None, tail: int | None = None
     ) -> TextRead:
         """Text of a file (or its first/last lines), with its sha256, encoding and newlines."""
-        with self._resolve(path) as location:
+        with self.sandbox.resolve(path) as location:
             return await fileops.read_text(location, self.limits, head=head, tail=tail)
 
     async def read_bytes(self, path: PathArg) -> BytesRead:
-        with self._resolve(path) as location:
+        with self.sandbox.resolve(path) as location:
             return await fileops.read_bytes(location, self.limits)
 
     async def info(self, path: PathArg) -> FileInfo:
-        with self._resolve(path) as location:
+        with self.sandbox.resolve(path) as location:
             return listing.file_info(location)
 
     async def list_directory(self, path: PathArg = ".") -> DirListing:
-        with self._resolve(path) as location:
+        with self.sandbox.resolve(path) as location:
             return await listing.list_directory(location, self.limits)
 
     async def tree(
         self, path: PathArg = ".", *, exclude: Sequence[str] = (), max_depth: int | None = None
     ) -> TreeNode:
-        with self._resolve(path) as location:
+        with self.sandbox.resolve(path) as location:
             return await listing.directory_tree(
                 location, self.limits, exclude=tuple(exclude), max_depth=max_depth
             )
@@ -137,7 +131,7 @@ class Workspace:
     ) -> SearchResult:
         if not pattern:
             raise InvalidArgumentError("pattern is empty; give a glob such as '*.py'")
-        with self._resolve(path) as location:
+        with self.sandbox.resolve(path) as location:
             return await listing.search(location, pattern, self.limits, exclude=tuple(exclude))
 
     # -- changes ----------------------------------------------------------------------------
@@ -159,7 +153,7 @@ class Workspace:
                 f"the content for {os.fspath(path)} is {len(data)} bytes, more than the "
                 f"{self.limits.max_write_bytes}-byte limit for one call; use the streaming writer"
             )
-        with self._resolve(path) as location:
+        with self.sandbox.resolve(path) as location:
             async with self._changing(location):
                 return await fileops.write(
                     location,
@@ -180,7 +174,7 @@ class Workspace:
         cleanly; an exception or cancellation inside it leaves the target as it was.
         """
         self._refuse_if_read_only("write", path)
-        with self._resolve(path) as location:
+        with self.sandbox.resolve(path) as location:
             async with (
                 self._changing(location),
                 open_atomic_writer(
@@ -205,7 +199,7 @@ class Workspace:
         if not dry_run:
             self._refuse_if_read_only("edit", path)
         normalized = [e if isinstance(e, Edit) else Edit(*e) for e in edits]
-        with self._resolve(path) as location:
+        with self.sandbox.resolve(path) as location:
             async with self._changing(location):
                 return await fileops.edit(
                     location,
@@ -222,8 +216,8 @@ class Workspace:
         """Rename a file or directory (a symlink is moved as a link)."""
         self._refuse_if_read_only("move", source)
         with (
-            self._resolve(source, follow_final=False) as src,
-            self._resolve(destination, follow_final=False) as dst,
+            self.sandbox.resolve(source, follow_final=False) as src,
+            self.sandbox.resolve(destination, follow_final=False) as dst,
         ):
             async with self._changing(src, dst):
                 return await fileops.move(
@@ -235,7 +229,7 @@ class Workspace:
     ) -> CopyResult:
         """Copy a file; the destination appears complete or not at all."""
         self._refuse_if_read_only("copy to", destination)
-        with self._resolve(source) as src, self._resolve(destination) as dst:
+        with self.sandbox.resolve(source) as src, self.sandbox.resolve(destination) as dst:
             async with self._changing(dst):
                 return await fileops.copy(
                     src,
@@ -248,7 +242,7 @@ class Workspace:
     async def delete(self, path: PathArg, *, expected_sha256: str | None = None) -> DeleteResult:
         """Delete a file or a symlink (never what the link points to)."""
         self._refuse_if_read_only("delete", path)
-        with self._resolve(path, follow_final=False) as location:
+        with self.sandbox.resolve(path, follow_final=False) as location:
             async with self._changing(location):
                 return await fileops.delete(
                     location,
