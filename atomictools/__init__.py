@@ -32,12 +32,12 @@ from .errors import (
     TooLargeError,
     WrongTypeError,
 )
-from .listing import DirListing
 from .results import (
     BytesRead,
     CopyResult,
     DeleteResult,
     DirEntry,
+    DirListing,
     EditResult,
     FileInfo,
     MkdirResult,

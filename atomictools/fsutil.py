@@ -16,6 +16,8 @@ import os
 import stat
 
 RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
@@ -28,6 +30,15 @@ if _renameat2 is not None:
         ctypes.c_uint,
     ]
     _renameat2.restype = ctypes.c_int
+
+
+def renameat2(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str, flags: int) -> None:
+    """Linux ``renameat2``; OSError(ENOSYS) where the C library does not have it."""
+    if _renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available", dst)
+    if _renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), dst)
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -58,17 +69,14 @@ def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> No
     Uses ``renameat2(RENAME_NOREPLACE)``; where the kernel or file system lacks it, a hard link
     plus unlink gives the same no-clobber guarantee for files (the link fails if ``dst`` exists).
     """
-    if _renameat2 is not None:
-        rc = _renameat2(
-            src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), RENAME_NOREPLACE
-        )
-        if rc == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-            raise OSError(err, os.strerror(err), dst)
-        if err == errno.EINVAL and _is_directory(src_dir_fd, src):
-            raise OSError(err, "cannot move a directory into itself", dst)
+    try:
+        renameat2(src_dir_fd, src, dst_dir_fd, dst, RENAME_NOREPLACE)
+        return
+    except OSError as err:
+        if err.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise
+        if err.errno == errno.EINVAL and _is_directory(src_dir_fd, src):
+            raise OSError(err.errno, "cannot move a directory into itself", dst) from err
     os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
     os.unlink(src, dir_fd=src_dir_fd)
 

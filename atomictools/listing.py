@@ -20,20 +20,13 @@ from .config import Limits
 from .errors import TooLargeError, WrongTypeError, from_os_error
 from .fileops import entry_type
 from .globmatch import Glob, any_match
-from .results import DirEntry, EntryType, FileInfo, SearchResult, TreeNode
+from .results import DirEntry, DirListing, EntryType, FileInfo, SearchResult, TreeNode
 from .sandbox import Location
 from .steps import step
 from .tempfiles import is_temp_name
 
 _BATCH = 512
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-@dataclass(frozen=True, slots=True)
-class DirListing:
-    path: str
-    entries: tuple[DirEntry, ...]
-    truncated: bool
 
 
 @dataclass(frozen=True, slots=True)

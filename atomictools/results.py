@@ -91,6 +91,14 @@ class DirEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class DirListing:
+    path: str
+    entries: tuple[DirEntry, ...]
+    truncated: bool
+    """True when the directory has more entries than the listing limit."""
+
+
+@dataclass(frozen=True, slots=True)
 class TreeNode:
     name: str
     type: EntryType

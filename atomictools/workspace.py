@@ -25,12 +25,12 @@ from .errors import (
     WrongTypeError,
     from_os_error,
 )
-from .listing import DirListing
 from .locks import KeyedLocks
 from .results import (
     BytesRead,
     CopyResult,
     DeleteResult,
+    DirListing,
     EditResult,
     FileInfo,
     MkdirResult,

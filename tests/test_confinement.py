@@ -9,9 +9,6 @@ outside was read into a result, replaced, created (not even a temp file for a mo
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import os
 import stat
 import sys
@@ -37,6 +34,7 @@ from atomictools import (
     WrongTypeError,
     fileops,
 )
+from atomictools.fsutil import AT_FDCWD, RENAME_EXCHANGE, renameat2
 from atomictools.sandbox import Location
 from atomictools.steps import observe_steps
 
@@ -993,28 +991,10 @@ async def test_read_after_final_swap_is_refused(
 
 # -- the race: a background thread swapping a directory while calls go through it ----------------
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_renameat2 = getattr(_libc, "renameat2", None)
-if _renameat2 is not None:
-    _renameat2.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_uint,
-    ]
-    _renameat2.restype = ctypes.c_int
-AT_FDCWD = -100
-RENAME_EXCHANGE = 2
-
 
 def exchange(a: Path, b: Path) -> None:
     """Atomically swap two names (``renameat2(RENAME_EXCHANGE)``): a dir and a link, say."""
-    if _renameat2 is None:
-        raise OSError(errno.ENOSYS, "renameat2 is not available")
-    if _renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(a))
+    renameat2(AT_FDCWD, str(a), AT_FDCWD, str(b), RENAME_EXCHANGE)
 
 
 class Swapper(threading.Thread):
