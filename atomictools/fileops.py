@@ -38,6 +38,7 @@ from .results import (
     EditResult,
     EntryType,
     MoveResult,
+    Progress,
     TextRead,
     WriteResult,
 )
@@ -204,8 +205,9 @@ async def write(
     limits: Limits,
     create_only: bool = False,
     expected_sha256: str | None = None,
+    progress: Progress | None = None,
 ) -> WriteResult:
-    """Replace (or create) the file with ``data`` atomically."""
+    """Replace (or create) the file with ``data`` atomically; ``progress`` hears of each chunk."""
     async with open_atomic_writer(
         location,
         durability=durability,
@@ -213,7 +215,14 @@ async def write(
         expected_sha256=expected_sha256,
         limits=limits,
     ) as writer:
-        await writer.write(data, last=True)
+        if progress is None or len(data) <= limits.chunk_bytes:
+            await writer.write(data, last=True)
+        else:
+            view, chunk = memoryview(data), limits.chunk_bytes
+            for start in range(0, len(view), chunk):
+                end = min(start + chunk, len(view))
+                await writer.write(view[start:end], last=end == len(view))
+                await progress(end, len(view))
     return WriteResult(
         path=location.display, size=writer.size, sha256=writer.sha256, created=not writer.replaced
     )

@@ -20,7 +20,7 @@ from .config import Limits
 from .errors import TooLargeError, WrongTypeError, from_os_error
 from .fileops import entry_type
 from .globmatch import Glob, any_match
-from .results import DirEntry, DirListing, EntryType, FileInfo, SearchResult, TreeNode
+from .results import DirEntry, DirListing, EntryType, FileInfo, Progress, SearchResult, TreeNode
 from .sandbox import Location
 from .steps import step
 from .tempfiles import is_temp_name
@@ -99,7 +99,9 @@ def _walk(dir_fd: int, excludes: tuple[Glob, ...], max_depth: int) -> Generator[
                 os.close(fd)
 
 
-async def _collect(walker: Generator[_Found, None, None], limit: int) -> tuple[list[_Found], bool]:
+async def _collect(
+    walker: Generator[_Found, None, None], limit: int, progress: Progress | None
+) -> tuple[list[_Found], bool]:
     """Drain ``walker`` in thread batches; stops after ``limit`` items (truncated=True)."""
     found: list[_Found] = []
 
@@ -116,6 +118,8 @@ async def _collect(walker: Generator[_Found, None, None], limit: int) -> tuple[l
             found.extend(batch)
             if len(found) > limit:
                 return found[:limit], True
+            if progress is not None:
+                await progress(len(found), None)
             await step("walk.batch")
         return found, False
     finally:
@@ -142,13 +146,14 @@ async def directory_tree(
     *,
     exclude: tuple[str, ...] = (),
     max_depth: int | None = None,
+    progress: Progress | None = None,
 ) -> TreeNode:
     """The tree below a directory; refuses (clearly) one with more entries than the limit."""
     depth = min(max_depth or limits.max_tree_depth, limits.max_tree_depth)
     fd = _open_directory(location)
     try:
         found, truncated = await _collect(
-            _walk(fd, tuple(Glob(p) for p in exclude), depth), limits.max_tree_entries
+            _walk(fd, tuple(Glob(p) for p in exclude), depth), limits.max_tree_entries, progress
         )
     finally:
         os.close(fd)
@@ -174,7 +179,12 @@ async def directory_tree(
 
 
 async def search(
-    location: Location, pattern: str, limits: Limits, *, exclude: tuple[str, ...] = ()
+    location: Location,
+    pattern: str,
+    limits: Limits,
+    *,
+    exclude: tuple[str, ...] = (),
+    progress: Progress | None = None,
 ) -> SearchResult:
     """Files and directories below ``location`` whose path matches the glob ``pattern``."""
     glob = Glob(pattern)
@@ -194,9 +204,13 @@ async def search(
                     break
             return seen
 
-        while await anyio.to_thread.run_sync(next_batch):
+        scanned = 0
+        while seen := await anyio.to_thread.run_sync(next_batch):
             if len(matches) > limits.max_search_results:
                 break
+            scanned += seen
+            if progress is not None:
+                await progress(scanned, None)
             await step("walk.batch")
     finally:
         walker.close()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
 EntryType = Literal["file", "directory", "symlink", "other"]
+
+Progress = Callable[[int, int | None], Awaitable[None]]
+"""Called as ``await progress(done, total)`` by long operations (total None when unknown)."""
 
 
 @dataclass(frozen=True, slots=True)

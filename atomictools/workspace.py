@@ -35,6 +35,7 @@ from .results import (
     FileInfo,
     MkdirResult,
     MoveResult,
+    Progress,
     SearchResult,
     TextRead,
     TreeNode,
@@ -79,6 +80,22 @@ class Workspace:
     def roots(self) -> tuple[Path, ...]:
         return tuple(root.path for root in self.sandbox.roots)
 
+    def narrowed(self, paths: Iterable[PathArg]) -> Workspace:
+        """A view limited to ``paths`` (each resolved inside this workspace's roots).
+
+        The view shares this workspace's locks, so changes made through either are serialised
+        together. Used for MCP client roots: the configured roots stay the outer limit.
+        """
+        inner: list[Path] = []
+        for path in paths:
+            with self.sandbox.resolve(path) as location:
+                inner.append(location.abspath)
+        view = Workspace(
+            inner, durability=self.durability, limits=self.limits, read_only=self.read_only
+        )
+        view._locks = self._locks
+        return view
+
     # -- plumbing ---------------------------------------------------------------------------
 
     def _refuse_if_read_only(self, action: str, path: PathArg) -> None:
@@ -119,20 +136,36 @@ class Workspace:
             return await listing.list_directory(location, self.limits)
 
     async def tree(
-        self, path: PathArg = ".", *, exclude: Sequence[str] = (), max_depth: int | None = None
+        self,
+        path: PathArg = ".",
+        *,
+        exclude: Sequence[str] = (),
+        max_depth: int | None = None,
+        progress: Progress | None = None,
     ) -> TreeNode:
         with self.sandbox.resolve(path) as location:
             return await listing.directory_tree(
-                location, self.limits, exclude=tuple(exclude), max_depth=max_depth
+                location,
+                self.limits,
+                exclude=tuple(exclude),
+                max_depth=max_depth,
+                progress=progress,
             )
 
     async def search(
-        self, path: PathArg, pattern: str, *, exclude: Sequence[str] = ()
+        self,
+        path: PathArg,
+        pattern: str,
+        *,
+        exclude: Sequence[str] = (),
+        progress: Progress | None = None,
     ) -> SearchResult:
         if not pattern:
             raise InvalidArgumentError("pattern is empty; give a glob such as '*.py'")
         with self.sandbox.resolve(path) as location:
-            return await listing.search(location, pattern, self.limits, exclude=tuple(exclude))
+            return await listing.search(
+                location, pattern, self.limits, exclude=tuple(exclude), progress=progress
+            )
 
     # -- changes ----------------------------------------------------------------------------
 
@@ -144,6 +177,7 @@ class Workspace:
         encoding: str = "utf-8",
         expected_sha256: str | None = None,
         create_only: bool = False,
+        progress: Progress | None = None,
     ) -> WriteResult:
         """Create or replace a file atomically: readers see the old or the new content."""
         self._refuse_if_read_only("write", path)
@@ -162,6 +196,7 @@ class Workspace:
                     create_only=create_only,
                     expected_sha256=expected_sha256,
                     limits=self.limits,
+                    progress=progress,
                 )
 
     @asynccontextmanager
