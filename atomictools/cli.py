@@ -1,28 +1,101 @@
-"""The ``atomictools`` command line: a thin layer that parses arguments and calls the engine."""
+"""The ``atomictools`` command line: a thin layer that parses arguments and calls the library.
+
+``serve`` runs the MCP server (stdio by default, or streamable HTTP), ``schemas`` writes or
+checks ``schemas/``, ``write`` replaces a file atomically from standard input. Logs go to
+standard error only: under stdio, standard output belongs to the MCP transport.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import anyio
 
 from . import __version__
 from .config import Durability
 from .errors import AtomicToolsError
-from .workspace import atomic_writer
+from .workspace import Workspace, atomic_writer
 
 _STDIN_CHUNK = 1024 * 1024
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+TTY_HINT = """\
+atomictools {version}: an MCP server, now waiting for an MCP client on stdin/stdout.
+It is not meant to be typed at. Connect a client instead, for example:
+  - an agent host: add to its MCP servers configuration (see examples/claude_desktop_config.json)
+      {{"command": "atomictools", "args": ["serve", "--root", "{root}"]}}
+  - the MCP Inspector:  npx @modelcontextprotocol/inspector atomictools serve --root {root}
+Press Ctrl-D or Ctrl-C to stop.
+"""
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="atomictools",
-        description="Atomic, cancellation-safe and crash-safe file changes.",
+        description="Atomic, cancellation-safe and crash-safe file changes for AI agents.",
     )
     parser.add_argument("--version", action="version", version=f"atomictools {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the MCP server (stdio by default)",
+        description="Serve the file tools over MCP, confined to the given roots.",
+    )
+    serve.add_argument(
+        "--root",
+        action="append",
+        required=True,
+        metavar="DIR",
+        help="an allowed directory (repeat for several); relative paths resolve in the first",
+    )
+    serve.add_argument("--read-only", action="store_true", help="refuse every change")
+    serve.add_argument(
+        "--durability",
+        choices=[d.value for d in Durability],
+        default=Durability.FULL.value,
+        help="full (default): fsync before reporting success; fast: atomic but not fsynced",
+    )
+    serve.add_argument(
+        "--tool-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="cancel any tool call that runs longer (nothing is changed by a timed-out call)",
+    )
+    serve.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="an extra Host header value HTTP clients may use (DNS-rebinding protection)",
+    )
+    serve.add_argument(
+        "--auth-token-env",
+        metavar="VAR",
+        help="require 'Authorization: Bearer <token>' over HTTP, the token read from $VAR",
+    )
+    serve.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="allow binding HTTP to a non-loopback address without --auth-token-env",
+    )
+    serve.add_argument("--log-level", choices=LOG_LEVELS, default="WARNING")
+
+    schemas = commands.add_parser(
+        "schemas",
+        help="write (or --check) schemas/: one JSON file per MCP tool",
+        description="Generate the tool schemas from the code, or check they are up to date.",
+    )
+    schemas.add_argument("--check", action="store_true", help="fail if schemas/ is out of date")
+    schemas.add_argument("--dir", default="schemas", type=Path, help="where (default: schemas)")
 
     write = commands.add_parser(
         "write",
@@ -47,6 +120,73 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging(level: str) -> None:
+    """Everything to stderr: under stdio, stdout carries the protocol."""
+    logging.basicConfig(
+        stream=sys.stderr, level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger().setLevel(level)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import ServerOptions, create_server
+    from .server.http import http_app, is_loopback, serve_http
+
+    _configure_logging(args.log_level)
+    try:
+        workspace = Workspace(args.root, durability=args.durability, read_only=args.read_only)
+    except ValueError as err:
+        print(f"atomictools: {err}", file=sys.stderr)
+        return 2
+    _configure_logging(args.log_level)  # MCPServer's constructor installs its own handler
+    server = create_server(workspace, ServerOptions(tool_timeout=args.tool_timeout))
+    logging.getLogger().setLevel(args.log_level)
+    if args.transport == "stdio":
+        if sys.stdin.isatty():
+            print(TTY_HINT.format(version=__version__, root=workspace.roots[0]), file=sys.stderr)
+        anyio.run(server.run_stdio_async)
+        return 0
+    token = os.environ.get(args.auth_token_env) if args.auth_token_env else None
+    if args.auth_token_env and not token:
+        print(f"atomictools: ${args.auth_token_env} is empty or unset", file=sys.stderr)
+        return 2
+    if not is_loopback(args.host) and not token and not args.allow_unauthenticated:
+        print(
+            f"atomictools: refusing to serve HTTP on {args.host} without a token; pass "
+            "--auth-token-env VAR (or --allow-unauthenticated)",
+            file=sys.stderr,
+        )
+        return 2
+    app = http_app(server, host=args.host, allowed_hosts=args.allowed_host, auth_token=token)
+    anyio.run(lambda: serve_http(app, host=args.host, port=args.port, log_level=args.log_level))
+    return 0
+
+
+def _schemas(args: argparse.Namespace) -> int:
+    from .server import create_server
+    from .server import schemas as schema_files
+
+    with_root = Workspace([Path.cwd()])
+    generated = anyio.run(schema_files.tool_schemas, create_server(with_root))
+    if args.check:
+        problems = schema_files.drift(generated, args.dir)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            print(
+                "atomictools: schemas are out of date; run `atomictools schemas`", file=sys.stderr
+            )
+            return 1
+        print(f"{len(generated)} tool schemas in {args.dir} are up to date", file=sys.stderr)
+        return 0
+    changed = schema_files.write(generated, args.dir)
+    print(
+        f"wrote {len(generated)} tool schemas to {args.dir} ({len(changed)} changed)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 async def _write_from_stdin(args: argparse.Namespace) -> None:
     source = sys.stdin.buffer
     async with atomic_writer(
@@ -63,8 +203,11 @@ async def _write_from_stdin(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        if args.command == "write":
-            anyio.run(_write_from_stdin, args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "schemas":
+            return _schemas(args)
+        anyio.run(_write_from_stdin, args)
     except AtomicToolsError as err:
         print(f"atomictools: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,78 @@
+"""Build the atomictools MCP server: instructions, the file tools, and protocol odds and ends."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mcp.server.context import ServerRequestContext
+from mcp.server.mcpserver import MCPServer
+from mcp.types import EmptyResult, NotificationParams, SetLevelRequestParams
+
+from .. import __version__
+from ..workspace import Workspace
+from .file_tools import register_file_tools
+from .runtime import ServerOptions, ToolRuntime
+
+INSTRUCTIONS = """\
+atomictools changes files atomically inside the allowed directories (list_allowed_directories).
+Work safely with it:
+- Read before you change: read_text_file returns a sha256; pass it as expectedSha256 to
+  write_file, edit_file or delete_file, so the change is refused if the file changed meanwhile.
+- Prefer edit_file for small changes: each oldText must match exactly once; dryRun previews
+  the diff without writing. Line endings and encoding are kept.
+- Every write is all-or-nothing: readers never see a half-written file, and a cancelled or
+  timed-out call changes nothing.
+- For changes that span several files, use apply_changes when this server offers it (all or
+  nothing), and retry a timed-out call with the same idempotencyKey where a tool accepts one.
+- Errors say what to fix and whether anything changed; read them before retrying.
+"""
+
+logger = logging.getLogger("atomictools.server")
+
+
+def create_server(workspace: Workspace, options: ServerOptions | None = None) -> MCPServer[Any]:
+    """An MCPServer exposing ``workspace`` through the file tools."""
+    server: MCPServer[Any] = MCPServer(
+        "atomictools",
+        title="atomictools",
+        description="Atomic, cancellation-safe and crash-safe file changes for AI agents.",
+        instructions=INSTRUCTIONS,
+        version=__version__,
+    )
+    runtime = ToolRuntime(workspace, options or ServerOptions())
+    register_file_tools(server, runtime)
+    _answer_protocol_extras(server, runtime)
+    return server
+
+
+def _answer_protocol_extras(server: MCPServer[Any], runtime: ToolRuntime) -> None:
+    """``logging/setLevel`` and ``roots/list_changed``, which MCPServer 2.x no longer wires.
+
+    The high-level server exposes no hook for either, so they go on the low-level server.
+    """
+    lowlevel = server._lowlevel_server
+
+    async def set_level(
+        _ctx: ServerRequestContext[Any], params: SetLevelRequestParams
+    ) -> EmptyResult:
+        python_level = {
+            "emergency": "CRITICAL",
+            "alert": "CRITICAL",
+            "critical": "CRITICAL",
+            "error": "ERROR",
+            "warning": "WARNING",
+            "notice": "INFO",
+            "info": "INFO",
+            "debug": "DEBUG",
+        }[params.level]
+        logging.getLogger("atomictools").setLevel(python_level)
+        return EmptyResult()
+
+    async def roots_changed(ctx: ServerRequestContext[Any], _params: NotificationParams) -> None:
+        runtime.roots.forget(ctx.session)
+
+    lowlevel.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
+    lowlevel.add_notification_handler(
+        "notifications/roots/list_changed", NotificationParams, roots_changed
+    )

@@ -1,0 +1,517 @@
+"""The file tools: a drop-in superset of the reference MCP filesystem server's tools.
+
+Each tool maps its camelCase arguments onto one ``Workspace`` call (through ``ToolRuntime``,
+which handles roots, deadlines and errors) and returns structured content plus a short text.
+Names and parameters match the reference server where they overlap; on purpose, ``edit_file``
+keeps CRLF and refuses an ``oldText`` that matches more than once, and reads return a ``sha256``
+that the mutating tools accept as ``expectedSha256``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Annotated, Any, Literal
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import (
+    AudioContent,
+    BlobResourceContents,
+    CallToolResult,
+    ContentBlock,
+    EmbeddedResource,
+    ImageContent,
+    TextContent,
+    ToolAnnotations,
+)
+from pydantic import Field
+
+from ..edits import Edit
+from ..errors import AtomicToolsError, InvalidArgumentError, TooLargeError
+from ..results import SearchResult, TreeNode
+from ..workspace import Workspace
+from .models import (
+    AllowedDirectoriesOutput,
+    CopyOutput,
+    DeleteOutput,
+    DirectoryOutput,
+    EditOperation,
+    EditOutput,
+    Entry,
+    FileInfoOutput,
+    FileReadResult,
+    ListOutput,
+    ListWithSizesOutput,
+    MoveOutput,
+    ReadMediaOutput,
+    ReadMultipleOutput,
+    ReadTextOutput,
+    SearchOutput,
+    TreeOutput,
+    WireModel,
+    WriteOutput,
+)
+from .runtime import ToolRuntime
+
+READ_ONLY = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
+
+
+def _mutating(*, destructive: bool, idempotent: bool) -> ToolAnnotations:
+    return ToolAnnotations(
+        read_only_hint=False,
+        destructive_hint=destructive,
+        idempotent_hint=idempotent,
+        open_world_hint=False,
+    )
+
+
+PathParam = Annotated[str, Field(description="File path: relative to the first root, or absolute.")]
+ExpectedSha = Annotated[
+    str | None,
+    Field(description="Refuse the change unless the file's current sha256 is this (from a read)."),
+]
+Excludes = Annotated[
+    list[str] | None, Field(description="Glob patterns to skip, e.g. node_modules or *.log.")
+]
+
+
+def _result(model: WireModel, text: str, extra: list[ContentBlock] | None = None) -> CallToolResult:
+    return CallToolResult(
+        content=[TextContent(type="text", text=text), *(extra or [])],
+        structured_content=model.model_dump(mode="json", by_alias=True),
+    )
+
+
+def _tree_json(node: TreeNode) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": node.name, "type": node.type}
+    if node.type == "directory":
+        entry["children"] = [_tree_json(child) for child in node.children or ()]
+        if node.depth_limited:
+            entry["depthLimited"] = True
+    return entry
+
+
+def _count(nodes: tuple[TreeNode, ...]) -> int:
+    return sum(1 + _count(node.children or ()) for node in nodes)
+
+
+def _media_block(mime: str, data: bytes, uri: str) -> ContentBlock:
+    encoded = base64.b64encode(data).decode("ascii")
+    if mime.startswith("image/"):
+        return ImageContent(type="image", data=encoded, mime_type=mime)
+    if mime.startswith("audio/"):
+        return AudioContent(type="audio", data=encoded, mime_type=mime)
+    return EmbeddedResource(
+        type="resource", resource=BlobResourceContents(uri=uri, mime_type=mime, blob=encoded)
+    )
+
+
+def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
+    """Add every file tool to ``server``; the tools run through ``runtime``."""
+
+    async def read_text_file(
+        ctx: Context[Any, Any],
+        path: PathParam,
+        head: Annotated[int | None, Field(ge=0, description="Only the first N lines.")] = None,
+        tail: Annotated[int | None, Field(ge=0, description="Only the last N lines.")] = None,
+    ) -> Annotated[CallToolResult, ReadTextOutput]:
+        read = await runtime.call(ctx, lambda ws: ws.read_text(path, head=head, tail=tail))
+        out = ReadTextOutput(
+            path=read.path,
+            content=read.content,
+            size=read.size,
+            sha256=read.sha256,
+            encoding=read.encoding,
+            newline=read.newline,
+            bom=read.bom,
+            partial=read.partial,
+        )
+        return _result(out, read.content)
+
+    read_text_doc = (
+        "Read a text file (or only its first `head` / last `tail` lines). Detects the encoding "
+        "(UTF-8, a BOM, else Latin-1) and line endings. Returns the content plus `sha256` of the "
+        "whole file: pass it as `expectedSha256` to write_file/edit_file/delete_file so the "
+        "change is refused if someone changed the file since. Binary files are refused; use "
+        "read_media_file."
+    )
+    server.add_tool(
+        read_text_file, name="read_text_file", description=read_text_doc, annotations=READ_ONLY
+    )
+    server.add_tool(
+        read_text_file,
+        name="read_file",
+        description="Same as read_text_file (kept for clients of the reference server). "
+        + read_text_doc,
+        annotations=READ_ONLY,
+    )
+
+    @server.tool(
+        name="read_media_file",
+        description=(
+            "Read an image, audio or other binary file; returns it base64-encoded (as an image, "
+            "audio or blob content block) with its MIME type, size and sha256."
+        ),
+        annotations=READ_ONLY,
+    )
+    async def read_media_file(
+        ctx: Context[Any, Any], path: PathParam
+    ) -> Annotated[CallToolResult, ReadMediaOutput]:
+        read = await runtime.call(ctx, lambda ws: ws.read_bytes(path))
+        out = ReadMediaOutput(
+            path=read.path, mime_type=read.mime_type, size=read.size, sha256=read.sha256
+        )
+        block = _media_block(read.mime_type, read.data, f"file:///{read.path}")
+        text = f"{read.path}: {read.mime_type}, {read.size} bytes, sha256 {read.sha256}"
+        return _result(out, text, [block])
+
+    @server.tool(
+        name="read_multiple_files",
+        description=(
+            "Read several text files in one call. A file that cannot be read gets an `error` "
+            "instead of failing the whole call. Each result carries the file's sha256."
+        ),
+        annotations=READ_ONLY,
+    )
+    async def read_multiple_files(
+        ctx: Context[Any, Any],
+        paths: Annotated[list[str], Field(min_length=1, description="The files to read.")],
+    ) -> Annotated[CallToolResult, ReadMultipleOutput]:
+        async def read_all(ws: Workspace) -> list[FileReadResult]:
+            limit = runtime.options.max_read_multiple
+            if len(paths) > limit:
+                raise InvalidArgumentError(f"{len(paths)} paths is more than {limit}; split them")
+            results: list[FileReadResult] = []
+            budget = ws.limits.max_read_bytes
+            for done, path in enumerate(paths, start=1):
+                try:
+                    read = await ws.read_text(path)
+                    if read.size > budget:
+                        raise TooLargeError(
+                            f"{read.path}: the reply would exceed {ws.limits.max_read_bytes} "
+                            "bytes; read it in another call"
+                        )
+                    budget -= read.size
+                    results.append(
+                        FileReadResult(
+                            path=read.path, content=read.content, size=read.size, sha256=read.sha256
+                        )
+                    )
+                except AtomicToolsError as err:
+                    results.append(FileReadResult(path=path, error=str(err)))
+                await runtime.progress(ctx, done, len(paths))
+            return results
+
+        results = await runtime.call(ctx, read_all)
+        text = "\n---\n".join(
+            f"{r.path}:\n{r.content}" if r.error is None else f"{r.path}: Error - {r.error}"
+            for r in results
+        )
+        return _result(ReadMultipleOutput(files=results), text)
+
+    @server.tool(
+        name="write_file",
+        description=(
+            "Create a file or replace its whole content, atomically: readers see the old or "
+            "the new content, never a partial file, even if the call is cancelled or the "
+            "server dies. Give `expectedSha256` (from a read) to refuse the write if the file "
+            "changed meanwhile, `createOnly` to refuse overwriting. The parent directory must "
+            "exist (create_directory)."
+        ),
+        annotations=_mutating(destructive=True, idempotent=True),
+    )
+    async def write_file(
+        ctx: Context[Any, Any],
+        path: PathParam,
+        content: Annotated[str, Field(description="The complete new content (UTF-8 text).")],
+        expectedSha256: ExpectedSha = None,
+        createOnly: Annotated[bool, Field(description="Refuse if the file exists.")] = False,
+    ) -> Annotated[CallToolResult, WriteOutput]:
+        async def progress(done: int, total: int | None) -> None:
+            await runtime.progress(ctx, done, total)
+
+        written = await runtime.call(
+            ctx,
+            lambda ws: ws.write(
+                path,
+                content,
+                expected_sha256=expectedSha256,
+                create_only=createOnly,
+                progress=progress,
+            ),
+        )
+        out = WriteOutput(
+            path=written.path, size=written.size, sha256=written.sha256, created=written.created
+        )
+        verb = "Created" if written.created else "Wrote"
+        return _result(
+            out, f"{verb} {written.path} ({written.size} bytes, sha256 {written.sha256})"
+        )
+
+    @server.tool(
+        name="edit_file",
+        description=(
+            "Replace exact text in a file: every edit or none. Each `oldText` must match "
+            "exactly once (include surrounding lines to make it unique); otherwise nothing is "
+            "written and the error names the edit. Keeps the file's encoding, BOM and line "
+            "endings (CRLF stays CRLF). Returns a unified diff; `dryRun` previews it without "
+            "writing. The write is atomic."
+        ),
+        annotations=_mutating(destructive=True, idempotent=False),
+    )
+    async def edit_file(
+        ctx: Context[Any, Any],
+        path: PathParam,
+        edits: Annotated[list[EditOperation], Field(min_length=1)],
+        dryRun: Annotated[bool, Field(description="Show the diff, write nothing.")] = False,
+        expectedSha256: ExpectedSha = None,
+    ) -> Annotated[CallToolResult, EditOutput]:
+        changes = [Edit(e.old_text, e.new_text) for e in edits]
+        edited = await runtime.call(
+            ctx,
+            lambda ws: ws.edit(path, changes, dry_run=dryRun, expected_sha256=expectedSha256),
+        )
+        out = EditOutput(
+            path=edited.path,
+            diff=edited.diff,
+            applied=edited.applied,
+            sha256=edited.sha256,
+            previous_sha256=edited.previous_sha256,
+        )
+        header = "Dry run, nothing written" if dryRun else f"Edited {edited.path}"
+        return _result(out, f"{header}; sha256 {edited.sha256}\n```diff\n{edited.diff}```")
+
+    @server.tool(
+        name="create_directory",
+        description="Create a directory, with any missing parents; succeeds if it exists.",
+        annotations=_mutating(destructive=False, idempotent=True),
+    )
+    async def create_directory(
+        ctx: Context[Any, Any], path: PathParam
+    ) -> Annotated[CallToolResult, DirectoryOutput]:
+        made = await runtime.call(ctx, lambda ws: ws.mkdir(path))
+        out = DirectoryOutput(path=made.path, created=made.created)
+        return _result(out, f"{'Created' if made.created else 'Already exists'}: {made.path}")
+
+    def _entries(listing: Any) -> list[Entry]:
+        return [Entry(name=e.name, type=e.type, size=e.size) for e in listing.entries]
+
+    @server.tool(
+        name="list_directory",
+        description="List a directory: [FILE], [DIR] and [LINK] entries; links are not followed.",
+        annotations=READ_ONLY,
+    )
+    async def list_directory(
+        ctx: Context[Any, Any], path: PathParam
+    ) -> Annotated[CallToolResult, ListOutput]:
+        listing = await runtime.call(ctx, lambda ws: ws.list_directory(path))
+        entries = _entries(listing)
+        tags = {"file": "[FILE]", "directory": "[DIR]", "symlink": "[LINK]", "other": "[OTHER]"}
+        text = "\n".join(f"{tags[e.type]} {e.name}" for e in entries) or "(empty directory)"
+        if listing.truncated:
+            text += "\n(truncated: too many entries; use search_files to narrow)"
+        return _result(
+            ListOutput(path=listing.path, entries=entries, truncated=listing.truncated), text
+        )
+
+    @server.tool(
+        name="list_directory_with_sizes",
+        description="List a directory with file sizes and totals, sorted by name or size.",
+        annotations=READ_ONLY,
+    )
+    async def list_directory_with_sizes(
+        ctx: Context[Any, Any],
+        path: PathParam,
+        sortBy: Annotated[
+            Literal["name", "size"], Field(description="Sort by name (default) or size.")
+        ] = "name",
+    ) -> Annotated[CallToolResult, ListWithSizesOutput]:
+        listing = await runtime.call(ctx, lambda ws: ws.list_directory(path))
+        entries = _entries(listing)
+        if sortBy == "size":
+            entries.sort(key=lambda e: e.size or 0, reverse=True)
+        files = [e for e in entries if e.type == "file"]
+        out = ListWithSizesOutput(
+            path=listing.path,
+            entries=entries,
+            truncated=listing.truncated,
+            total_files=len(files),
+            total_directories=sum(e.type == "directory" for e in entries),
+            total_size=sum(e.size or 0 for e in files),
+        )
+        lines = [
+            f"{'[DIR] ' if e.type == 'directory' else '[FILE]'} {e.name:<40} "
+            f"{'' if e.size is None else f'{e.size:>12,} B'}"
+            for e in entries
+        ]
+        lines.append(
+            f"\nTotal: {out.total_files} files, {out.total_directories} directories, "
+            f"{out.total_size:,} bytes"
+        )
+        return _result(out, "\n".join(lines))
+
+    @server.tool(
+        name="directory_tree",
+        description=(
+            "A recursive JSON tree of {name, type, children} below a directory. Symlinks are "
+            "listed, not followed. Refuses trees larger than the server's entry limit: ask for a "
+            "subdirectory or pass excludePatterns."
+        ),
+        annotations=READ_ONLY,
+    )
+    async def directory_tree(
+        ctx: Context[Any, Any], path: PathParam, excludePatterns: Excludes = None
+    ) -> Annotated[CallToolResult, TreeOutput]:
+        async def progress(done: int, total: int | None) -> None:
+            await runtime.progress(ctx, done, total)
+
+        async def walk(ws: Workspace) -> tuple[str, TreeNode]:
+            node = await ws.tree(path, exclude=excludePatterns or (), progress=progress)
+            return _display(ws, path), node
+
+        display, root = await runtime.call(ctx, walk)
+        children = root.children or ()
+        tree = [_tree_json(child) for child in children]
+        out = TreeOutput(path=display, tree=tree, entries=_count(children))
+        return _result(out, json.dumps(tree, indent=2))
+
+    @server.tool(
+        name="search_files",
+        description=(
+            "Find files and directories below `path` whose path matches a glob `pattern`: "
+            "`*.py` matches names at any depth, `src/**/test_*.py` matches paths, `*.{ts,tsx}` "
+            "alternatives. Symlinked directories are not entered."
+        ),
+        annotations=READ_ONLY,
+    )
+    async def search_files(
+        ctx: Context[Any, Any],
+        path: PathParam,
+        pattern: Annotated[str, Field(description="Glob pattern, e.g. **/*.md")],
+        excludePatterns: Excludes = None,
+    ) -> Annotated[CallToolResult, SearchOutput]:
+        async def progress(done: int, total: int | None) -> None:
+            await runtime.progress(ctx, done, total)
+
+        async def find(ws: Workspace) -> tuple[str, SearchResult]:
+            found = await ws.search(path, pattern, exclude=excludePatterns or (), progress=progress)
+            return _display(ws, path), found
+
+        display, found = await runtime.call(ctx, find)
+        out = SearchOutput(
+            path=display, pattern=pattern, matches=list(found.matches), truncated=found.truncated
+        )
+        text = "\n".join(found.matches) or "No matches found"
+        if found.truncated:
+            text += "\n(truncated: more matches exist; narrow the pattern)"
+        return _result(out, text)
+
+    @server.tool(
+        name="get_file_info",
+        description="Metadata of a file or directory: type, size, permissions, times.",
+        annotations=READ_ONLY,
+    )
+    async def get_file_info(
+        ctx: Context[Any, Any], path: PathParam
+    ) -> Annotated[CallToolResult, FileInfoOutput]:
+        info = await runtime.call(ctx, lambda ws: ws.info(path))
+        out = FileInfoOutput(
+            path=info.path,
+            type=info.type,
+            size=info.size,
+            permissions=info.permissions,
+            modified=info.modified,
+            accessed=info.accessed,
+            changed=info.changed,
+            created=info.created,
+            symlink_target=info.symlink_target,
+        )
+        fields = out.model_dump(by_alias=True, exclude_none=True)
+        return _result(out, "\n".join(f"{key}: {value}" for key, value in fields.items()))
+
+    @server.tool(
+        name="list_allowed_directories",
+        description="The directories this server may read and change (narrowed to your roots).",
+        annotations=READ_ONLY,
+    )
+    async def list_allowed_directories(
+        ctx: Context[Any, Any],
+    ) -> Annotated[CallToolResult, AllowedDirectoriesOutput]:
+        async def roots(ws: Workspace) -> list[str]:
+            return [str(p) for p in ws.roots]
+
+        directories = await runtime.call(ctx, roots)
+        out = AllowedDirectoriesOutput(directories=directories)
+        return _result(out, "Allowed directories:\n" + "\n".join(directories))
+
+    @server.tool(
+        name="move_file",
+        description=(
+            "Move or rename a file or directory atomically (a symlink is moved as a link). An "
+            "existing destination is refused unless `overwrite` is true; the check and the "
+            "rename are one atomic step."
+        ),
+        annotations=_mutating(destructive=True, idempotent=False),
+    )
+    async def move_file(
+        ctx: Context[Any, Any],
+        source: PathParam,
+        destination: PathParam,
+        overwrite: Annotated[bool, Field(description="Replace an existing destination.")] = False,
+    ) -> Annotated[CallToolResult, MoveOutput]:
+        moved = await runtime.call(
+            ctx, lambda ws: ws.move(source, destination, overwrite=overwrite)
+        )
+        out = MoveOutput(
+            source=moved.source, destination=moved.destination, replaced=moved.replaced
+        )
+        return _result(out, f"Moved {moved.source} to {moved.destination}")
+
+    @server.tool(
+        name="copy_file",
+        description=(
+            "Copy a file; the destination appears complete or not at all. An existing "
+            "destination is refused unless `overwrite` is true."
+        ),
+        annotations=_mutating(destructive=True, idempotent=True),
+    )
+    async def copy_file(
+        ctx: Context[Any, Any],
+        source: PathParam,
+        destination: PathParam,
+        overwrite: Annotated[bool, Field(description="Replace an existing destination.")] = False,
+    ) -> Annotated[CallToolResult, CopyOutput]:
+        copied = await runtime.call(
+            ctx, lambda ws: ws.copy(source, destination, overwrite=overwrite)
+        )
+        out = CopyOutput(
+            source=copied.source,
+            destination=copied.destination,
+            size=copied.size,
+            sha256=copied.sha256,
+            replaced=copied.replaced,
+        )
+        return _result(out, f"Copied {copied.source} to {copied.destination} ({copied.size} bytes)")
+
+    @server.tool(
+        name="delete_file",
+        description=(
+            "Delete a file or a symlink (never the link's target); directories are refused. "
+            "Give `expectedSha256` to refuse if the file changed since you read it."
+        ),
+        annotations=_mutating(destructive=True, idempotent=True),
+    )
+    async def delete_file(
+        ctx: Context[Any, Any], path: PathParam, expectedSha256: ExpectedSha = None
+    ) -> Annotated[CallToolResult, DeleteOutput]:
+        deleted = await runtime.call(
+            ctx, lambda ws: ws.delete(path, expected_sha256=expectedSha256)
+        )
+        return _result(
+            DeleteOutput(path=deleted.path, type=deleted.type), f"Deleted {deleted.path}"
+        )
+
+
+def _display(workspace: Workspace, path: str) -> str:
+    with workspace.sandbox.resolve(path) as location:
+        return location.display

@@ -1,0 +1,75 @@
+"""Serving over streamable HTTP: DNS-rebinding protection always on, an optional bearer token."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from typing import Any
+
+import uvicorn
+from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+LOOPBACK_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
+LOOPBACK_ORIGINS = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class BearerTokenGate:
+    """Refuses every HTTP request that lacks ``Authorization: Bearer <token>`` (401)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [
+                            (b"content-type", b"text/plain"),
+                            (b"www-authenticate", b"Bearer"),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": b"missing or wrong bearer token"})
+                return
+        await self.app(scope, receive, send)
+
+
+def http_app(
+    server: MCPServer[Any],
+    *,
+    host: str,
+    allowed_hosts: list[str] | None = None,
+    auth_token: str | None = None,
+) -> ASGIApp:
+    """The streamable-HTTP ASGI app at ``/mcp``, with Host/Origin checks and maybe a token."""
+    extra = [h if ":" in h else f"{h}:*" for h in allowed_hosts or []]
+    bound = [] if is_loopback(host) else [f"{host}:*"]
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[*LOOPBACK_HOSTS, *bound, *extra],
+        allowed_origins=[*LOOPBACK_ORIGINS, *(f"http://{h}" for h in [*bound, *extra])],
+    )
+    app: ASGIApp = server.streamable_http_app(host=host, transport_security=security)
+    return BearerTokenGate(app, auth_token) if auth_token else app
+
+
+async def serve_http(app: ASGIApp, *, host: str, port: int, log_level: str) -> None:
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), lifespan="on")
+    await uvicorn.Server(config).serve()

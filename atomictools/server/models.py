@@ -1,0 +1,139 @@
+"""Typed inputs and outputs of the MCP tools: camelCase on the wire, as the tool contract says."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+EntryTypeName = Literal["file", "directory", "symlink", "other"]
+
+
+class WireModel(BaseModel):
+    """Base of every tool model: camelCase JSON names, snake_case in Python."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class EditOperation(WireModel):
+    old_text: str = Field(description="Exact text to replace; must occur exactly once.")
+    new_text: str = Field(description="Replacement text.")
+
+
+class ReadTextOutput(WireModel):
+    path: str
+    content: str
+    size: int = Field(description="Size of the whole file in bytes.")
+    sha256: str = Field(description="Hash of the whole file; pass it back as expectedSha256.")
+    encoding: str
+    newline: str = Field(description="LF, CRLF, CR or mixed.")
+    bom: bool
+    partial: bool = Field(description="True when head/tail returned only part of the file.")
+
+
+class ReadMediaOutput(WireModel):
+    path: str
+    mime_type: str
+    size: int
+    sha256: str
+
+
+class FileReadResult(WireModel):
+    path: str
+    content: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    error: str | None = Field(default=None, description="Why this file could not be read.")
+
+
+class ReadMultipleOutput(WireModel):
+    files: list[FileReadResult]
+
+
+class WriteOutput(WireModel):
+    path: str
+    size: int
+    sha256: str
+    created: bool = Field(description="True when the file did not exist before.")
+
+
+class EditOutput(WireModel):
+    path: str
+    diff: str = Field(description="Unified diff of the change.")
+    applied: bool = Field(description="False for a dry run: nothing was written.")
+    sha256: str = Field(description="Hash of the content after the edits.")
+    previous_sha256: str
+
+
+class DirectoryOutput(WireModel):
+    path: str
+    created: bool
+
+
+class Entry(WireModel):
+    name: str
+    type: EntryTypeName
+    size: int | None = Field(default=None, description="Bytes, for files.")
+
+
+class ListOutput(WireModel):
+    path: str
+    entries: list[Entry]
+    truncated: bool
+
+
+class ListWithSizesOutput(ListOutput):
+    total_files: int
+    total_directories: int
+    total_size: int
+
+
+class TreeOutput(WireModel):
+    path: str
+    tree: list[dict[str, Any]] = Field(
+        description="Entries as {name, type, children?}; children only for directories."
+    )
+    entries: int
+
+
+class SearchOutput(WireModel):
+    path: str
+    pattern: str
+    matches: list[str] = Field(description="Paths relative to their root.")
+    truncated: bool
+
+
+class FileInfoOutput(WireModel):
+    path: str
+    type: EntryTypeName
+    size: int
+    permissions: str
+    modified: str
+    accessed: str
+    changed: str
+    created: str | None = None
+    symlink_target: str | None = None
+
+
+class AllowedDirectoriesOutput(WireModel):
+    directories: list[str]
+
+
+class MoveOutput(WireModel):
+    source: str
+    destination: str
+    replaced: bool
+
+
+class CopyOutput(WireModel):
+    source: str
+    destination: str
+    size: int
+    sha256: str
+    replaced: bool
+
+
+class DeleteOutput(WireModel):
+    path: str
+    type: EntryTypeName

@@ -1,0 +1,146 @@
+"""What every tool call goes through: the client's workspace, the deadline, and error mapping.
+
+The tools stay thin: they describe arguments and shape results, and hand the engine call to
+``ToolRuntime.call``, which picks the workspace (narrowed to the client's roots when it offers
+them), applies ``--tool-timeout``, and turns every failure into an ``isError`` result whose
+message names the problem and the fix. No traceback ever reaches the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlparse
+
+import anyio
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
+
+from ..config import Limits
+from ..errors import AtomicToolsError, OutsideRootsError, from_os_error
+from ..workspace import Workspace
+
+T = TypeVar("T")
+logger = logging.getLogger("atomictools.server")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    """The serve-time knobs the tool layer needs (the engine's live in the Workspace)."""
+
+    tool_timeout: float | None = None
+    max_read_multiple: int = 100
+
+
+class ClientRoots:
+    """Narrows the configured roots to a client's roots, once per session.
+
+    Asked with ``roots/list`` when the client declared the roots capability (2025-era
+    sessions); a 2026-era session has no back-channel for that request, so it keeps the
+    configured roots. ``notifications/roots/list_changed`` drops the cached answer.
+    """
+
+    def __init__(self, base: Workspace) -> None:
+        self.base = base
+        self._views: weakref.WeakKeyDictionary[Any, Workspace | None] = weakref.WeakKeyDictionary()
+
+    def forget(self, session: Any) -> None:
+        self._views.pop(session, None)
+
+    async def workspace_for(self, ctx: Context[Any, Any]) -> Workspace:
+        session = ctx.session
+        capabilities = session.client_capabilities
+        if capabilities is None or capabilities.roots is None:
+            return self.base
+        if session not in self._views:
+            self._views[session] = await self._ask(session)
+        view = self._views[session]
+        if view is None:
+            raise OutsideRootsError(
+                "none of the client's roots overlaps the server's allowed directories "
+                f"({', '.join(str(p) for p in self.base.roots)}); add an overlapping root"
+            )
+        return view
+
+    async def _ask(self, session: Any) -> Workspace | None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", MCPDeprecationWarning)
+                listed = await session.list_roots()
+        except MCPError as err:  # no back-channel (2026 era) or the client refused
+            logger.info("client roots unavailable (%s); using the configured roots", err)
+            return self.base
+        paths = [self._path_of(str(root.uri)) for root in listed.roots]
+        return self.narrow([p for p in paths if p is not None])
+
+    @staticmethod
+    def _path_of(uri: str) -> Path | None:
+        parsed = urlparse(uri)
+        return Path(unquote(parsed.path)) if parsed.scheme == "file" else None
+
+    def narrow(self, client_paths: list[Path]) -> Workspace | None:
+        """The intersection of the configured roots and the client's (None: empty)."""
+        if not client_paths:
+            return self.base  # the client offered the capability but named no root
+        inner: list[Path] = []
+        for client in client_paths:
+            real = Path(client).resolve()
+            for root in self.base.roots:
+                if real.is_relative_to(root):
+                    inner.append(real)
+                elif root.is_relative_to(real):
+                    inner.append(root)
+        existing = [p for p in dict.fromkeys(inner) if p.is_dir()]
+        return self.base.narrowed(existing) if existing else None
+
+
+class ToolRuntime:
+    """Runs one engine call for a tool: workspace, deadline, errors."""
+
+    def __init__(self, workspace: Workspace, options: ServerOptions) -> None:
+        self.options = options
+        self.roots = ClientRoots(workspace)
+
+    @property
+    def limits(self) -> Limits:
+        return self.roots.base.limits
+
+    async def call(
+        self, ctx: Context[Any, Any], operation: Callable[[Workspace], Awaitable[T]]
+    ) -> T:
+        timeout = self.options.tool_timeout
+        try:
+            workspace = await self.roots.workspace_for(ctx)
+            if timeout is None:
+                return await operation(workspace)
+            with anyio.fail_after(timeout):
+                return await operation(workspace)
+        except TimeoutError as err:
+            if isinstance(err, OSError) and err.errno is not None:
+                raise ToolError(str(from_os_error(err, "the file", "finish"))) from err
+            raise ToolError(
+                f"timed out after {timeout:g} s (the server's --tool-timeout); nothing was "
+                "changed; retry with a smaller request, or ask for a longer timeout"
+            ) from err
+        except AtomicToolsError as err:
+            raise ToolError(str(err)) from err
+        except OSError as err:
+            raise ToolError(str(from_os_error(err, "the file", "finish"))) from err
+        except ToolError:
+            raise
+        except Exception as err:
+            logger.exception("unexpected error in a tool call")
+            raise ToolError(
+                f"unexpected internal error ({type(err).__name__}: {err}); a change, if one "
+                "started, was atomic: check the file, then retry or report this"
+            ) from err
+
+    async def progress(self, ctx: Context[Any, Any], done: int, total: int | None) -> None:
+        """Report progress when the client gave a progress token (a no-op otherwise)."""
+        await ctx.report_progress(done, total)
