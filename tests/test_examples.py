@@ -37,7 +37,8 @@ async def test_embedded_tools_server(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location(
         "embed_tools_server", EXAMPLES / "embed_tools_server.py"
     )
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     server = module.build_server(tmp_path)
