@@ -1,0 +1,43 @@
+"""Protocol-level behaviour of the server: instructions, logging/setLevel, capabilities."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from mcp import Client
+
+from atomictools import Workspace
+from atomictools.server import INSTRUCTIONS, create_server
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # the SDK's client and dispatcher run on asyncio here
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_instructions_tell_a_model_how_to_work_safely(root: Path, mode: str) -> None:
+    async with Client(create_server(Workspace([root])), mode=mode) as client:
+        instructions = client.instructions or ""
+    assert instructions == INSTRUCTIONS
+    for advice in ("expectedSha256", "dryRun", "apply_changes", "idempotencyKey"):
+        assert advice in instructions
+
+
+async def test_logging_set_level_is_answered(root: Path) -> None:
+    logger = logging.getLogger("atomictools")
+    before = logger.level
+    try:
+        async with Client(create_server(Workspace([root])), mode="legacy") as client:
+            await client.set_logging_level("debug")
+            assert logger.level == logging.DEBUG
+            await client.set_logging_level("error")
+            assert logger.level == logging.ERROR
+            result = await client.call_tool("list_allowed_directories", {})
+            assert not result.is_error
+    finally:
+        logger.setLevel(before)
