@@ -138,7 +138,6 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"atomictools: {err}", file=sys.stderr)
         return 2
-    _configure_logging(args.log_level)  # MCPServer's constructor installs its own handler
     server = create_server(workspace, ServerOptions(tool_timeout=args.tool_timeout))
     logging.getLogger().setLevel(args.log_level)
     if args.transport == "stdio":

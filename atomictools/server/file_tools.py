@@ -28,7 +28,7 @@ from pydantic import Field
 
 from ..edits import Edit
 from ..errors import AtomicToolsError, InvalidArgumentError, TooLargeError
-from ..results import SearchResult, TreeNode
+from ..results import BytesRead, SearchResult, TreeNode
 from ..workspace import Workspace
 from .models import (
     AllowedDirectoriesOutput,
@@ -157,11 +157,16 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
     async def read_media_file(
         ctx: Context[Any, Any], path: PathParam
     ) -> Annotated[CallToolResult, ReadMediaOutput]:
-        read = await runtime.call(ctx, lambda ws: ws.read_bytes(path))
+        async def load(ws: Workspace) -> tuple[BytesRead, str]:
+            read = await ws.read_bytes(path)
+            with ws.sandbox.resolve(path) as location:
+                return read, location.abspath.as_uri()
+
+        read, uri = await runtime.call(ctx, load)
         out = ReadMediaOutput(
             path=read.path, mime_type=read.mime_type, size=read.size, sha256=read.sha256
         )
-        block = _media_block(read.mime_type, read.data, f"file:///{read.path}")
+        block = _media_block(read.mime_type, read.data, uri)
         text = f"{read.path}: {read.mime_type}, {read.size} bytes, sha256 {read.sha256}"
         return _result(out, text, [block])
 
