@@ -16,11 +16,13 @@ class AtomicToolsError(Exception):
     """Base of every error the toolkit raises on purpose; ``code`` is stable for programs."""
 
     code: ClassVar[str] = "error"
+    outcome: ClassVar[str] = NOTHING_CHANGED
+    """What the message ends with when nothing changed."""
 
     def __init__(self, message: str, *, changed: bool = False) -> None:
         self.message = message
         self.changed = changed
-        super().__init__(message if changed else f"{message}; {NOTHING_CHANGED}")
+        super().__init__(message if changed else f"{message}; {self.outcome}")
 
 
 class InvalidArgumentError(AtomicToolsError):

@@ -1,0 +1,470 @@
+"""SQLite changes that are all-or-nothing and safe to cancel (aiosqlite, so asyncio only).
+
+Every change runs inside ``BEGIN IMMEDIATE ... COMMIT`` on a connection opened without Python's
+implicit transactions; ``savepoint()`` scopes nest inside. Any exit but success rolls back.
+Cancellation while a statement runs aborts exactly that connection's statement with a
+progress-handler flag (``interrupt()`` could hit the next statement), drains aiosqlite's queue,
+then rolls back, shielded and time-bounded; if that cleanup fails the connection is closed and
+replaced, never reused in an unknown state. An interrupted statement may have rolled back the
+whole transaction (SQLite does that), so after any error the transaction is treated as gone.
+Queries run on separate read-only connections (``mode=ro``, ``query_only``, a read-only
+authorizer), so nothing sent to ``query`` can write. Parameters are always bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+
+from .config import Durability
+from .errors import AtomicToolsError, InvalidArgumentError, ReadOnlyError, TooLargeError
+from .results import Progress
+from .sqlguard import SqlGuard
+
+logger = logging.getLogger("atomictools.database")
+
+Params = Sequence[Any] | Mapping[str, Any] | None
+PROGRESS_STEPS = 1000
+"""SQLite VM steps between checks of the abort flag: small enough to stop a query at once."""
+CLEANUP_SECONDS = 5.0
+MAX_READERS = 4
+
+
+class DatabaseError(AtomicToolsError):
+    code = "database"
+    outcome = "nothing was committed"
+
+
+class StatementError(DatabaseError):
+    """A statement failed; the transaction it was part of was rolled back."""
+
+    code = "statement_failed"
+
+    def __init__(self, message: str, *, index: int | None, sql: str) -> None:
+        self.index = index
+        self.sql = sql
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    sql: str
+    params: Params = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatementResult:
+    rowcount: int
+    """Rows changed by an INSERT/UPDATE/DELETE (-1 for other statements)."""
+    lastrowid: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+    truncated: bool
+    """True when more rows existed than ``max_rows``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnInfo:
+    name: str
+    type: str
+    not_null: bool
+    default: str | None
+    primary_key: int
+
+
+@dataclass(frozen=True, slots=True)
+class TableInfo:
+    name: str
+    type: str
+    sql: str | None
+    columns: tuple[ColumnInfo, ...] = ()
+
+
+def _short(sql: str, limit: int = 120) -> str:
+    flat = " ".join(sql.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+class _Connection:
+    """One aiosqlite connection with its guard and its abort flag."""
+
+    def __init__(self, conn: aiosqlite.Connection, guard: SqlGuard, token: str) -> None:
+        self.conn = conn
+        self.guard = guard
+        self.abort = threading.Event()
+        self.token = token
+
+    def progress(self) -> int:
+        """SQLite's progress handler: a non-zero return aborts the running statement."""
+        return 1 if self.abort.is_set() else 0
+
+    @classmethod
+    async def open(
+        cls, path: Path, *, read_only: bool, synchronous: str, busy_timeout: float
+    ) -> _Connection:
+        target = f"file:{path}?mode=ro" if read_only else str(path)
+        conn = await aiosqlite.connect(
+            target, uri=read_only, isolation_level=None, timeout=busy_timeout
+        )
+        try:
+            if not read_only:
+                await conn.execute("PRAGMA journal_mode=WAL")
+                await conn.execute(f"PRAGMA synchronous={synchronous}")
+            await conn.execute("PRAGMA foreign_keys=ON")
+            if read_only:
+                await conn.execute("PRAGMA query_only=ON")
+            guard = SqlGuard(read_only=read_only)
+            await conn.set_authorizer(guard)
+            self = cls(conn, guard, secrets.token_hex(8))
+            await conn.set_progress_handler(self.progress, PROGRESS_STEPS)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+            raise
+        return self
+
+    async def internal(self, sql: str) -> None:
+        """Run one of our own transaction-control statements (which users may not send).
+
+        The guard lets exactly this statement's transaction action through; the comment makes
+        its text unique, so a user's identical statement cannot reuse it from the cache.
+        """
+        self.guard.allow_control = True
+        try:
+            await self.conn.execute(f"{sql} /* atomictools {self.token} */")
+        finally:
+            self.guard.allow_control = False
+
+    async def drain(self) -> None:
+        """Abort whatever statement of ours still runs and wait until the queue is empty.
+
+        The flag aborts only this connection's statements, and is cleared by a call queued
+        behind them, so it cannot hit a later statement. Call it shielded.
+        """
+        self.abort.set()
+        try:
+            # Any queued call runs after what is queued before it: this one is the marker.
+            await self.conn.set_progress_handler(self.progress, PROGRESS_STEPS)
+        finally:
+            self.abort.clear()
+
+    async def settle(self) -> bool:
+        """After a failure or cancel: stop what runs, drain the queue, roll back. Shielded.
+
+        Returns False when the connection could not be brought back to a known, idle state.
+        """
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
+            try:
+                await self.drain()
+                if self.conn.in_transaction:
+                    await self.internal("ROLLBACK")
+            except sqlite3.Error:
+                logger.warning("rolling back failed", exc_info=True)
+                return False
+            return not self.conn.in_transaction
+        return False
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
+            try:
+                await self.conn.close()
+            except Exception:  # closing a broken connection: nothing more to save
+                logger.warning("closing a database connection failed", exc_info=True)
+
+
+class Transaction:
+    """The open write transaction given by ``Database.transaction()``."""
+
+    def __init__(self, database: Database, connection: _Connection) -> None:
+        self._db = database
+        self._c = connection
+        self._savepoints = 0
+
+    def ensure_open(self) -> None:
+        """Refuse to go on once SQLite itself rolled the transaction back (after an error).
+
+        Otherwise a later statement would run in autocommit mode, outside any transaction.
+        """
+        if not self._c.conn.in_transaction:
+            raise DatabaseError(
+                f"the transaction on {self._db.name} was rolled back after an earlier error; "
+                "nothing was committed; start a new transaction"
+            )
+
+    async def execute(self, sql: str, params: Params = None) -> StatementResult:
+        """Run one statement (several in one string are refused) and report its effect."""
+        self.ensure_open()
+        cursor = await self._db._run(self._c, sql, params)
+        try:
+            return StatementResult(rowcount=cursor.rowcount, lastrowid=cursor.lastrowid)
+        finally:
+            await cursor.close()
+
+    async def query(self, sql: str, params: Params = None, *, max_rows: int = 1000) -> QueryResult:
+        """Read inside the transaction (sees its own uncommitted changes)."""
+        self.ensure_open()
+        cursor = await self._db._run(self._c, sql, params)
+        return await _fetch(cursor, max_rows)
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[Transaction]:
+        """A nested scope: an exception inside undoes only the scope's work, then propagates."""
+        self.ensure_open()
+        self._savepoints += 1
+        name = f"sp_{self._c.token}_{self._savepoints}"
+        await self._c.internal(f"SAVEPOINT {name}")
+        try:
+            yield self
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._c.drain()
+                if self._c.conn.in_transaction:  # else SQLite already undid everything
+                    await self._c.internal(f"ROLLBACK TO {name}")
+                    await self._c.internal(f"RELEASE {name}")
+            raise
+        else:
+            self.ensure_open()
+            await self._c.internal(f"RELEASE {name}")
+
+
+async def _fetch(cursor: aiosqlite.Cursor, max_rows: int) -> QueryResult:
+    try:
+        rows = list(await cursor.fetchmany(max_rows + 1))
+        columns = tuple(d[0] for d in cursor.description or ())
+    finally:
+        await cursor.close()
+    truncated = len(rows) > max_rows
+    return QueryResult(columns, tuple(tuple(r) for r in rows[:max_rows]), truncated)
+
+
+class Database:
+    """One SQLite database file: one writer at a time, concurrent readers.
+
+    ``async with Database(path) as db:`` then ``async with db.transaction() as tx:``, or the
+    one-call helpers ``execute``, ``run_statements``, ``query`` and ``schema``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        durability: Durability | str = Durability.FULL,
+        read_only: bool = False,
+        busy_timeout: float = 5.0,
+        create: bool = True,
+    ) -> None:
+        self.path = Path(os.path.abspath(os.fspath(path)))
+        self.name = name or self.path.name
+        self.durability = Durability(durability)
+        self.read_only = read_only
+        self.busy_timeout = busy_timeout
+        self.create = create
+        self._writer: _Connection | None = None
+        self._readers: list[_Connection] = []
+        self._reader_count = 0
+        self._write_lock = anyio.Lock()
+        self._reader_slots = anyio.Semaphore(MAX_READERS)
+
+    async def __aenter__(self) -> Database:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            if self._writer is not None:
+                await self._writer.close()
+                self._writer = None
+            while self._readers:
+                await self._readers.pop().close()
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _check_exists(self) -> None:
+        if not self.create and not self.path.is_file():
+            raise DatabaseError(f"database {self.name} ({self.path}) does not exist")
+
+    async def _writer_connection(self) -> _Connection:
+        if self._writer is None:
+            self._check_exists()
+            sync = "FULL" if self.durability is Durability.FULL else "NORMAL"
+            self._writer = await _Connection.open(
+                self.path, read_only=False, synchronous=sync, busy_timeout=self.busy_timeout
+            )
+        return self._writer
+
+    @asynccontextmanager
+    async def _reader(self) -> AsyncIterator[_Connection]:
+        async with self._reader_slots:
+            if self._readers:
+                reader = self._readers.pop()
+            else:
+                if not self.path.exists():
+                    await (await self._writer_connection()).conn.execute("SELECT 1")
+                reader = await _Connection.open(
+                    self.path, read_only=True, synchronous="FULL", busy_timeout=self.busy_timeout
+                )
+            healthy = False
+            try:
+                yield reader
+                healthy = True
+            finally:
+                if not healthy:
+                    healthy = await reader.settle()
+                if healthy:
+                    self._readers.append(reader)
+                else:
+                    await reader.close()
+
+    async def _run(
+        self, c: _Connection, sql: str, params: Params, index: int | None = None, total: int = 1
+    ) -> aiosqlite.Cursor:
+        """Execute one statement, turning SQLite's errors into clear ones."""
+        if not isinstance(sql, str) or not sql.strip():
+            raise InvalidArgumentError("the SQL statement is empty")
+        try:
+            return await c.conn.execute(sql, params if params is not None else ())
+        except sqlite3.Error as err:
+            raise self._statement_error(c, err, sql, index, total) from err
+
+    def _statement_error(
+        self, c: _Connection, err: sqlite3.Error, sql: str, index: int | None, total: int
+    ) -> AtomicToolsError:
+        where = f"statement {index} of {total}" if index is not None else "the statement"
+        denied = c.guard.take_denial()
+        message = str(err)
+        if denied:
+            reason = denied
+        elif isinstance(err, sqlite3.ProgrammingError) and "one statement" in message:
+            reason = "it holds more than one statement; send them as a list to db_transaction"
+        elif isinstance(err, sqlite3.ProgrammingError) and "bindings" in message:
+            reason = f"{message}; give one parameter per placeholder"
+        elif "interrupted" in message:
+            reason = "it was interrupted (the call was cancelled or timed out)"
+        else:
+            reason = message
+        return StatementError(f"{where} ({_short(sql)}) failed: {reason}", index=index, sql=sql)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``; any exit but success rolls everything back."""
+        if self.read_only:
+            raise ReadOnlyError(f"database {self.name} is read-only; it can be queried only")
+        async with self._write_lock:
+            c = await self._writer_connection()
+            committed = False
+            try:
+                try:
+                    await c.internal("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as err:
+                    raise DatabaseError(
+                        f"cannot start a transaction on {self.name}: {err} (another process "
+                        "holds the write lock?); retry"
+                    ) from err
+                tx = Transaction(self, c)
+                yield tx
+                tx.ensure_open()
+                with anyio.CancelScope(shield=True):
+                    await c.internal("COMMIT")
+                committed = True
+            finally:
+                if not committed and not await c.settle():
+                    logger.warning(
+                        "database %s: connection replaced after a failed cleanup", self.name
+                    )
+                    await c.close()
+                    self._writer = None
+
+    async def execute(self, sql: str, params: Params = None) -> StatementResult:
+        """One statement in its own transaction."""
+        async with self.transaction() as tx:
+            return await tx.execute(sql, params)
+
+    async def run_statements(
+        self, statements: Sequence[Statement], *, progress: Progress | None = None
+    ) -> list[StatementResult]:
+        """Several statements in one transaction: all of them or none."""
+        if not statements:
+            raise InvalidArgumentError("statements is empty; give at least one {sql, params}")
+        results: list[StatementResult] = []
+        total = len(statements)
+        async with self.transaction() as tx:
+            for index, statement in enumerate(statements, start=1):
+                tx.ensure_open()
+                cursor = await self._run(tx._c, statement.sql, statement.params, index, total)
+                try:
+                    results.append(StatementResult(cursor.rowcount, cursor.lastrowid))
+                finally:
+                    await cursor.close()
+                if progress is not None:
+                    await progress(index, total)
+        return results
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def query(self, sql: str, params: Params = None, *, max_rows: int = 1000) -> QueryResult:
+        """A read-only query on a read-only connection, at most ``max_rows`` rows."""
+        if max_rows < 1:
+            raise InvalidArgumentError(f"maxRows must be at least 1, not {max_rows}")
+        if max_rows > 100_000:
+            raise TooLargeError(f"maxRows {max_rows} is more than the limit of 100000")
+        async with self._reader() as reader:
+            cursor = await self._run(reader, sql, params)
+            return await _fetch(cursor, max_rows)
+
+    async def schema(self, table: str | None = None) -> list[TableInfo]:
+        """Tables, views, indexes and triggers; with ``table``, that table with its columns."""
+        async with self._reader() as reader:
+            if table is None:
+                listing = await self._run(
+                    reader,
+                    "SELECT type, name, sql FROM sqlite_master "
+                    "WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name",
+                    (),
+                )
+                found = await _fetch(listing, 100_000)
+                return [TableInfo(name=r[1], type=r[0], sql=r[2]) for r in found.rows]
+            described = await self._run(
+                reader,
+                "SELECT type, name, sql FROM sqlite_master WHERE name = ? AND type IN "
+                "('table', 'view')",
+                (table,),
+            )
+            rows = (await _fetch(described, 1)).rows
+            if not rows:
+                raise DatabaseError(f"no table or view named {table!r} in {self.name}")
+            columns_cursor = await self._run(
+                reader,
+                'SELECT name, type, "notnull", dflt_value, pk FROM pragma_table_info(?)',
+                (table,),
+            )
+            columns = (await _fetch(columns_cursor, 100_000)).rows
+            return [
+                TableInfo(
+                    name=rows[0][1],
+                    type=rows[0][0],
+                    sql=rows[0][2],
+                    columns=tuple(
+                        ColumnInfo(c[0], c[1], bool(c[2]), c[3], int(c[4])) for c in columns
+                    ),
+                )
+            ]
