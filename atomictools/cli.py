@@ -17,6 +17,7 @@ from pathlib import Path
 import anyio
 
 from . import __version__
+from .catalog import DatabaseCatalog
 from .config import Durability
 from .errors import AtomicToolsError
 from .workspace import Workspace, atomic_writer
@@ -53,6 +54,13 @@ def _build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="DIR",
         help="an allowed directory (repeat for several); relative paths resolve in the first",
+    )
+    serve.add_argument(
+        "--db",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a SQLite database the tools may use by NAME (created if missing; repeatable)",
     )
     serve.add_argument("--read-only", action="store_true", help="refuse every change")
     serve.add_argument(
@@ -135,10 +143,12 @@ def _serve(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
     try:
         workspace = Workspace(args.root, durability=args.durability, read_only=args.read_only)
+        databases = dict(DatabaseCatalog.parse_option(value) for value in args.db)
     except ValueError as err:
         print(f"atomictools: {err}", file=sys.stderr)
         return 2
-    server = create_server(workspace, ServerOptions(tool_timeout=args.tool_timeout))
+    options = ServerOptions(tool_timeout=args.tool_timeout)
+    server = create_server(workspace, options, databases=databases)
     logging.getLogger().setLevel(args.log_level)
     if args.transport == "stdio":
         if sys.stdin.isatty():

@@ -40,6 +40,7 @@ READ_PRAGMAS_WITH_ARGUMENT = frozenset(
         "quick_check",
     }
 )
+_SCHEMA_TABLES = frozenset({"sqlite_master", "sqlite_schema", "sqlite_temp_master"})
 _READ_ACTIONS = frozenset({sqlite3.SQLITE_READ, sqlite3.SQLITE_SELECT, sqlite3.SQLITE_RECURSIVE})
 _ACTION_NAMES = {
     getattr(sqlite3, f"SQLITE_{name}"): name.replace("_", " ")
@@ -126,6 +127,10 @@ class SqlGuard:
     @staticmethod
     def _read_reason(action: int, arg1: str | None, arg2: str | None) -> str | None:
         if action in _READ_ACTIONS or action == sqlite3.SQLITE_FUNCTION:
+            return None
+        if action == sqlite3.SQLITE_UPDATE and arg1 in _SCHEMA_TABLES:
+            # SQLite reports this while it sets up a table-valued pragma such as
+            # pragma_table_info(?); the connection is read-only, so nothing is written.
             return None
         if action == sqlite3.SQLITE_PRAGMA:
             name = (arg1 or "").lower()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 from mcp.server.context import ServerRequestContext
@@ -10,7 +13,9 @@ from mcp.server.mcpserver import MCPServer
 from mcp.types import EmptyResult, NotificationParams, SetLevelRequestParams
 
 from .. import __version__
+from ..catalog import DatabaseCatalog
 from ..workspace import Workspace
+from .db_tools import register_db_tools
 from .file_tools import register_file_tools
 from .runtime import ServerOptions, ToolRuntime
 
@@ -25,23 +30,47 @@ Work safely with it:
   timed-out call changes nothing.
 - For changes that span several files, use apply_changes when this server offers it (all or
   nothing), and retry a timed-out call with the same idempotencyKey where a tool accepts one.
+- SQLite: db_query only reads; db_execute runs one statement, db_transaction several, each as
+  one transaction (all or nothing). Bind values with params; never paste them into the SQL.
 - Errors say what to fix and whether anything changed; read them before retrying.
 """
 
 logger = logging.getLogger("atomictools.server")
 
 
-def create_server(workspace: Workspace, options: ServerOptions | None = None) -> MCPServer[Any]:
-    """An MCPServer exposing ``workspace`` through the file tools."""
+def create_server(
+    workspace: Workspace,
+    options: ServerOptions | None = None,
+    *,
+    databases: Mapping[str, str | os.PathLike[str]] | None = None,
+) -> MCPServer[Any]:
+    """An MCPServer exposing ``workspace`` through the file and database tools.
+
+    ``databases`` names SQLite files the operator allows (``--db NAME=PATH``); database files
+    inside the roots are usable too. Open databases are closed when the server shuts down.
+    """
+    catalog = DatabaseCatalog(
+        workspace, databases, durability=workspace.durability, read_only=workspace.read_only
+    )
+
+    @asynccontextmanager
+    async def lifespan(_server: MCPServer[Any]) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await catalog.close()
+
     server: MCPServer[Any] = MCPServer(
         "atomictools",
         title="atomictools",
-        description="Atomic, cancellation-safe and crash-safe file changes for AI agents.",
+        description="Atomic, cancellation-safe and crash-safe file and SQLite changes for agents.",
         instructions=INSTRUCTIONS,
         version=__version__,
+        lifespan=lifespan,
     )
     runtime = ToolRuntime(workspace, options or ServerOptions())
     register_file_tools(server, runtime)
+    register_db_tools(server, runtime, catalog)
     _answer_protocol_extras(server, runtime)
     return server
 

@@ -56,7 +56,7 @@ from .runtime import ToolRuntime
 READ_ONLY = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
 
 
-def _mutating(*, destructive: bool, idempotent: bool) -> ToolAnnotations:
+def mutating(*, destructive: bool, idempotent: bool) -> ToolAnnotations:
     return ToolAnnotations(
         read_only_hint=False,
         destructive_hint=destructive,
@@ -75,7 +75,9 @@ Excludes = Annotated[
 ]
 
 
-def _result(model: WireModel, text: str, extra: list[ContentBlock] | None = None) -> CallToolResult:
+def tool_result(
+    model: WireModel, text: str, extra: list[ContentBlock] | None = None
+) -> CallToolResult:
     return CallToolResult(
         content=[TextContent(type="text", text=text), *(extra or [])],
         structured_content=model.model_dump(mode="json", by_alias=True),
@@ -126,7 +128,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
             bom=read.bom,
             partial=read.partial,
         )
-        return _result(out, read.content)
+        return tool_result(out, read.content)
 
     read_text_doc = (
         "Read a text file (or only its first `head` / last `tail` lines). Detects the encoding "
@@ -168,7 +170,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         )
         block = _media_block(read.mime_type, read.data, uri)
         text = f"{read.path}: {read.mime_type}, {read.size} bytes, sha256 {read.sha256}"
-        return _result(out, text, [block])
+        return tool_result(out, text, [block])
 
     @server.tool(
         name="read_multiple_files",
@@ -212,7 +214,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
             f"{r.path}:\n{r.content}" if r.error is None else f"{r.path}: Error - {r.error}"
             for r in results
         )
-        return _result(ReadMultipleOutput(files=results), text)
+        return tool_result(ReadMultipleOutput(files=results), text)
 
     @server.tool(
         name="write_file",
@@ -223,7 +225,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
             "changed meanwhile, `createOnly` to refuse overwriting. The parent directory must "
             "exist (create_directory)."
         ),
-        annotations=_mutating(destructive=True, idempotent=True),
+        annotations=mutating(destructive=True, idempotent=True),
     )
     async def write_file(
         ctx: Context[Any, Any],
@@ -249,7 +251,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
             path=written.path, size=written.size, sha256=written.sha256, created=written.created
         )
         verb = "Created" if written.created else "Wrote"
-        return _result(
+        return tool_result(
             out, f"{verb} {written.path} ({written.size} bytes, sha256 {written.sha256})"
         )
 
@@ -262,7 +264,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
             "endings (CRLF stays CRLF). Returns a unified diff; `dryRun` previews it without "
             "writing. The write is atomic."
         ),
-        annotations=_mutating(destructive=True, idempotent=False),
+        annotations=mutating(destructive=True, idempotent=False),
     )
     async def edit_file(
         ctx: Context[Any, Any],
@@ -284,19 +286,19 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
             previous_sha256=edited.previous_sha256,
         )
         header = "Dry run, nothing written" if dryRun else f"Edited {edited.path}"
-        return _result(out, f"{header}; sha256 {edited.sha256}\n```diff\n{edited.diff}```")
+        return tool_result(out, f"{header}; sha256 {edited.sha256}\n```diff\n{edited.diff}```")
 
     @server.tool(
         name="create_directory",
         description="Create a directory, with any missing parents; succeeds if it exists.",
-        annotations=_mutating(destructive=False, idempotent=True),
+        annotations=mutating(destructive=False, idempotent=True),
     )
     async def create_directory(
         ctx: Context[Any, Any], path: PathParam
     ) -> Annotated[CallToolResult, DirectoryOutput]:
         made = await runtime.call(ctx, lambda ws: ws.mkdir(path))
         out = DirectoryOutput(path=made.path, created=made.created)
-        return _result(out, f"{'Created' if made.created else 'Already exists'}: {made.path}")
+        return tool_result(out, f"{'Created' if made.created else 'Already exists'}: {made.path}")
 
     def _entries(listing: Any) -> list[Entry]:
         return [Entry(name=e.name, type=e.type, size=e.size) for e in listing.entries]
@@ -315,7 +317,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         text = "\n".join(f"{tags[e.type]} {e.name}" for e in entries) or "(empty directory)"
         if listing.truncated:
             text += "\n(truncated: too many entries; use search_files to narrow)"
-        return _result(
+        return tool_result(
             ListOutput(path=listing.path, entries=entries, truncated=listing.truncated), text
         )
 
@@ -353,7 +355,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
             f"\nTotal: {out.total_files} files, {out.total_directories} directories, "
             f"{out.total_size:,} bytes"
         )
-        return _result(out, "\n".join(lines))
+        return tool_result(out, "\n".join(lines))
 
     @server.tool(
         name="directory_tree",
@@ -378,7 +380,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         children = root.children or ()
         tree = [_tree_json(child) for child in children]
         out = TreeOutput(path=display, tree=tree, entries=_count(children))
-        return _result(out, json.dumps(tree, indent=2))
+        return tool_result(out, json.dumps(tree, indent=2))
 
     @server.tool(
         name="search_files",
@@ -409,7 +411,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         text = "\n".join(found.matches) or "No matches found"
         if found.truncated:
             text += "\n(truncated: more matches exist; narrow the pattern)"
-        return _result(out, text)
+        return tool_result(out, text)
 
     @server.tool(
         name="get_file_info",
@@ -432,7 +434,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
             symlink_target=info.symlink_target,
         )
         fields = out.model_dump(by_alias=True, exclude_none=True)
-        return _result(out, "\n".join(f"{key}: {value}" for key, value in fields.items()))
+        return tool_result(out, "\n".join(f"{key}: {value}" for key, value in fields.items()))
 
     @server.tool(
         name="list_allowed_directories",
@@ -447,7 +449,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
 
         directories = await runtime.call(ctx, roots)
         out = AllowedDirectoriesOutput(directories=directories)
-        return _result(out, "Allowed directories:\n" + "\n".join(directories))
+        return tool_result(out, "Allowed directories:\n" + "\n".join(directories))
 
     @server.tool(
         name="move_file",
@@ -456,7 +458,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
             "existing destination is refused unless `overwrite` is true; the check and the "
             "rename are one atomic step."
         ),
-        annotations=_mutating(destructive=True, idempotent=False),
+        annotations=mutating(destructive=True, idempotent=False),
     )
     async def move_file(
         ctx: Context[Any, Any],
@@ -470,7 +472,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         out = MoveOutput(
             source=moved.source, destination=moved.destination, replaced=moved.replaced
         )
-        return _result(out, f"Moved {moved.source} to {moved.destination}")
+        return tool_result(out, f"Moved {moved.source} to {moved.destination}")
 
     @server.tool(
         name="copy_file",
@@ -478,7 +480,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
             "Copy a file; the destination appears complete or not at all. An existing "
             "destination is refused unless `overwrite` is true."
         ),
-        annotations=_mutating(destructive=True, idempotent=True),
+        annotations=mutating(destructive=True, idempotent=True),
     )
     async def copy_file(
         ctx: Context[Any, Any],
@@ -496,7 +498,9 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
             sha256=copied.sha256,
             replaced=copied.replaced,
         )
-        return _result(out, f"Copied {copied.source} to {copied.destination} ({copied.size} bytes)")
+        return tool_result(
+            out, f"Copied {copied.source} to {copied.destination} ({copied.size} bytes)"
+        )
 
     @server.tool(
         name="delete_file",
@@ -504,7 +508,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
             "Delete a file or a symlink (never the link's target); directories are refused. "
             "Give `expectedSha256` to refuse if the file changed since you read it."
         ),
-        annotations=_mutating(destructive=True, idempotent=True),
+        annotations=mutating(destructive=True, idempotent=True),
     )
     async def delete_file(
         ctx: Context[Any, Any], path: PathParam, expectedSha256: ExpectedSha = None
@@ -512,7 +516,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         deleted = await runtime.call(
             ctx, lambda ws: ws.delete(path, expected_sha256=expectedSha256)
         )
-        return _result(
+        return tool_result(
             DeleteOutput(path=deleted.path, type=deleted.type), f"Deleted {deleted.path}"
         )
 

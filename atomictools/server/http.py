@@ -59,12 +59,14 @@ def http_app(
     auth_token: str | None = None,
 ) -> ASGIApp:
     """The streamable-HTTP ASGI app at ``/mcp``, with Host/Origin checks and maybe a token."""
-    extra = [h if ":" in h else f"{h}:*" for h in allowed_hosts or []]
-    bound = [] if is_loopback(host) else [f"{host}:*"]
+    names = [*([] if is_loopback(host) else [host]), *(allowed_hosts or [])]
+    # A Host header carries a port only when it is not the scheme's default: allow both.
+    hosts = [form for name in names for form in ((name,) if ":" in name else (name, f"{name}:*"))]
+    origins = [f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")]
     security = TransportSecuritySettings(
         enable_dns_rebinding_protection=True,
-        allowed_hosts=[*LOOPBACK_HOSTS, *bound, *extra],
-        allowed_origins=[*LOOPBACK_ORIGINS, *(f"http://{h}" for h in [*bound, *extra])],
+        allowed_hosts=[*LOOPBACK_HOSTS, *hosts],
+        allowed_origins=[*LOOPBACK_ORIGINS, *origins],
     )
     app: ASGIApp = server.streamable_http_app(host=host, transport_security=security)
     return BearerTokenGate(app, auth_token) if auth_token else app

@@ -137,3 +137,62 @@ class CopyOutput(WireModel):
 class DeleteOutput(WireModel):
     path: str
     type: EntryTypeName
+
+
+class DbEntry(WireModel):
+    name: str
+    path: str
+    configured: bool = Field(description="Named by the operator (--db) rather than found.")
+
+
+class DbListOutput(WireModel):
+    databases: list[DbEntry]
+
+
+class DbColumn(WireModel):
+    name: str
+    type: str
+    not_null: bool
+    default: str | None = None
+    primary_key: int = Field(description="Position in the primary key, 0 if not part of it.")
+
+
+class DbObject(WireModel):
+    name: str
+    type: str
+    sql: str | None = None
+    columns: list[DbColumn] | None = None
+
+
+class DbSchemaOutput(WireModel):
+    database: str
+    objects: list[DbObject]
+
+
+class DbQueryOutput(WireModel):
+    columns: list[str]
+    rows: list[list[Any]] = Field(description='Values as JSON; blobs as {"$blob": base64}.')
+    truncated: bool
+    row_count: int
+
+
+class DbExecuteOutput(WireModel):
+    rowcount: int
+    lastrowid: int | None = None
+    committed: bool
+
+
+class DbStatement(WireModel):
+    sql: str
+    params: list[Any] | dict[str, Any] | None = None
+
+
+class DbStatementResult(WireModel):
+    index: int
+    rowcount: int
+    lastrowid: int | None = None
+
+
+class DbTransactionOutput(WireModel):
+    results: list[DbStatementResult]
+    committed: bool

@@ -50,17 +50,27 @@ class ClientRoots:
         self.base = base
         self._views: weakref.WeakKeyDictionary[Any, Workspace | None] = weakref.WeakKeyDictionary()
 
+    @staticmethod
+    def client_key(session: Any) -> Any:
+        """What identifies one client connection.
+
+        The SDK 2.3 hands each request a new session object; the connection beneath it lives
+        as long as the client does (a private attribute, the only stable per-client handle).
+        """
+        return getattr(session, "_connection", session)
+
     def forget(self, session: Any) -> None:
-        self._views.pop(session, None)
+        self._views.pop(self.client_key(session), None)
 
     async def workspace_for(self, ctx: Context[Any, Any]) -> Workspace:
         session = ctx.session
         capabilities = session.client_capabilities
         if capabilities is None or capabilities.roots is None:
             return self.base
-        if session not in self._views:
-            self._views[session] = await self._ask(session)
-        view = self._views[session]
+        key = self.client_key(session)
+        if key not in self._views:
+            self._views[key] = await self._ask(session)
+        view = self._views[key]
         if view is None:
             raise OutsideRootsError(
                 "none of the client's roots overlaps the server's allowed directories "

@@ -84,6 +84,11 @@ TOOLS = {
     "move_file",
     "copy_file",
     "delete_file",
+    "db_list",
+    "db_schema",
+    "db_query",
+    "db_execute",
+    "db_transaction",
 }
 READ_TOOLS = {
     "read_text_file",
@@ -96,8 +101,19 @@ READ_TOOLS = {
     "search_files",
     "get_file_info",
     "list_allowed_directories",
+    "db_list",
+    "db_schema",
+    "db_query",
 }
-DESTRUCTIVE_TOOLS = {"write_file", "edit_file", "move_file", "copy_file", "delete_file"}
+DESTRUCTIVE_TOOLS = {
+    "write_file",
+    "edit_file",
+    "move_file",
+    "copy_file",
+    "delete_file",
+    "db_execute",
+    "db_transaction",
+}
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c489")
 BLOB = bytes(range(256))

@@ -1,0 +1,109 @@
+"""Which SQLite databases a server may use: ones the operator named, and files inside the roots.
+
+A database named on the command line (``--db NAME=PATH``) may lie anywhere (the operator chose
+it) and is created if missing. Any other database is a ``.db``, ``.sqlite`` or ``.sqlite3`` file
+that already exists inside the workspace's roots, found through the same sandbox as every file
+tool. Each database is opened once and shared by all calls, so its writer lock is shared too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from .config import Durability
+from .database import Database, DatabaseError
+from .errors import InvalidArgumentError, NotFoundError
+from .workspace import Workspace
+
+DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+_DISCOVERY_PATTERN = "*.{db,sqlite,sqlite3}"
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseEntry:
+    name: str
+    """What to pass as ``database``: the configured name, or the path inside the roots."""
+    path: str
+    configured: bool
+
+
+class DatabaseCatalog:
+    """Named databases plus database files inside the workspace, opened on first use."""
+
+    def __init__(
+        self,
+        workspace: Workspace,
+        named: Mapping[str, str | os.PathLike[str]] | None = None,
+        *,
+        durability: Durability | str = Durability.FULL,
+        read_only: bool = False,
+    ) -> None:
+        self.workspace = workspace
+        self.durability = Durability(durability)
+        self.read_only = read_only
+        self._named = {
+            name: Path(os.path.abspath(os.fspath(p))) for name, p in (named or {}).items()
+        }
+        self._open: dict[Path, Database] = {}
+        self._lock = anyio.Lock()
+
+    @staticmethod
+    def parse_option(value: str) -> tuple[str, str]:
+        """``NAME=PATH`` from the command line."""
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--db takes NAME=PATH, not {value!r}")
+        return name, path
+
+    async def entries(self) -> list[DatabaseEntry]:
+        found = [DatabaseEntry(n, str(p), configured=True) for n, p in sorted(self._named.items())]
+        for root in self.workspace.roots:
+            result = await self.workspace.search(root, _DISCOVERY_PATTERN)
+            found.extend(DatabaseEntry(m, m, configured=False) for m in result.matches)
+        return found
+
+    async def get(self, name: str) -> Database:
+        """The open database called ``name`` (a configured name or a path inside the roots)."""
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError("database is empty; give a name from db_list")
+        path, display, configured = self._locate(name)
+        async with self._lock:
+            database = self._open.get(path)
+            if database is None:
+                database = Database(
+                    path,
+                    name=display,
+                    durability=self.durability,
+                    read_only=self.read_only,
+                    create=configured,
+                )
+                self._open[path] = database
+        return database
+
+    def _locate(self, name: str) -> tuple[Path, str, bool]:
+        if name in self._named:
+            return self._named[name], name, True
+        with self.workspace.sandbox.resolve(name) as location:
+            st = location.lstat()
+            display, path = location.display, location.abspath
+        if not path.name.endswith(DB_SUFFIXES):
+            raise InvalidArgumentError(
+                f"{display} is not a database: give a name from db_list, or a file ending in "
+                f"{', '.join(DB_SUFFIXES)} inside the allowed directories"
+            )
+        if st is None:
+            raise NotFoundError(f"database file {display} does not exist; db_list shows them")
+        return path, display, False
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            for database in self._open.values():
+                with contextlib.suppress(DatabaseError):
+                    await database.close()
+            self._open.clear()

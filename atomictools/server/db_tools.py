@@ -1,0 +1,236 @@
+"""The SQLite tools: list, schema, read-only query, one-statement execute, a transaction.
+
+Parameters are always bound, never formatted into SQL. JSON has no bytes, so a blob travels as
+``{"$blob": "<base64>"}`` both ways. Every change is one transaction: all of it or none.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Annotated, Any
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import CallToolResult
+from pydantic import Field
+
+from ..catalog import DatabaseCatalog
+from ..database import Params, QueryResult, Statement
+from ..errors import InvalidArgumentError
+from ..workspace import Workspace
+from .file_tools import READ_ONLY, mutating, tool_result
+from .models import (
+    DbColumn,
+    DbEntry,
+    DbExecuteOutput,
+    DbListOutput,
+    DbObject,
+    DbQueryOutput,
+    DbSchemaOutput,
+    DbStatement,
+    DbStatementResult,
+    DbTransactionOutput,
+)
+from .runtime import ToolRuntime
+
+BLOB_KEY = "$blob"
+MAX_STATEMENTS = 20_000
+JsonParams = Annotated[
+    list[Any] | dict[str, Any] | None,
+    Field(
+        description="Bound parameters: a list for ? placeholders or an object for :name ones. "
+        'A blob is {"$blob": "<base64>"}.'
+    ),
+]
+DatabaseParam = Annotated[
+    str, Field(description="A database name from db_list (or a .db/.sqlite file in the roots).")
+]
+
+
+def _decode_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {BLOB_KEY} and isinstance(value[BLOB_KEY], str):
+            try:
+                return base64.b64decode(value[BLOB_KEY], validate=True)
+            except binascii.Error as err:
+                raise InvalidArgumentError(f"{BLOB_KEY} is not valid base64: {err}") from err
+        raise InvalidArgumentError(
+            f'a parameter cannot be an object (got {json.dumps(value)[:60]}); use {{"{BLOB_KEY}": '
+            '"<base64>"} for a blob'
+        )
+    if isinstance(value, list):
+        raise InvalidArgumentError("a parameter cannot be a list; bind one value per placeholder")
+    return value
+
+
+def decode_params(params: list[Any] | dict[str, Any] | None) -> Params:
+    """JSON parameters to values sqlite3 can bind."""
+    if params is None:
+        return None
+    if isinstance(params, dict):
+        return {key: _decode_value(value) for key, value in params.items()}
+    return [_decode_value(value) for value in params]
+
+
+def encode_value(value: Any) -> Any:
+    """A SQLite value as JSON: blobs as {"$blob": base64}, the rest as they are."""
+    if isinstance(value, bytes):
+        return {BLOB_KEY: base64.b64encode(value).decode("ascii")}
+    return value
+
+
+def _rows_text(result: QueryResult) -> str:
+    lines = [" | ".join(result.columns)]
+    lines += [" | ".join(json.dumps(encode_value(v)) for v in row) for row in result.rows[:50]]
+    if len(result.rows) > 50:
+        lines.append(f"... {len(result.rows) - 50} more rows in the structured result")
+    if result.truncated:
+        lines.append("(truncated at maxRows: more rows exist)")
+    return "\n".join(lines)
+
+
+def register_db_tools(
+    server: MCPServer[Any], runtime: ToolRuntime, catalog: DatabaseCatalog
+) -> None:
+    """Add the five SQLite tools to ``server``; databases come from ``catalog``."""
+
+    @server.tool(
+        name="db_list",
+        description="SQLite databases you can use: configured ones and database files in roots.",
+        annotations=READ_ONLY,
+    )
+    async def db_list(ctx: Context[Any, Any]) -> Annotated[CallToolResult, DbListOutput]:
+        async def listing(_ws: Workspace) -> list[DbEntry]:
+            entries = await catalog.entries()
+            return [DbEntry(name=e.name, path=e.path, configured=e.configured) for e in entries]
+
+        entries = await runtime.call(ctx, listing)
+        text = "\n".join(f"{e.name} ({e.path})" for e in entries) or "No databases found"
+        return tool_result(DbListOutput(databases=entries), text)
+
+    @server.tool(
+        name="db_schema",
+        description=(
+            "The schema of a database: its tables, views, indexes and triggers with their SQL; "
+            "with `table`, that table's columns."
+        ),
+        annotations=READ_ONLY,
+    )
+    async def db_schema(
+        ctx: Context[Any, Any],
+        database: DatabaseParam,
+        table: Annotated[str | None, Field(description="One table or view to describe.")] = None,
+    ) -> Annotated[CallToolResult, DbSchemaOutput]:
+        async def describe(_ws: Workspace) -> list[DbObject]:
+            db = await catalog.get(database)
+            return [
+                DbObject(
+                    name=t.name,
+                    type=t.type,
+                    sql=t.sql,
+                    columns=[
+                        DbColumn(
+                            name=c.name,
+                            type=c.type,
+                            not_null=c.not_null,
+                            default=c.default,
+                            primary_key=c.primary_key,
+                        )
+                        for c in t.columns
+                    ]
+                    or None,
+                )
+                for t in await db.schema(table)
+            ]
+
+        objects = await runtime.call(ctx, describe)
+        text = "\n\n".join(o.sql or f"{o.type} {o.name}" for o in objects) or "(empty database)"
+        return tool_result(DbSchemaOutput(database=database, objects=objects), text)
+
+    @server.tool(
+        name="db_query",
+        description=(
+            "Run one read-only SQL query (SELECT, WITH, read-only PRAGMA) on a read-only "
+            "connection; nothing sent here can change the database. Returns columns and rows "
+            "(at most maxRows; `truncated` says if more exist). Use ? or :name placeholders with "
+            "`params`; never put values into the SQL text."
+        ),
+        annotations=READ_ONLY,
+    )
+    async def db_query(
+        ctx: Context[Any, Any],
+        database: DatabaseParam,
+        sql: Annotated[str, Field(description="One SQL query.")],
+        params: JsonParams = None,
+        maxRows: Annotated[int, Field(ge=1, le=100_000, description="Row limit.")] = 1000,
+    ) -> Annotated[CallToolResult, DbQueryOutput]:
+        async def run(_ws: Workspace) -> QueryResult:
+            db = await catalog.get(database)
+            return await db.query(sql, decode_params(params), max_rows=maxRows)
+
+        result = await runtime.call(ctx, run)
+        out = DbQueryOutput(
+            columns=list(result.columns),
+            rows=[[encode_value(v) for v in row] for row in result.rows],
+            truncated=result.truncated,
+            row_count=len(result.rows),
+        )
+        return tool_result(out, _rows_text(result))
+
+    @server.tool(
+        name="db_execute",
+        description=(
+            "Run one SQL statement that changes the database (INSERT, UPDATE, DELETE, CREATE, "
+            "...) in its own transaction: committed whole or not at all, also when cancelled. "
+            "One statement only: for several, use db_transaction. BEGIN/COMMIT/ATTACH and "
+            "durability pragmas are refused (the tool owns the transaction)."
+        ),
+        annotations=mutating(destructive=True, idempotent=False),
+    )
+    async def db_execute(
+        ctx: Context[Any, Any],
+        database: DatabaseParam,
+        sql: Annotated[str, Field(description="One SQL statement.")],
+        params: JsonParams = None,
+    ) -> Annotated[CallToolResult, DbExecuteOutput]:
+        async def run(_ws: Workspace) -> DbExecuteOutput:
+            db = await catalog.get(database)
+            done = await db.execute(sql, decode_params(params))
+            return DbExecuteOutput(rowcount=done.rowcount, lastrowid=done.lastrowid, committed=True)
+
+        out = await runtime.call(ctx, run)
+        return tool_result(
+            out, f"Committed: {out.rowcount} row(s) changed, lastrowid {out.lastrowid}"
+        )
+
+    @server.tool(
+        name="db_transaction",
+        description=(
+            "Run several SQL statements as one transaction: all are committed or none is (an "
+            "error, a cancel or a timeout rolls everything back; the error names the failing "
+            "statement). Reports progress per statement."
+        ),
+        annotations=mutating(destructive=True, idempotent=False),
+    )
+    async def db_transaction(
+        ctx: Context[Any, Any],
+        database: DatabaseParam,
+        statements: Annotated[list[DbStatement], Field(min_length=1, max_length=MAX_STATEMENTS)],
+    ) -> Annotated[CallToolResult, DbTransactionOutput]:
+        async def progress(done: int, total: int | None) -> None:
+            await runtime.progress(ctx, done, total)
+
+        async def run(_ws: Workspace) -> list[DbStatementResult]:
+            db = await catalog.get(database)
+            batch = [Statement(s.sql, decode_params(s.params)) for s in statements]
+            done = await db.run_statements(batch, progress=progress)
+            return [
+                DbStatementResult(index=i, rowcount=r.rowcount, lastrowid=r.lastrowid)
+                for i, r in enumerate(done, start=1)
+            ]
+
+        results = await runtime.call(ctx, run)
+        out = DbTransactionOutput(results=results, committed=True)
+        changed = sum(max(r.rowcount, 0) for r in results)
+        return tool_result(out, f"Committed {len(results)} statement(s), {changed} row(s) changed")
