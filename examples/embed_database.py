@@ -47,12 +47,11 @@ async def main(directory: Path) -> int:
         except AtomicToolsError as err:
             print(f"3. refused: {err}")
 
+        take = "UPDATE accounts SET balance = balance - 1 WHERE id = ?"
+        give = "UPDATE accounts SET balance = balance + 1 WHERE id = ?"
         transfers = []
         for i in range(20_000):
-            transfers += [
-                Statement("UPDATE accounts SET balance = balance - 1 WHERE id = ?", [i % 10 + 1]),
-                Statement("UPDATE accounts SET balance = balance + 1 WHERE id = ?", [(i + 3) % 10 + 1]),
-            ]
+            transfers += [Statement(take, [i % 10 + 1]), Statement(give, [(i + 3) % 10 + 1])]
         done = 0
 
         async def count(index: int, _total: int | None) -> None:
