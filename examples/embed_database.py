@@ -54,11 +54,14 @@ async def main(directory: Path) -> int:
             transfers += [Statement(take, [i % 10 + 1]), Statement(give, [(i + 3) % 10 + 1])]
         done = 0
 
-        async def count(index: int, _total: int | None) -> None:
-            nonlocal done
-            done = index
+        with anyio.CancelScope() as scope:
 
-        with anyio.move_on_after(0.1):
+            async def count(index: int, _total: int | None) -> None:
+                nonlocal done
+                done = index
+                if index >= 10_000:
+                    scope.cancel()  # as a client's cancel or a deadline would, mid-batch
+
             await db.run_statements(transfers, progress=count)
         final = await total(db)
         print(f"4. a batch of {len(transfers)} statements cancelled after {done}: total {final}")

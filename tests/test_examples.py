@@ -32,6 +32,19 @@ def test_embed_workspace_walkthrough_holds_its_guarantees() -> None:
     assert "FAILED" not in done.stdout
 
 
+def test_embed_database_walkthrough_keeps_the_invariant() -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "embed_database.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "cancelled after" in done.stdout
+    assert "refused" in done.stdout
+
+
 @pytest.mark.anyio
 async def test_embedded_tools_server(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location(
