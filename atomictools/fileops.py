@@ -105,7 +105,7 @@ async def read_text(
             raise InvalidArgumentError(f"{name} must be zero or more lines, not {value}")
     if head is None and tail is None:
         data = await _read_whole(location, limits)
-        text, fmt = decode(data, location.display)
+        text, fmt = await run_blocking(limits.inline(len(data)), decode, data, location.display)
         return TextRead(
             path=location.display,
             content=text,
@@ -246,19 +246,11 @@ async def edit(
             "split them, or write the whole file"
         )
     data = await _read_whole(location, limits)
-    before_sha = hashlib.sha256(data).hexdigest()
-    if expected_sha256 is not None and expected_sha256.lower() != before_sha:
-        raise PreconditionFailedError(
-            f"cannot edit {location.display}: it changed since it was read "
-            f"(expectedSha256 {expected_sha256}, current sha256 {before_sha}); "
-            "read it again, then retry with the current sha256",
-            current_sha256=before_sha,
-        )
-    text, fmt = decode(data, location.display)
-    new_text = apply_edits(text, edits, fmt, location.display)
-    new_data = encode(new_text, fmt, location.display)
-    diff = unified_diff(text, new_text, location.display)
-    after_sha = hashlib.sha256(new_data).hexdigest()
+    # Decoding, matching and diffing a large file is CPU work: off the event loop.
+    before_sha, new_data, diff, after_sha = await run_blocking(
+        limits.inline(len(data)), _plan_edit, data, edits, location.display, expected_sha256
+    )
+    await step("edit.planned")
     if not dry_run and new_data != data:
         # expected_sha256=before_sha: a writer in another process since our read loses nothing.
         await write(
@@ -276,6 +268,25 @@ async def edit(
         previous_sha256=before_sha,
         size=len(new_data),
     )
+
+
+def _plan_edit(
+    data: bytes, edits: Sequence[Edit], display: str, expected_sha256: str | None
+) -> tuple[str, bytes, str, str]:
+    """The pure part of an edit: (sha256 before, new bytes, unified diff, sha256 after)."""
+    before_sha = hashlib.sha256(data).hexdigest()
+    if expected_sha256 is not None and expected_sha256.lower() != before_sha:
+        raise PreconditionFailedError(
+            f"cannot edit {display}: it changed since it was read "
+            f"(expectedSha256 {expected_sha256}, current sha256 {before_sha}); "
+            "read it again, then retry with the current sha256",
+            current_sha256=before_sha,
+        )
+    text, fmt = decode(data, display)
+    new_text = apply_edits(text, edits, fmt, display)
+    new_data = encode(new_text, fmt, display)
+    diff = unified_diff(text, new_text, display)
+    return before_sha, new_data, diff, hashlib.sha256(new_data).hexdigest()
 
 
 def _refuse_root(location: Location, action: str) -> None:

@@ -142,8 +142,9 @@ class AtomicWriter:
         for start in range(0, len(payload), chunk):
             piece = payload[start : start + chunk]
             await step("write.chunk")
-            inline = self._limits.inline(len(piece))
             sync = last and start + chunk >= len(payload)
+            # The fsync that ends a write flushes the whole file: judge it by the total size.
+            inline = self._limits.inline(self.size + len(piece) if sync else len(piece))
             await run_blocking(inline, self._put, piece, sync)
             self._since_yield = self._since_yield + len(piece) if inline else 0
             if self._since_yield >= chunk:  # many small inline writes: let other tasks run
