@@ -122,13 +122,22 @@ class _Connection:
         cls, path: Path, *, read_only: bool, synchronous: str, busy_timeout: float
     ) -> _Connection:
         target = f"file:{path}?mode=ro" if read_only else str(path)
+        # cached_statements=0 on the writer: SQLite consults the authorizer only when it
+        # prepares a statement, and a cached one would let a user replay our own COMMIT.
         conn = await aiosqlite.connect(
-            target, uri=read_only, isolation_level=None, timeout=busy_timeout
+            target,
+            uri=read_only,
+            isolation_level=None,
+            timeout=busy_timeout,
+            cached_statements=128 if read_only else 0,
         )
         try:
             if not read_only:
                 await conn.execute("PRAGMA journal_mode=WAL")
                 await conn.execute(f"PRAGMA synchronous={synchronous}")
+                # The writer waits for other writers in begin(), on the event loop, where a
+                # cancel can reach it; SQLite's own busy wait could not be interrupted.
+                await conn.execute("PRAGMA busy_timeout=0")
             await conn.execute("PRAGMA foreign_keys=ON")
             if read_only:
                 await conn.execute("PRAGMA query_only=ON")
@@ -354,7 +363,9 @@ class Database:
                 reader = self._readers.pop()
             else:
                 if not self.path.exists():
-                    await (await self._writer_connection()).conn.execute("SELECT 1")
+                    if self.read_only or not self.create:
+                        raise DatabaseError(f"database {self.name} ({self.path}) does not exist")
+                    await self._writer_connection()  # creates it
                 reader = await _Connection.open(
                     self.path, read_only=True, synchronous="FULL", busy_timeout=self.busy_timeout
                 )
@@ -410,13 +421,7 @@ class Database:
             c = await self._writer_connection()
             committed = False
             try:
-                try:
-                    await c.internal("BEGIN IMMEDIATE")
-                except sqlite3.OperationalError as err:
-                    raise DatabaseError(
-                        f"cannot start a transaction on {self.name}: {err} (another process "
-                        "holds the write lock?); retry"
-                    ) from err
+                await self._begin(c)
                 tx = Transaction(self, c)
                 yield tx
                 tx.ensure_open()
@@ -430,6 +435,30 @@ class Database:
                     )
                     await c.close()
                     self._writer = None
+
+    async def _begin(self, c: _Connection) -> None:
+        """``BEGIN IMMEDIATE``, waiting up to ``busy_timeout`` for another process's writer.
+
+        The wait is a cancellable sleep between attempts, not SQLite's busy handler.
+        """
+        deadline = anyio.current_time() + self.busy_timeout
+        pause = 0.001
+        while True:
+            try:
+                await c.internal("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as err:
+                busy = getattr(err, "sqlite_errorcode", None) in (
+                    sqlite3.SQLITE_BUSY,
+                    sqlite3.SQLITE_LOCKED,
+                )
+                if not busy or anyio.current_time() >= deadline:
+                    raise DatabaseError(
+                        f"cannot start a transaction on {self.name}: {err} (another process "
+                        f"held the write lock for {self.busy_timeout:g} s); retry"
+                    ) from err
+            await anyio.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     async def execute(self, sql: str, params: Params = None) -> StatementResult:
         """One statement in its own transaction."""

@@ -108,6 +108,8 @@ class SqlGuard:
             return None
         if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() in BLOCKED_FUNCTIONS:
             return f"the function {arg2}() reaches outside the database and is not allowed"
+        if action == sqlite3.SQLITE_READ and (arg1 or "").lower() == "sqlite_stmt":
+            return "sqlite_stmt shows the connection's internal statements and is not readable"
         if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
             return (
                 "ATTACH/DETACH (and VACUUM INTO) would reach another database file; "
