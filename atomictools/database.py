@@ -40,6 +40,8 @@ Params = Sequence[Any] | Mapping[str, Any] | None
 PROGRESS_STEPS = 1000
 """SQLite VM steps between checks of the abort flag: small enough to stop a query at once."""
 CLEANUP_SECONDS = 5.0
+STATEMENT_ERRORS = (sqlite3.Error, OverflowError, ValueError)
+"""What a bad statement or parameter raises (an int beyond 64 bits is an OverflowError)."""
 BATCH_SECONDS = 0.02
 """How long one worker call runs statements before progress is reported."""
 MAX_READERS = 4
@@ -99,6 +101,14 @@ class TableInfo:
     columns: tuple[ColumnInfo, ...] = ()
 
 
+def _text_or_bytes(raw: bytes) -> str | bytes:
+    """TEXT that is not valid UTF-8 comes back as its bytes (lossless) instead of failing."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+
+
 def _short(sql: str, limit: int = 120) -> str:
     flat = " ".join(sql.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
@@ -122,15 +132,10 @@ class _Connection:
         cls, path: Path, *, read_only: bool, synchronous: str, busy_timeout: float
     ) -> _Connection:
         target = f"file:{path}?mode=ro" if read_only else str(path)
-        # cached_statements=0 on the writer: SQLite consults the authorizer only when it
-        # prepares a statement, and a cached one would let a user replay our own COMMIT.
         conn = await aiosqlite.connect(
-            target,
-            uri=read_only,
-            isolation_level=None,
-            timeout=busy_timeout,
-            cached_statements=128 if read_only else 0,
+            target, uri=read_only, isolation_level=None, timeout=busy_timeout
         )
+        conn.text_factory = _text_or_bytes
         try:
             if not read_only:
                 await conn.execute("PRAGMA journal_mode=WAL")
@@ -143,7 +148,7 @@ class _Connection:
                 await conn.execute("PRAGMA query_only=ON")
             guard = SqlGuard(read_only=read_only)
             await conn.set_authorizer(guard)
-            self = cls(conn, guard, secrets.token_hex(8))
+            self = cls(conn, guard, secrets.token_hex(16))
             await conn.set_progress_handler(self.progress, PROGRESS_STEPS)
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -163,12 +168,15 @@ class _Connection:
     async def internal(self, sql: str) -> None:
         """Run one of our own transaction-control statements (which users may not send).
 
-        The guard lets exactly this statement's transaction action through; the comment makes
-        its text unique, so a user's identical statement cannot reuse it from the cache.
+        The guard lets exactly this statement's transaction action through. SQLite asks the
+        authorizer only when it prepares a statement, so a cached copy of our COMMIT would run
+        unchecked if a user sent the same text: a fresh random nonce in a comment makes every
+        such text single-use and unguessable (and the guard refuses to read ``sqlite_stmt``,
+        which lists prepared statements).
         """
         self.guard.allow_control = True
         try:
-            await self.conn.execute(f"{sql} /* atomictools {self.token} */")
+            await self.conn.execute(f"{sql} /* atomictools {secrets.token_hex(16)} */")
         finally:
             self.guard.allow_control = False
 
@@ -211,7 +219,7 @@ class _Connection:
 
 def _run_batch(
     c: _Connection, statements: Sequence[Statement], start: int, seconds: float
-) -> tuple[list[StatementResult], tuple[int, sqlite3.Error] | None]:
+) -> tuple[list[StatementResult], tuple[int, Exception] | None]:
     """In aiosqlite's worker thread: run statements from ``start`` for about ``seconds``.
 
     Returns the results so far and, on failure, the failing statement's 1-based index and
@@ -224,7 +232,7 @@ def _run_batch(
         statement = statements[index]
         try:
             cursor = raw.execute(statement.sql, statement.params or ())
-        except sqlite3.Error as err:
+        except STATEMENT_ERRORS as err:
             return results, (index + 1, err)
         results.append(StatementResult(cursor.rowcount, cursor.lastrowid))
         cursor.close()
@@ -389,11 +397,11 @@ class Database:
             raise InvalidArgumentError("the SQL statement is empty")
         try:
             return await c.conn.execute(sql, params if params is not None else ())
-        except sqlite3.Error as err:
+        except STATEMENT_ERRORS as err:
             raise self._statement_error(c, err, sql, index, total) from err
 
     def _statement_error(
-        self, c: _Connection, err: sqlite3.Error, sql: str, index: int | None, total: int
+        self, c: _Connection, err: Exception, sql: str, index: int | None, total: int
     ) -> AtomicToolsError:
         where = f"statement {index} of {total}" if index is not None else "the statement"
         denied = c.guard.take_denial()

@@ -1,10 +1,11 @@
 """Which SQL may run where, decided by SQLite's authorizer callback (never by keyword sniffing).
 
 SQLite asks the authorizer about every action while it prepares a statement, so the check
-sees what the statement really does: ``VACUUM INTO 'file'`` shows up as an ATTACH, a pragma
-as its name and value. Two policies exist: the writer's (everything a change needs, but not
-what would escape the tool's transaction or this database file) and the reader's (reading
-only). A denial records its reason so the error can say what to do instead.
+sees what the statement really does: ``VACUUM INTO 'file'`` shows up as an ATTACH (in a write
+transaction SQLite refuses any VACUUM first), a pragma as its name and value. Two policies
+exist: the writer's (everything a change needs, but not what would escape the tool's
+transaction, this database file or this call) and the reader's (reading only). A denial
+records its reason so the error can say what to do instead.
 """
 
 from __future__ import annotations
@@ -23,6 +24,18 @@ BLOCKED_WRITE_PRAGMAS = frozenset(
         "locking_mode",
         "temp_store_directory",
         "data_store_directory",
+    }
+)
+# Pragmas a change may set. Any other assignment is refused: the writer connection is shared
+# by every later call, so a setting (query_only, ignore_check_constraints, heap limits, ...)
+# would outlive the call that made it.
+WRITABLE_PRAGMAS = frozenset({"user_version", "application_id", "incremental_vacuum", "optimize"})
+_TEMP_OBJECTS = frozenset(
+    {
+        sqlite3.SQLITE_CREATE_TEMP_INDEX,
+        sqlite3.SQLITE_CREATE_TEMP_TABLE,
+        sqlite3.SQLITE_CREATE_TEMP_TRIGGER,
+        sqlite3.SQLITE_CREATE_TEMP_VIEW,
     }
 )
 # Pragmas that take an argument but only read.
@@ -122,9 +135,25 @@ class SqlGuard:
                 "BEGIN/COMMIT/ROLLBACK/SAVEPOINT/RELEASE are not allowed: the tool owns the "
                 "transaction; send all the statements to db_transaction instead"
             )
-        if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() in BLOCKED_WRITE_PRAGMAS:
-            return f"PRAGMA {arg1} would weaken the durability guarantees and is not allowed"
+        if action == sqlite3.SQLITE_PRAGMA:
+            return self._write_pragma_reason((arg1 or "").lower(), arg2)
+        if action in _TEMP_OBJECTS:
+            return (
+                "temporary tables, views, indexes and triggers would outlive this call on the "
+                "shared connection; use a regular table"
+            )
         return None
+
+    @staticmethod
+    def _write_pragma_reason(name: str, value: str | None) -> str | None:
+        if name in BLOCKED_WRITE_PRAGMAS:
+            return f"PRAGMA {name} would weaken the durability guarantees and is not allowed"
+        if value is None or name in READ_PRAGMAS_WITH_ARGUMENT or name in WRITABLE_PRAGMAS:
+            return None
+        return (
+            f"PRAGMA {name} = ... would change the shared connection for every later call; "
+            f"only {', '.join(sorted(WRITABLE_PRAGMAS))} may be set"
+        )
 
     @staticmethod
     def _read_reason(action: int, arg1: str | None, arg2: str | None) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from typing import Annotated, Any
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -16,7 +17,7 @@ from mcp.types import CallToolResult
 from pydantic import Field
 
 from ..catalog import DatabaseCatalog
-from ..database import Params, QueryResult, Statement
+from ..database import Params, QueryResult, Statement, StatementResult
 from ..errors import InvalidArgumentError
 from ..workspace import Workspace
 from .file_tools import READ_ONLY, mutating, tool_result
@@ -36,6 +37,7 @@ from .runtime import ToolRuntime
 
 BLOB_KEY = "$blob"
 MAX_STATEMENTS = 20_000
+MAX_LISTED_RESULTS = 100
 JsonParams = Annotated[
     list[Any] | dict[str, Any] | None,
     Field(
@@ -74,9 +76,11 @@ def decode_params(params: list[Any] | dict[str, Any] | None) -> Params:
 
 
 def encode_value(value: Any) -> Any:
-    """A SQLite value as JSON: blobs as {"$blob": base64}, the rest as they are."""
+    """A SQLite value as JSON: blobs as {"$blob": base64}, infinities as strings, the rest as is."""
     if isinstance(value, bytes):
         return {BLOB_KEY: base64.b64encode(value).decode("ascii")}
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value).replace("inf", "Infinity").replace("nan", "NaN")
     return value
 
 
@@ -209,7 +213,7 @@ def register_db_tools(
         description=(
             "Run several SQL statements as one transaction: all are committed or none is (an "
             "error, a cancel or a timeout rolls everything back; the error names the failing "
-            "statement). Reports progress per statement."
+            "statement). Reports progress (statements done) as it goes."
         ),
         annotations=mutating(destructive=True, idempotent=False),
     )
@@ -221,16 +225,25 @@ def register_db_tools(
         async def progress(done: int, total: int | None) -> None:
             await runtime.progress(ctx, done, total)
 
-        async def run(_ws: Workspace) -> list[DbStatementResult]:
+        async def run(_ws: Workspace) -> list[StatementResult]:
             db = await catalog.get(database)
             batch = [Statement(s.sql, decode_params(s.params)) for s in statements]
-            done = await db.run_statements(batch, progress=progress)
-            return [
-                DbStatementResult(index=i, rowcount=r.rowcount, lastrowid=r.lastrowid)
-                for i, r in enumerate(done, start=1)
-            ]
+            return await db.run_statements(batch, progress=progress)
 
-        results = await runtime.call(ctx, run)
-        out = DbTransactionOutput(results=results, committed=True)
-        changed = sum(max(r.rowcount, 0) for r in results)
-        return tool_result(out, f"Committed {len(results)} statement(s), {changed} row(s) changed")
+        done = await runtime.call(ctx, run)
+        # A result per statement for a 10,000-statement batch would be a reply clients spend
+        # longer validating than the database spent running it: totals, and the first few.
+        out = DbTransactionOutput(
+            statements=len(done),
+            rows_changed=sum(max(r.rowcount, 0) for r in done),
+            lastrowid=done[-1].lastrowid if done else None,
+            results=[
+                DbStatementResult(index=i, rowcount=r.rowcount, lastrowid=r.lastrowid)
+                for i, r in enumerate(done[:MAX_LISTED_RESULTS], start=1)
+            ],
+            results_truncated=len(done) > MAX_LISTED_RESULTS,
+            committed=True,
+        )
+        return tool_result(
+            out, f"Committed {out.statements} statement(s), {out.rows_changed} row(s) changed"
+        )

@@ -194,5 +194,11 @@ class DbStatementResult(WireModel):
 
 
 class DbTransactionOutput(WireModel):
-    results: list[DbStatementResult]
+    statements: int
+    rows_changed: int
+    lastrowid: int | None = Field(default=None, description="After the last statement.")
+    results: list[DbStatementResult] = Field(
+        description="Per-statement results, the first 100 (see resultsTruncated)."
+    )
+    results_truncated: bool
     committed: bool
