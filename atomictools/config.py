@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+STATE_DIR_ENV = "ATOMICTOOLS_STATE_DIR"
 
 MiB = 1024 * 1024
+
+
+def default_state_dir() -> Path:
+    """Where journals (and later the idempotency store) live: never inside the roots.
+
+    ``$ATOMICTOOLS_STATE_DIR`` if set, else the platform's user state directory.
+    """
+    override = os.environ.get(STATE_DIR_ENV)
+    return Path(override) if override else Path(platformdirs.user_state_dir("atomictools"))
 
 
 class Durability(enum.StrEnum):

@@ -22,7 +22,16 @@ class AtomicToolsError(Exception):
     def __init__(self, message: str, *, changed: bool = False) -> None:
         self.message = message
         self.changed = changed
-        super().__init__(message if changed else f"{message}; {self.outcome}")
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        return self.message if self.changed else f"{self.message}; {self.outcome}"
+
+    def prefixed(self, context: str) -> AtomicToolsError:
+        """The same error with ``context`` in front (e.g. which change of a set failed)."""
+        self.message = f"{context}{self.message}"
+        self.args = (self._text(),)
+        return self
 
 
 class InvalidArgumentError(AtomicToolsError):

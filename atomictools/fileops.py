@@ -16,6 +16,7 @@ import os
 import stat
 from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import fsutil
 from .blocking import run_blocking
@@ -58,7 +59,7 @@ def _open_regular(location: Location, action: str) -> tuple[int, os.stat_result]
     return fd, st
 
 
-async def _read_whole(location: Location, limits: Limits) -> bytes:
+async def read_whole(location: Location, limits: Limits) -> bytes:
     """Read a whole regular file, refusing one larger than the limit before reading it."""
     limit = limits.max_read_bytes
     fd, st = _open_regular(location, "read")
@@ -83,7 +84,7 @@ async def _read_whole(location: Location, limits: Limits) -> bytes:
 
 
 async def read_bytes(location: Location, limits: Limits) -> BytesRead:
-    data = await _read_whole(location, limits)
+    data = await read_whole(location, limits)
     mime, _ = mimetypes.guess_type(location.name)
     return BytesRead(
         path=location.display,
@@ -104,7 +105,7 @@ async def read_text(
         if value is not None and value < 0:
             raise InvalidArgumentError(f"{name} must be zero or more lines, not {value}")
     if head is None and tail is None:
-        data = await _read_whole(location, limits)
+        data = await read_whole(location, limits)
         text, fmt = await run_blocking(limits.inline(len(data)), decode, data, location.display)
         return TextRead(
             path=location.display,
@@ -245,10 +246,10 @@ async def edit(
             f"{len(edits)} edits in one call is more than the limit of {limits.max_edits}; "
             "split them, or write the whole file"
         )
-    data = await _read_whole(location, limits)
+    data = await read_whole(location, limits)
     # Decoding, matching and diffing a large file is CPU work: off the event loop.
     before_sha, new_data, diff, after_sha = await run_blocking(
-        limits.inline(len(data)), _plan_edit, data, edits, location.display, expected_sha256
+        limits.inline(len(data)), plan_edit, data, edits, location.display, expected_sha256
     )
     await step("edit.planned")
     if not dry_run and new_data != data:
@@ -270,7 +271,7 @@ async def edit(
     )
 
 
-def _plan_edit(
+def plan_edit(
     data: bytes, edits: Sequence[Edit], display: str, expected_sha256: str | None
 ) -> tuple[str, bytes, str, str]:
     """The pure part of an edit: (sha256 before, new bytes, unified diff, sha256 after)."""
@@ -472,7 +473,7 @@ async def delete(
 def directory_maker(durability: Durability) -> MakeDir:
     """A ``make_dir`` for the sandbox walk: mkdir, then make the new entry durable."""
 
-    def make(dir_fd: int, name: str) -> None:
+    def make(dir_fd: int, name: str, _parent: Path | None = None) -> None:
         os.mkdir(name, 0o777, dir_fd=dir_fd)
         if durability is Durability.FULL:
             fsutil.sync_directory(dir_fd)

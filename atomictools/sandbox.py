@@ -31,8 +31,8 @@ from .errors import (
 MAX_SYMLINK_HOPS = 40
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-MakeDir = Callable[[int, str], None]
-"""Creates directory ``name`` inside the directory open as ``fd`` (and makes it durable)."""
+MakeDir = Callable[[int, str, Path], None]
+"""Creates directory ``name`` inside the directory open as ``fd`` (whose real path is given)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +234,8 @@ class Sandbox:
                     continue
                 if is_last:
                     return self._finish(root, stack, name)
-                stack.append((self._open_dir(dir_fd, name, stack, make_dir), name))
+                parent = root.path.joinpath(*(n for _, n in stack[1:]))
+                stack.append((self._open_dir(dir_fd, name, stack, make_dir, parent), name))
             return self._finish(root, stack, None)
         except BaseException:
             for fd, _ in stack:
@@ -304,7 +305,12 @@ class Sandbox:
             ) from err
 
     def _open_dir(
-        self, dir_fd: int, name: str, stack: list[tuple[int, str]], make_dir: MakeDir | None
+        self,
+        dir_fd: int,
+        name: str,
+        stack: list[tuple[int, str]],
+        make_dir: MakeDir | None,
+        parent: Path,
     ) -> int:
         try:
             return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
@@ -314,7 +320,7 @@ class Sandbox:
         except OSError as err:
             raise self._os_error(err, stack, name) from err
         try:
-            make_dir(dir_fd, name)
+            make_dir(dir_fd, name, parent)
         except FileExistsError:
             pass  # created concurrently: open what is there, O_NOFOLLOW still guards it
         except OSError as err:

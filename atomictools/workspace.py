@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 from . import fileops, listing
-from .config import Durability, Limits
+from .config import Durability, Limits, default_state_dir
 from .edits import Edit
 from .errors import (
     InvalidArgumentError,
@@ -25,6 +25,7 @@ from .errors import (
     WrongTypeError,
     from_os_error,
 )
+from .journal import Change, ChangeSetResult, ChangeSetRunner, apply_change_set
 from .locks import KeyedLocks
 from .results import (
     BytesRead,
@@ -66,11 +67,13 @@ class Workspace:
         durability: Durability | str = Durability.FULL,
         limits: Limits | None = None,
         read_only: bool = False,
+        state_dir: PathArg | None = None,
     ) -> None:
         self.sandbox = Sandbox(roots)
         self.durability = Durability(durability)
         self.limits = limits or Limits()
         self.read_only = read_only
+        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self._locks = KeyedLocks()
 
     def __repr__(self) -> str:
@@ -79,6 +82,10 @@ class Workspace:
     @property
     def roots(self) -> tuple[Path, ...]:
         return tuple(root.path for root in self.sandbox.roots)
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.state_dir / "journals"
 
     def narrowed(self, paths: Iterable[PathArg]) -> Workspace:
         """A view limited to ``paths`` (each resolved inside this workspace's roots).
@@ -91,7 +98,11 @@ class Workspace:
             with self.sandbox.resolve(path) as location:
                 inner.append(location.abspath)
         view = Workspace(
-            inner, durability=self.durability, limits=self.limits, read_only=self.read_only
+            inner,
+            durability=self.durability,
+            limits=self.limits,
+            read_only=self.read_only,
+            state_dir=self.state_dir,
         )
         view._locks = self._locks
         return view
@@ -286,6 +297,45 @@ class Workspace:
                     limits=self.limits,
                 )
 
+    async def apply_changes(
+        self,
+        changes: Sequence[Change],
+        *,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> ChangeSetResult:
+        """Apply several changes as one: all of them or none, also across a crash.
+
+        ``dry_run`` makes every check (paths, preconditions, edits) and returns the result with
+        diffs, writing nothing.
+        """
+        if not dry_run and changes:
+            self._refuse_if_read_only("change", changes[0].path)
+        runner = ChangeSetRunner(
+            self.sandbox, self.journal_dir, durability=self.durability, limits=self.limits
+        )
+        planned = runner.plan(changes)
+        keys = [self._lock_key(p.target) for p in planned]
+        keys += [self._lock_key(p.source) for p in planned if p.source is not None]
+        try:
+            lock = self._locks.hold(*keys)
+        except BaseException:
+            runner.close_locations()
+            raise
+        async with lock:
+            return await apply_change_set(runner, dry_run=dry_run, progress=progress)
+
+    @asynccontextmanager
+    async def changeset(self) -> AsyncIterator[ChangeSet]:
+        """``async with ws.changeset() as cs: cs.write(...); cs.edit(...)``: applied at exit.
+
+        Nothing happens unless the block exits cleanly; then the changes apply all-or-nothing
+        and ``cs.result`` holds the outcome.
+        """
+        change_set = ChangeSet()
+        yield change_set
+        change_set.result = await self.apply_changes(change_set.changes)
+
     async def mkdir(self, path: PathArg) -> MkdirResult:
         """Create a directory and any missing parents (``mkdir -p``); fine if it exists."""
         self._refuse_if_read_only("create directory", path)
@@ -302,7 +352,7 @@ class Workspace:
                         )
                     return MkdirResult(location.display, created=False)
                 try:
-                    make(location.dir_fd, location.name)
+                    make(location.dir_fd, location.name, location.abspath.parent)
                 except FileExistsError:
                     return MkdirResult(location.display, created=False)
                 except OSError as err:
@@ -311,6 +361,36 @@ class Workspace:
 
         await step("mkdir.before")
         return create()  # inline, with no await inside: a cancel never splits a ``mkdir -p``
+
+
+class ChangeSet:
+    """Collects the changes of ``Workspace.changeset()``; applied together when the block ends."""
+
+    def __init__(self) -> None:
+        self.changes: list[Change] = []
+        self.result: ChangeSetResult | None = None
+
+    def write(self, path: str, content: str | bytes, *, expected_sha256: str | None = None) -> None:
+        data = content.encode() if isinstance(content, str) else bytes(content)
+        self.changes.append(Change("write", path, content=data, expected_sha256=expected_sha256))
+
+    def edit(
+        self, path: str, edits: Sequence[EditArg], *, expected_sha256: str | None = None
+    ) -> None:
+        normalized = tuple(e if isinstance(e, Edit) else Edit(*e) for e in edits)
+        self.changes.append(Change("edit", path, edits=normalized, expected_sha256=expected_sha256))
+
+    def move(self, source: str, destination: str, *, overwrite: bool = False) -> None:
+        self.changes.append(Change("move", destination, source=source, overwrite=overwrite))
+
+    def copy(self, source: str, destination: str, *, overwrite: bool = False) -> None:
+        self.changes.append(Change("copy", destination, source=source, overwrite=overwrite))
+
+    def delete(self, path: str, *, expected_sha256: str | None = None) -> None:
+        self.changes.append(Change("delete", path, expected_sha256=expected_sha256))
+
+    def mkdir(self, path: str) -> None:
+        self.changes.append(Change("mkdir", path))
 
 
 def _workspace_of_file(path: PathArg, durability: Durability | str) -> tuple[Workspace, str]:

@@ -1,0 +1,602 @@
+"""Multi-file change sets that are all-or-nothing, through an intent journal.
+
+Protocol (``apply_change_set``):
+
+1. **Prepare** (no visible change; cancellable): every new content is staged in a locked temp
+   file next to its target and fsynced; every file about to be replaced or deleted gets a
+   hard-linked backup (also a temp name); directories to create are recorded in a
+   ``preparing`` journal record first, then created.
+2. **Commit**: the record, rewritten as ``committed`` with every target, staged file and backup,
+   checksummed, is written to a temp, fsynced and renamed into the journal directory, which is
+   then fsynced. That rename is the single commit point.
+3. **Apply** (shielded, finished even when cancelled): renames in order, directory fsyncs.
+4. **Finish**: backups removed, record removed.
+
+A failure or cancel before the commit point undoes the preparation; after it, the change is
+rolled forward. A crash anywhere is repaired by ``recovery``: a record that is not ``committed``
+(or does not verify) is rolled back, a committed one rolled forward (or back on request). The
+journal lives in the state directory, never inside the roots; the writer holds an ``flock`` on
+its record while the change is in flight, so recovery never touches a live change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import stat
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+
+from . import fsutil
+from .config import Durability, Limits
+from .edits import Edit
+from .errors import (
+    AlreadyExistsError,
+    AtomicToolsError,
+    ConcurrentChangeError,
+    InvalidArgumentError,
+    NotFoundError,
+    PreconditionFailedError,
+    TooLargeError,
+    WrongTypeError,
+    from_os_error,
+)
+from .fileops import plan_edit, read_whole
+from .results import Progress
+from .sandbox import Location, Sandbox, open_entry, require_regular
+from .steps import crash_point, step
+from .tempfiles import create_locked_temp, temp_name_for
+
+RECORD_SUFFIX = ".journal.json"
+RECORD_VERSION = 1
+MAX_CHANGES = 1000
+OpName = Literal["write", "edit", "move", "copy", "delete", "mkdir"]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change of a set. ``path`` is the target; ``source`` is read by move and copy."""
+
+    op: OpName
+    path: str
+    content: bytes | None = None
+    edits: tuple[Edit, ...] = ()
+    source: str | None = None
+    expected_sha256: str | None = None
+    overwrite: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeOutcome:
+    op: OpName
+    path: str
+    source: str | None
+    sha256: str | None
+    """Content hash after the change (None for delete, move of a non-file, mkdir)."""
+    diff: str | None = None
+    created: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeSetResult:
+    changes: tuple[ChangeOutcome, ...]
+    applied: bool
+    """False for a dry run: the checks passed, nothing was written."""
+    txid: str | None
+
+
+class RecoveryNeededError(AtomicToolsError):
+    code = "recovery_needed"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, changed=True)
+
+
+# -- the journal record --------------------------------------------------------------------
+
+
+def _checksum(body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def encode_record(body: dict[str, Any]) -> bytes:
+    return json.dumps({**body, "checksum": _checksum(body)}, indent=1, sort_keys=True).encode()
+
+
+def decode_record(data: bytes) -> dict[str, Any] | None:
+    """The record's body, or None if it is torn or does not verify."""
+    try:
+        loaded = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(loaded, dict):
+        return None
+    checksum = loaded.pop("checksum", None)
+    return loaded if checksum == _checksum(loaded) else None
+
+
+class JournalFile:
+    """This process's record of one change set, locked for as long as the change is in flight."""
+
+    def __init__(self, directory: Path, txid: str, durability: Durability) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.name = f"{txid}{RECORD_SUFFIX}"
+        self.durability = durability
+        self.dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.fd: int | None = None
+
+    def write(self, body: dict[str, Any]) -> None:
+        """Atomically (re)write the record: temp, fsync, rename, directory fsync."""
+        temp_fd, temp = create_locked_temp(self.dir_fd, self.name)
+        try:
+            fsutil.write_all(temp_fd, encode_record(body))
+            if self.durability is Durability.FULL:
+                fsutil.durable_sync(temp_fd)
+            os.replace(temp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        except BaseException:
+            os.close(temp_fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=self.dir_fd)
+            raise
+        if self.durability is Durability.FULL:
+            fsutil.sync_directory(self.dir_fd)
+        # The renamed temp keeps its flock: it marks the record as live for recovery.
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd = temp_fd
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.name, dir_fd=self.dir_fd)
+        if self.durability is Durability.FULL:
+            fsutil.sync_directory(self.dir_fd)
+        self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+
+# -- preparation ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Staged:
+    """A temp file next to a target: staged new content, or a backup of the old version."""
+
+    location: Location
+    name: str
+    fd: int
+
+    def discard(self) -> None:
+        _close(self.fd)
+        self.fd = -1
+        with contextlib.suppress(OSError):
+            os.unlink(self.name, dir_fd=self.location.dir_fd)
+
+
+@dataclass(slots=True)
+class _Planned:
+    change: Change
+    target: Location
+    source: Location | None = None
+    staged: _Staged | None = None
+    backup: _Staged | None = None
+    sha256: str | None = None
+    diff: str | None = None
+    existed: bool = False
+
+    def record(self) -> dict[str, Any]:
+        kind = {"write": "replace", "edit": "replace", "copy": "replace"}.get(
+            self.change.op, self.change.op
+        )
+        entry: dict[str, Any] = {
+            "op": kind,
+            "dir": str(self.target.abspath.parent),
+            "name": self.target.name,
+            "staged": self.staged.name if self.staged else None,
+            "backup": self.backup.name if self.backup else None,
+            "sha256": self.sha256,
+        }
+        if self.source is not None and self.change.op == "move":
+            entry["source_dir"] = str(self.source.abspath.parent)
+            entry["source_name"] = self.source.name
+        return entry
+
+
+class ChangeSetRunner:
+    """Runs one change set through the protocol; one instance per call."""
+
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        journal_dir: Path,
+        *,
+        durability: Durability,
+        limits: Limits,
+    ) -> None:
+        self.sandbox = sandbox
+        self.journal_dir = journal_dir
+        self.durability = durability
+        self.limits = limits
+        self.txid = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(6)}"
+        self.planned: list[_Planned] = []
+        self.journal: JournalFile | None = None
+        self.created_dirs: list[tuple[str, str]] = []
+        """Directories made for ``mkdir`` changes, as (parent path, name), in creation order."""
+        self.dry_run = False
+
+    # The locations are resolved by the caller (which also takes the path locks).
+
+    def plan(self, changes: Sequence[Change], *, dry_run: bool = False) -> list[_Planned]:
+        """Resolve every path, in order. ``mkdir`` changes create their directories here
+        (after recording the intent in a ``preparing`` journal record), so later changes can
+        name files inside them; an undo removes them again if they are still empty.
+        """
+        if not changes:
+            raise InvalidArgumentError("changes is empty; give at least one change")
+        if len(changes) > MAX_CHANGES:
+            raise TooLargeError(f"{len(changes)} changes is more than {MAX_CHANGES}; split them")
+        self.dry_run = dry_run
+        seen: dict[tuple[str, str], int] = {}
+        try:
+            for index, change in enumerate(changes, start=1):
+                follow = change.op not in ("move", "delete")
+                make = self._make_dir if change.op == "mkdir" and not dry_run else None
+                try:
+                    target = self.sandbox.resolve(change.path, follow_final=follow, make_dir=make)
+                except AtomicToolsError as err:
+                    raise err.prefixed(f"change {index} ({change.op}): ") from None
+                planned = _Planned(change, target)
+                if change.op == "mkdir":
+                    self._plan_mkdir(planned)
+                self.planned.append(planned)
+                if change.source is not None:
+                    planned.source = self.sandbox.resolve(
+                        change.source, follow_final=change.op == "copy"
+                    )
+                for location in filter(None, (target, planned.source)):
+                    key = (str(location.abspath.parent), location.name)
+                    if key in seen and not (change.op == "copy" and location is planned.source):
+                        raise InvalidArgumentError(
+                            f"change {index}: {location.display} is also changed by change "
+                            f"{seen[key]}; combine them into one change"
+                        )
+                    seen.setdefault(key, index)
+        except BaseException:
+            self.close_locations()
+            raise
+        return self.planned
+
+    def _make_dir(self, dir_fd: int, name: str, parent: Path) -> None:
+        """Record the intent durably, then create the directory (then make it durable)."""
+        if self.journal is None:
+            self.journal = JournalFile(self.journal_dir, self.txid, self.durability)
+        self.created_dirs.append((str(parent), name))
+        self.journal.write(self._body("preparing"))
+        os.mkdir(name, 0o777, dir_fd=dir_fd)
+        if self.durability is Durability.FULL:
+            fsutil.sync_directory(dir_fd)
+
+    def _plan_mkdir(self, planned: _Planned) -> None:
+        target = planned.target
+        st = target.lstat()
+        planned.existed = st is not None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            raise WrongTypeError(f"cannot create directory {target.display}: a file is there")
+        if st is None and not self.dry_run:
+            self._make_dir(target.dir_fd, target.name, target.abspath.parent)
+
+    def close_locations(self) -> None:
+        for planned in self.planned:
+            planned.target.close()
+            if planned.source is not None:
+                planned.source.close()
+
+    async def prepare(self, progress: Progress | None, dry_run: bool) -> None:
+        total = len(self.planned)
+        for index, planned in enumerate(self.planned, start=1):
+            try:
+                await self._prepare_one(planned, dry_run)
+            except AtomicToolsError as err:
+                raise err.prefixed(f"change {index} of {total} ({planned.change.op}): ") from None
+            await step("changeset.prepare")
+            if progress is not None:
+                await progress(index, total * 2)
+
+    async def _prepare_one(self, planned: _Planned, dry_run: bool) -> None:
+        change, target = planned.change, planned.target
+        st = target.lstat()
+        planned.existed = st is not None
+        op = change.op
+        if op == "mkdir":
+            planned.existed = not any(
+                (str(target.abspath.parent), target.name) == made for made in self.created_dirs
+            )
+            return
+        if target.is_root:
+            raise InvalidArgumentError("a change cannot target an allowed root itself")
+        if op == "delete":
+            if st is None:
+                raise NotFoundError(f"cannot delete {target.display}: it does not exist")
+            if stat.S_ISDIR(st.st_mode):
+                raise WrongTypeError(f"cannot delete {target.display}: it is a directory")
+            await self._check_sha(planned, st)
+            if not dry_run:
+                planned.backup = self._backup(target)
+            return
+        if op == "move":
+            source = planned.source
+            assert source is not None
+            src_st = source.lstat()
+            if src_st is None:
+                raise NotFoundError(f"cannot move {source.display}: it does not exist")
+            if st is not None and not change.overwrite:
+                raise AlreadyExistsError(
+                    f"cannot move to {target.display}: it exists; set overwrite to replace it"
+                )
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                raise WrongTypeError(f"cannot move over {target.display}: it is a directory")
+            if not dry_run and st is not None:
+                planned.backup = self._backup(target)
+            planned.sha256 = None
+            return
+        # write, edit, copy: new content staged next to the target
+        if st is not None:
+            require_regular(st, target, op)
+            if op == "copy" and not change.overwrite:
+                raise AlreadyExistsError(
+                    f"cannot copy to {target.display}: it exists; set overwrite to replace it"
+                )
+        await self._check_sha(planned, st)
+        content = await self._new_content(planned, st)
+        planned.sha256 = hashlib.sha256(content).hexdigest()
+        if dry_run:
+            return
+        fd, name = create_locked_temp(target.dir_fd, target.name)
+        planned.staged = _Staged(target, name, fd)
+        template = st or (planned.source.lstat() if planned.source is not None else None)
+        if template is not None:
+            with contextlib.suppress(PermissionError):
+                if (template.st_uid, template.st_gid) != (os.getuid(), os.getgid()):
+                    os.fchown(fd, template.st_uid, template.st_gid)
+            os.fchmod(fd, stat.S_IMODE(template.st_mode))
+        try:
+            for start in range(0, len(content), self.limits.chunk_bytes):
+                piece = content[start : start + self.limits.chunk_bytes]
+                await anyio.to_thread.run_sync(fsutil.write_all, fd, piece)
+                await step("changeset.chunk")
+            if self.durability is Durability.FULL:
+                await anyio.to_thread.run_sync(fsutil.durable_sync, fd)
+        except OSError as err:
+            raise from_os_error(err, target.display, "stage") from err
+        if st is not None:
+            planned.backup = self._backup(target)
+
+    async def _check_sha(self, planned: _Planned, st: os.stat_result | None) -> None:
+        expected = planned.change.expected_sha256
+        if expected is None:
+            return
+        if st is None:
+            raise PreconditionFailedError(
+                f"{planned.target.display} does not exist but expectedSha256 was given",
+                current_sha256=None,
+            )
+        data = await read_whole(planned.target, self.limits)
+        current = hashlib.sha256(data).hexdigest()
+        if current != expected.lower():
+            raise PreconditionFailedError(
+                f"{planned.target.display} changed since it was read (expectedSha256 "
+                f"{expected}, current sha256 {current}); read it again",
+                current_sha256=current,
+            )
+
+    async def _new_content(self, planned: _Planned, st: os.stat_result | None) -> bytes:
+        change = planned.change
+        if change.op == "write":
+            assert change.content is not None
+            if len(change.content) > self.limits.max_write_bytes:
+                raise TooLargeError(f"the content for {planned.target.display} is too large")
+            return change.content
+        if change.op == "copy":
+            assert planned.source is not None
+            return await read_whole(planned.source, self.limits)
+        if st is None:
+            raise NotFoundError(f"cannot edit {planned.target.display}: it does not exist")
+        data = await read_whole(planned.target, self.limits)
+        _, new, diff, _ = plan_edit(data, change.edits, planned.target.display, None)
+        planned.diff = diff
+        return new
+
+    def _backup(self, target: Location) -> _Staged:
+        """A hard link to the current version, under a temp name, locked while in flight.
+
+        A symlink cannot be opened to lock it; its backup is a link to the link (fd -1).
+        """
+        fd = -1 if _is_link(target) else open_entry(target)
+        for _ in range(100):
+            name = temp_name_for(target.name)
+            try:
+                os.link(
+                    target.name,
+                    name,
+                    src_dir_fd=target.dir_fd,
+                    dst_dir_fd=target.dir_fd,
+                    follow_symlinks=False,
+                )
+                break
+            except FileExistsError:
+                continue
+            except OSError as err:
+                _close(fd)
+                raise from_os_error(err, target.display, "back up") from err
+        else:
+            _close(fd)
+            raise ConcurrentChangeError(f"no free backup name next to {target.display}")
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return _Staged(target, name, fd)
+
+    def _body(self, state: str) -> dict[str, Any]:
+        return {
+            "version": RECORD_VERSION,
+            "txid": self.txid,
+            "state": state,
+            "pid": os.getpid(),
+            "created": time.time(),
+            "durability": self.durability.value,
+            "ops": [p.record() for p in self.planned if p.change.op != "mkdir"],
+            "created_dirs": [list(made) for made in self.created_dirs],
+        }
+
+    # -- commit and apply ------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Make the committed record durable: from here on the change is rolled forward."""
+        if self.durability is Durability.FULL:
+            for directory in {p.target.dir_fd for p in self.planned}:
+                fsutil.sync_directory(directory)
+        crash_point("changeset.prepared")
+        if self.journal is None:
+            self.journal = JournalFile(self.journal_dir, self.txid, self.durability)
+        self.journal.write(self._body("committed"))
+        crash_point("changeset.committed")
+
+    def apply(self) -> None:
+        """Perform every rename/unlink in order (inline: nothing can cancel half of it)."""
+        touched: set[int] = set()
+        for planned in self.planned:
+            crash_point("changeset.apply")
+            _apply_op(planned)
+            touched.add(planned.target.dir_fd)
+            if planned.source is not None and planned.change.op == "move":
+                touched.add(planned.source.dir_fd)
+        if self.durability is Durability.FULL:
+            for directory in touched:
+                fsutil.sync_directory(directory)
+        crash_point("changeset.applied")
+
+    def finish(self) -> None:
+        for planned in self.planned:
+            if planned.backup is not None:
+                planned.backup.discard()
+            if planned.staged is not None:
+                _close(planned.staged.fd)
+        if self.journal is not None:
+            self.journal.remove()
+            self.journal = None
+        crash_point("changeset.finished")
+
+    def undo_prepare(self) -> None:
+        """Before the commit point: remove staged files and backups, and created dirs."""
+        for planned in reversed(self.planned):
+            if planned.staged is not None:
+                planned.staged.discard()
+            if planned.backup is not None:
+                planned.backup.discard()
+        for parent, name in reversed(self.created_dirs):
+            with contextlib.suppress(OSError), self.sandbox.resolve(parent) as location:
+                dir_fd = os.open(
+                    location.name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=location.dir_fd
+                )
+                try:
+                    os.rmdir(name, dir_fd=dir_fd)  # only if still empty
+                finally:
+                    os.close(dir_fd)
+        if self.journal is not None:
+            self.journal.remove()
+            self.journal = None
+
+    def outcomes(self, applied: bool) -> ChangeSetResult:
+        return ChangeSetResult(
+            tuple(
+                ChangeOutcome(
+                    op=p.change.op,
+                    path=p.target.display,
+                    source=p.source.display if p.source is not None else None,
+                    sha256=p.sha256,
+                    diff=p.diff,
+                    created=not p.existed,
+                )
+                for p in self.planned
+            ),
+            applied=applied,
+            txid=self.txid if applied else None,
+        )
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _is_link(location: Location) -> bool:
+    st = location.lstat()
+    return st is not None and stat.S_ISLNK(st.st_mode)
+
+
+def _apply_op(planned: _Planned) -> None:
+    target = planned.target
+    op = planned.change.op
+    if op in ("write", "edit", "copy"):
+        assert planned.staged is not None
+        os.replace(
+            planned.staged.name, target.name, src_dir_fd=target.dir_fd, dst_dir_fd=target.dir_fd
+        )
+    elif op == "delete":
+        os.unlink(target.name, dir_fd=target.dir_fd)
+    elif op == "move":
+        source = planned.source
+        assert source is not None
+        os.rename(source.name, target.name, src_dir_fd=source.dir_fd, dst_dir_fd=target.dir_fd)
+
+
+async def apply_change_set(
+    runner: ChangeSetRunner, *, dry_run: bool, progress: Progress | None
+) -> ChangeSetResult:
+    """Run the protocol on a planned runner (the caller holds the path locks); closes it."""
+    try:
+        committed = False
+        try:
+            await runner.prepare(progress, dry_run)
+            if dry_run:
+                return runner.outcomes(applied=False)
+            await step("changeset.commit")
+            runner.commit()
+            committed = True
+        finally:
+            if not committed:
+                runner.undo_prepare()
+        try:
+            runner.apply()
+            runner.finish()
+        except OSError as err:
+            if runner.journal is not None:
+                runner.journal.close()  # unlocked: `recover` may now finish it
+            raise RecoveryNeededError(
+                f"the change set was committed but applying it failed ({err.strerror}); "
+                f"run `atomictools recover` to finish it (journal {runner.txid})"
+            ) from err
+        if progress is not None:
+            with anyio.CancelScope(shield=True):
+                await progress(2 * len(runner.planned), 2 * len(runner.planned))
+        return runner.outcomes(applied=True)
+    finally:
+        runner.close_locations()
