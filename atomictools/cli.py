@@ -8,6 +8,7 @@ standard error only: under stdio, standard output belongs to the MCP transport.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -18,8 +19,9 @@ import anyio
 
 from . import __version__
 from .catalog import DatabaseCatalog
-from .config import Durability
+from .config import STATE_DIR_ENV, Durability
 from .errors import AtomicToolsError
+from .recovery import RecoveryReport, recover
 from .workspace import Workspace, atomic_writer
 
 _STDIN_CHUNK = 1024 * 1024
@@ -96,6 +98,28 @@ def _build_parser() -> argparse.ArgumentParser:
         help="allow binding HTTP to a non-loopback address without --auth-token-env",
     )
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="WARNING")
+    serve.add_argument(
+        "--state-dir",
+        type=Path,
+        help=f"where journals live (default: ${STATE_DIR_ENV} or the user state directory)",
+    )
+
+    recover = commands.add_parser(
+        "recover",
+        help="finish or undo interrupted changes and remove orphaned temp files",
+        description=(
+            "What a server does at start, on demand: roll interrupted change sets forward "
+            "(or back with --rollback) from the journal, then remove temp files that no live "
+            "process holds. Exit 0: clean; 1: something was fixed; 2: something needs a person."
+        ),
+    )
+    recover.add_argument("roots", nargs="+", metavar="ROOT", type=Path)
+    recover.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    recover.add_argument("--json", action="store_true", help="print the report as JSON")
+    recover.add_argument(
+        "--rollback", action="store_true", help="undo committed change sets instead of finishing"
+    )
+    recover.add_argument("--state-dir", type=Path, help="where journals live")
 
     schemas = commands.add_parser(
         "schemas",
@@ -142,7 +166,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     _configure_logging(args.log_level)
     try:
-        workspace = Workspace(args.root, durability=args.durability, read_only=args.read_only)
+        workspace = Workspace(
+            args.root,
+            durability=args.durability,
+            read_only=args.read_only,
+            state_dir=args.state_dir,
+        )
         databases = dict(DatabaseCatalog.parse_option(value) for value in args.db)
     except ValueError as err:
         print(f"atomictools: {err}", file=sys.stderr)
@@ -169,6 +198,54 @@ def _serve(args: argparse.Namespace) -> int:
     app = http_app(server, host=args.host, allowed_hosts=args.allowed_host, auth_token=token)
     anyio.run(lambda: serve_http(app, host=args.host, port=args.port, log_level=args.log_level))
     return 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    try:
+        workspace = Workspace(args.roots, state_dir=args.state_dir)
+    except ValueError as err:
+        print(f"atomictools: {err}", file=sys.stderr)
+        return 2
+    on_tty = sys.stderr.isatty() and not args.json
+
+    def show_progress(scanned: int) -> None:
+        if on_tty and scanned // 5000 != (scanned - 1) // 5000:
+            print(f"\rscanning: {scanned:,} entries", end="", file=sys.stderr, flush=True)
+
+    report = recover(
+        workspace.sandbox,
+        workspace.journal_dir,
+        rollback=args.rollback,
+        dry_run=args.dry_run,
+        on_progress=show_progress,
+    )
+    if on_tty:
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps({**report.as_dict(), "dryRun": args.dry_run}, indent=2))
+    else:
+        print(_recovery_table(report, args.dry_run))
+    return report.exit_code
+
+
+def _recovery_table(report: RecoveryReport, dry_run: bool) -> str:
+    would = "would be " if dry_run else ""
+    rows = [
+        (f"change sets {would}rolled forward", report.rolled_forward),
+        (f"change sets {would}rolled back", report.rolled_back),
+        (f"temp files {would}removed", report.removed),
+        ("change sets still in flight (left alone)", report.live),
+        ("change sets touching other roots (left alone)", report.other_roots),
+        ("needs a person", report.problems),
+    ]
+    lines = [f"{'what':<48} {'count':>6}", "-" * 55]
+    lines += [f"{label:<48} {len(items):>6}" for label, items in rows]
+    lines.append(f"{'entries scanned':<48} {report.scanned:>6}")
+    for label, items in rows:
+        lines += [f"  {label}: {item}" for item in items]
+    verdict = {0: "clean", 1: "fixed", 2: "needs attention"}[report.exit_code]
+    lines.append(f"result: {verdict}")
+    return "\n".join(lines)
 
 
 def _schemas(args: argparse.Namespace) -> int:
@@ -216,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "schemas":
             return _schemas(args)
+        if args.command == "recover":
+            return _recover(args)
         anyio.run(_write_from_stdin, args)
     except AtomicToolsError as err:
         print(f"atomictools: {err}", file=sys.stderr)

@@ -8,7 +8,18 @@ from pathlib import Path
 import pytest
 
 from atomictools import Workspace
+from atomictools.config import STATE_DIR_ENV
 from atomictools.tempfiles import is_temp_name
+
+
+@pytest.fixture(autouse=True)
+def private_state_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Journals of one test never meet another's: each test gets its own state directory."""
+    state = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv(STATE_DIR_ENV, str(state))
+    return state
 
 
 @pytest.fixture(params=["asyncio", "trio"])

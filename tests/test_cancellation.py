@@ -436,11 +436,11 @@ async def test_mkdir_nested_cancel_delivered_mid_call(
 
     with cancel_from_anywhere() as cancel:
 
-        def maker(durability: Any) -> Callable[[int, str], None]:
+        def maker(durability: Any) -> Callable[[int, str, Path], None]:
             make = real_maker(durability)
 
-            def instrumented(dir_fd: int, name: str) -> None:
-                make(dir_fd, name)
+            def instrumented(dir_fd: int, name: str, parent: Path) -> None:
+                make(dir_fd, name, parent)
                 made.append(name)
                 if len(made) == cancel_after[0]:
                     cancel(current[0])

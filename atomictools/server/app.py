@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.types import EmptyResult, NotificationParams, SetLevelRequestParams
 
 from .. import __version__
 from ..catalog import DatabaseCatalog
+from ..recovery import recover_journals, sweep_temps
 from ..workspace import Workspace
 from .db_tools import register_db_tools
-from .file_tools import register_file_tools
+from .file_tools import register_change_set_tool, register_file_tools
 from .runtime import ServerOptions, ToolRuntime
 
 INSTRUCTIONS = """\
@@ -53,8 +58,18 @@ def create_server(
         workspace, databases, durability=workspace.durability, read_only=workspace.read_only
     )
 
+    options = options or ServerOptions()
+
     @asynccontextmanager
     async def lifespan(_server: MCPServer[Any]) -> AsyncIterator[None]:
+        if options.recover_on_start:
+            # Before the first call is served: no tool may see a half-applied change set.
+            report = await anyio.to_thread.run_sync(
+                recover_journals, workspace.sandbox, workspace.journal_dir
+            )
+            if report.fixed_something or report.problems:
+                logger.warning("startup recovery: %s", report.as_dict())
+            start_background_sweep(workspace, options.sweep_delay)
         try:
             yield
         finally:
@@ -68,11 +83,34 @@ def create_server(
         version=__version__,
         lifespan=lifespan,
     )
-    runtime = ToolRuntime(workspace, options or ServerOptions())
+    runtime = ToolRuntime(workspace, options)
     register_file_tools(server, runtime)
+    register_change_set_tool(server, runtime)
     register_db_tools(server, runtime, catalog)
     _answer_protocol_extras(server, runtime)
     return server
+
+
+def start_background_sweep(workspace: Workspace, delay: float) -> threading.Thread:
+    """Sweep orphaned temp files in a daemon thread, after ``delay`` seconds.
+
+    A large tree takes a while to walk; doing it after the server is already serving keeps
+    the start fast. The sweep only removes temps no live writer holds (see ``recovery``).
+    """
+
+    def run() -> None:
+        time.sleep(delay)
+        try:
+            report = sweep_temps(workspace.sandbox)
+        except Exception:
+            logger.warning("the temp-file sweep failed", exc_info=True)
+            return
+        if report.removed:
+            logger.warning("removed %d orphaned temp file(s)", len(report.removed))
+
+    thread = threading.Thread(target=run, name="atomictools-sweep", daemon=True)
+    thread.start()
+    return thread
 
 
 def _answer_protocol_extras(server: MCPServer[Any], runtime: ToolRuntime) -> None:

@@ -28,13 +28,20 @@ from pydantic import Field
 
 from ..edits import Edit
 from ..errors import AtomicToolsError, InvalidArgumentError, TooLargeError
+from ..journal import MAX_CHANGES, Change
 from ..results import BytesRead, SearchResult, TreeNode
 from ..workspace import Workspace
 from .models import (
     AllowedDirectoriesOutput,
+    AnyChange,
+    ApplyChangesOutput,
+    ChangeOutput,
+    CopyChange,
     CopyOutput,
+    DeleteChange,
     DeleteOutput,
     DirectoryOutput,
+    EditChange,
     EditOperation,
     EditOutput,
     Entry,
@@ -42,6 +49,7 @@ from .models import (
     FileReadResult,
     ListOutput,
     ListWithSizesOutput,
+    MoveChange,
     MoveOutput,
     ReadMediaOutput,
     ReadMultipleOutput,
@@ -49,6 +57,7 @@ from .models import (
     SearchOutput,
     TreeOutput,
     WireModel,
+    WriteChange,
     WriteOutput,
 )
 from .runtime import ToolRuntime
@@ -524,3 +533,74 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
 def _display(workspace: Workspace, path: str) -> str:
     with workspace.sandbox.resolve(path) as location:
         return location.display
+
+
+def _to_change(change: AnyChange) -> Change:
+    if isinstance(change, WriteChange):
+        return Change(
+            "write",
+            change.path,
+            content=change.content.encode(),
+            expected_sha256=change.expected_sha256,
+        )
+    if isinstance(change, EditChange):
+        edits = tuple(Edit(e.old_text, e.new_text) for e in change.edits)
+        return Change("edit", change.path, edits=edits, expected_sha256=change.expected_sha256)
+    if isinstance(change, MoveChange | CopyChange):
+        return Change(
+            change.op, change.destination, source=change.source, overwrite=change.overwrite
+        )
+    if isinstance(change, DeleteChange):
+        return Change("delete", change.path, expected_sha256=change.expected_sha256)
+    return Change("mkdir", change.path)
+
+
+def register_change_set_tool(server: MCPServer[Any], runtime: ToolRuntime) -> None:
+    @server.tool(
+        name="apply_changes",
+        description=(
+            "Apply several file changes as one: all of them or none, even if the call is "
+            "cancelled or the server crashes (a journal finishes or undoes it at the next start). "
+            'Each change is {op:"write", path, content, expectedSha256?}, {op:"edit", path, '
+            'edits:[{oldText,newText}], expectedSha256?}, {op:"move"|"copy", source, '
+            'destination, overwrite?}, {op:"delete", path, expectedSha256?} or {op:"mkdir", '
+            "path}; a path may appear in one change only. `dryRun` runs every check and returns "
+            "the diffs, writing nothing. Reports progress per change."
+        ),
+        annotations=mutating(destructive=True, idempotent=False),
+    )
+    async def apply_changes(
+        ctx: Context[Any, Any],
+        changes: Annotated[list[AnyChange], Field(min_length=1, max_length=MAX_CHANGES)],
+        dryRun: Annotated[bool, Field(description="Check and preview; write nothing.")] = False,
+    ) -> Annotated[CallToolResult, ApplyChangesOutput]:
+        async def progress(done: int, total: int | None) -> None:
+            await runtime.progress(ctx, done, total)
+
+        batch = [_to_change(change) for change in changes]
+        result = await runtime.call(
+            ctx, lambda ws: ws.apply_changes(batch, dry_run=dryRun, progress=progress)
+        )
+        out = ApplyChangesOutput(
+            applied=result.applied,
+            txid=result.txid,
+            changes=[
+                ChangeOutput(
+                    op=c.op,
+                    path=c.path,
+                    source=c.source,
+                    sha256=c.sha256,
+                    diff=c.diff,
+                    created=c.created,
+                )
+                for c in result.changes
+            ],
+        )
+        verb = "Would apply" if dryRun else "Applied"
+        lines = [f"{verb} {len(out.changes)} change(s) atomically:"]
+        for c in out.changes:
+            arrow = f"{c.source} -> {c.path}" if c.source else c.path
+            lines.append(f"- {c.op} {arrow}")
+            if c.diff:
+                lines.append(f"```diff\n{c.diff}```")
+        return tool_result(out, "\n".join(lines))

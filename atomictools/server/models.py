@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -202,3 +202,63 @@ class DbTransactionOutput(WireModel):
     )
     results_truncated: bool
     committed: bool
+
+
+class WriteChange(WireModel):
+    op: Literal["write"]
+    path: str
+    content: str
+    expected_sha256: str | None = None
+
+
+class EditChange(WireModel):
+    op: Literal["edit"]
+    path: str
+    edits: list[EditOperation] = Field(min_length=1)
+    expected_sha256: str | None = None
+
+
+class MoveChange(WireModel):
+    op: Literal["move"]
+    source: str
+    destination: str
+    overwrite: bool = False
+
+
+class CopyChange(WireModel):
+    op: Literal["copy"]
+    source: str
+    destination: str
+    overwrite: bool = False
+
+
+class DeleteChange(WireModel):
+    op: Literal["delete"]
+    path: str
+    expected_sha256: str | None = None
+
+
+class MkdirChange(WireModel):
+    op: Literal["mkdir"]
+    path: str
+
+
+AnyChange = Annotated[
+    WriteChange | EditChange | MoveChange | CopyChange | DeleteChange | MkdirChange,
+    Field(discriminator="op"),
+]
+
+
+class ChangeOutput(WireModel):
+    op: str
+    path: str
+    source: str | None = None
+    sha256: str | None = None
+    diff: str | None = None
+    created: bool
+
+
+class ApplyChangesOutput(WireModel):
+    applied: bool = Field(description="False for a dry run: checked, nothing written.")
+    changes: list[ChangeOutput]
+    txid: str | None = None

@@ -36,6 +36,10 @@ class ServerOptions:
 
     tool_timeout: float | None = None
     max_read_multiple: int = 100
+    recover_on_start: bool = True
+    """Finish or undo interrupted change sets before serving, then sweep orphaned temps."""
+    sweep_delay: float = 2.0
+    """Seconds after start before the temp sweep begins (so it never delays the first call)."""
 
 
 class ClientRoots:

@@ -212,6 +212,7 @@ def minimal_arguments(schema: dict[str, Any], root: Path) -> dict[str, Any]:
         "database": str(root / "other" / "data.db"),
         "sql": "SELECT 1",
         "statements": [{"sql": "SELECT 1"}],
+        "changes": [{"op": "write", "path": str(root / "other" / "f.txt"), "content": "x"}],
     }
     required = schema.get("required", [])
     missing = set(required) - set(values)

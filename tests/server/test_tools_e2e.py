@@ -84,6 +84,7 @@ TOOLS = {
     "move_file",
     "copy_file",
     "delete_file",
+    "apply_changes",
     "db_list",
     "db_schema",
     "db_query",
@@ -111,6 +112,7 @@ DESTRUCTIVE_TOOLS = {
     "move_file",
     "copy_file",
     "delete_file",
+    "apply_changes",
     "db_execute",
     "db_transaction",
 }
