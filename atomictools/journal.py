@@ -95,10 +95,12 @@ class ChangeSetResult:
 
 
 class RecoveryNeededError(AtomicToolsError):
+    """A committed change set could not be finished here; ``recover`` will finish it."""
+
     code = "recovery_needed"
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, changed=True)
+    def __init__(self, message: str, *, changed: bool = True) -> None:
+        super().__init__(message, changed=changed)
 
 
 # -- the journal record --------------------------------------------------------------------

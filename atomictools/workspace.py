@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Hashable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
@@ -25,7 +25,13 @@ from .errors import (
     WrongTypeError,
     from_os_error,
 )
-from .journal import Change, ChangeSetResult, ChangeSetRunner, apply_change_set
+from .journal import (
+    Change,
+    ChangeSetResult,
+    ChangeSetRunner,
+    RecoveryNeededError,
+    apply_change_set,
+)
 from .locks import KeyedLocks
 from .results import (
     BytesRead,
@@ -75,6 +81,7 @@ class Workspace:
         self.read_only = read_only
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self._locks = KeyedLocks()
+        self._unrecovered: dict[Hashable, str] = {}
 
     def __repr__(self) -> str:
         return f"Workspace({[str(p) for p in self.roots]!r}, durability={self.durability.value!r})"
@@ -105,6 +112,7 @@ class Workspace:
             state_dir=self.state_dir,
         )
         view._locks = self._locks
+        view._unrecovered = self._unrecovered
         return view
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -123,7 +131,20 @@ class Workspace:
 
     def _changing(self, *locations: Location) -> AbstractAsyncContextManager[None]:
         """Serialise changes to these entries with every other change in this workspace."""
-        return self._locks.hold(*(self._lock_key(loc) for loc in locations))
+        keys = [self._lock_key(loc) for loc in locations]
+        self._refuse_unrecovered(keys, locations)
+        return self._locks.hold(*keys)
+
+    def _refuse_unrecovered(self, keys: Sequence[Hashable], locations: Sequence[Location]) -> None:
+        """A path whose change set could not be finished stays off-limits until recovery."""
+        for key, location in zip(keys, locations, strict=True):
+            txid = self._unrecovered.get(key)
+            if txid is not None:
+                raise RecoveryNeededError(
+                    f"{location.display} is part of change set {txid}, which was committed but "
+                    "not finished; run `atomictools recover` (or restart the server) first",
+                    changed=False,
+                )
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -315,15 +336,21 @@ class Workspace:
             self.sandbox, self.journal_dir, durability=self.durability, limits=self.limits
         )
         planned = runner.plan(changes)
-        keys = [self._lock_key(p.target) for p in planned]
-        keys += [self._lock_key(p.source) for p in planned if p.source is not None]
+        locations = [p.target for p in planned]
+        locations += [p.source for p in planned if p.source is not None]
         try:
+            keys = [self._lock_key(location) for location in locations]
+            self._refuse_unrecovered(keys, locations)
             lock = self._locks.hold(*keys)
         except BaseException:
             runner.close_locations()
             raise
         async with lock:
-            return await apply_change_set(runner, dry_run=dry_run, progress=progress)
+            try:
+                return await apply_change_set(runner, dry_run=dry_run, progress=progress)
+            except RecoveryNeededError:
+                self._unrecovered.update(dict.fromkeys(keys, runner.txid))
+                raise
 
     @asynccontextmanager
     async def changeset(self) -> AsyncIterator[ChangeSet]:
