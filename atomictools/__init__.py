@@ -32,6 +32,8 @@ from .errors import (
     TooLargeError,
     WrongTypeError,
 )
+from .journal import Change, ChangeOutcome, ChangeSetResult, RecoveryNeededError
+from .recovery import RecoveryReport, recover
 from .results import (
     BytesRead,
     CopyResult,
@@ -47,7 +49,7 @@ from .results import (
     TreeNode,
     WriteResult,
 )
-from .workspace import Workspace, atomic_write, atomic_writer
+from .workspace import ChangeSet, Workspace, atomic_write, atomic_writer
 from .writer import AtomicWriter
 
 __version__ = "0.1.0"
@@ -57,6 +59,10 @@ __all__ = [
     "AtomicToolsError",
     "AtomicWriter",
     "BytesRead",
+    "Change",
+    "ChangeOutcome",
+    "ChangeSet",
+    "ChangeSetResult",
     "ConcurrentChangeError",
     "CopyResult",
     "DeleteResult",
@@ -82,6 +88,8 @@ __all__ = [
     "PermissionDeniedError",
     "PreconditionFailedError",
     "ReadOnlyError",
+    "RecoveryNeededError",
+    "RecoveryReport",
     "SearchResult",
     "TextEncodingError",
     "TextRead",
@@ -93,4 +101,5 @@ __all__ = [
     "__version__",
     "atomic_write",
     "atomic_writer",
+    "recover",
 ]
