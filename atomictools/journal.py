@@ -202,6 +202,8 @@ class _Planned:
     sha256: str | None = None
     diff: str | None = None
     existed: bool = False
+    virtual: str | None = None
+    """Dry run only: the path lies in a directory the set would create (not checked)."""
 
     def record(self) -> dict[str, Any]:
         kind = {"write": "replace", "edit": "replace", "copy": "replace"}.get(
@@ -256,34 +258,58 @@ class ChangeSetRunner:
             raise TooLargeError(f"{len(changes)} changes is more than {MAX_CHANGES}; split them")
         self.dry_run = dry_run
         seen: dict[tuple[str, str], int] = {}
+        virtual_dirs: list[str] = []  # dry run: directories mkdir changes would create
         try:
             for index, change in enumerate(changes, start=1):
                 follow = change.op not in ("move", "delete")
                 make = self._make_dir if change.op == "mkdir" and not dry_run else None
+                label = f"change {index} of {len(changes)} ({change.op}): "
+                if dry_run and self._virtual_in_dry_run(change, virtual_dirs):
+                    placeholder = _Planned(change, self.sandbox.resolve("."), virtual=change.path)
+                    self.planned.append(placeholder)
+                    if change.op == "mkdir":
+                        virtual_dirs.append(change.path)
+                    continue
                 try:
                     target = self.sandbox.resolve(change.path, follow_final=follow, make_dir=make)
+                    planned = _Planned(change, target)
+                    self.planned.append(planned)
+                    if change.op == "mkdir":
+                        self._plan_mkdir(planned)
+                        if dry_run and target.lstat() is None:
+                            virtual_dirs.append(change.path)
+                    if change.source is not None:
+                        planned.source = self.sandbox.resolve(
+                            change.source, follow_final=change.op == "copy"
+                        )
                 except AtomicToolsError as err:
-                    raise err.prefixed(f"change {index} ({change.op}): ") from None
-                planned = _Planned(change, target)
-                if change.op == "mkdir":
-                    self._plan_mkdir(planned)
-                self.planned.append(planned)
-                if change.source is not None:
-                    planned.source = self.sandbox.resolve(
-                        change.source, follow_final=change.op == "copy"
-                    )
+                    raise err.prefixed(label) from None
                 for location in filter(None, (target, planned.source)):
                     key = (str(location.abspath.parent), location.name)
                     if key in seen and not (change.op == "copy" and location is planned.source):
                         raise InvalidArgumentError(
-                            f"change {index}: {location.display} is also changed by change "
+                            f"{label}{location.display} is also changed by change "
                             f"{seen[key]}; combine them into one change"
                         )
                     seen.setdefault(key, index)
         except BaseException:
+            self.undo_prepare()  # directories made for earlier mkdir changes, and the record
             self.close_locations()
             raise
         return self.planned
+
+    def _virtual_in_dry_run(self, change: Change, virtual_dirs: list[str]) -> bool:
+        """Dry run: does the change need a directory that only a planned mkdir would make?"""
+        parts = Path(change.path).parts
+        if any(parts[: len(Path(d).parts)] == Path(d).parts for d in virtual_dirs):
+            return True
+        if change.op != "mkdir":
+            return False
+        try:  # ``mkdir -p`` of a path whose parents are missing too
+            with self.sandbox.resolve(str(Path(change.path).parent)) as parent:
+                return parent.lstat() is None
+        except NotFoundError:
+            return True
 
     def _make_dir(self, dir_fd: int, name: str, parent: Path) -> None:
         """Record the intent durably, then create the directory (then make it durable)."""
@@ -313,6 +339,8 @@ class ChangeSetRunner:
     async def prepare(self, progress: Progress | None, dry_run: bool) -> None:
         total = len(self.planned)
         for index, planned in enumerate(self.planned, start=1):
+            if planned.virtual is not None:
+                continue  # dry run, inside a directory not made yet: nothing to check
             try:
                 await self._prepare_one(planned, dry_run)
             except AtomicToolsError as err:
@@ -530,7 +558,7 @@ class ChangeSetRunner:
             tuple(
                 ChangeOutcome(
                     op=p.change.op,
-                    path=p.target.display,
+                    path=p.virtual or p.target.display,
                     source=p.source.display if p.source is not None else None,
                     sha256=p.sha256,
                     diff=p.diff,

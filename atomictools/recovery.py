@@ -50,6 +50,8 @@ class RecoveryReport:
     problems: list[str] = field(default_factory=list)
     """What needs a person, and why."""
     scanned: int = 0
+    protected: set[str] = field(default_factory=set)
+    """Temp files named by journals that were left alone: the sweep must not take them."""
 
     @property
     def fixed_something(self) -> bool:
@@ -192,18 +194,49 @@ def _roll_back(op: dict[str, Any], dirs: _Dirs) -> str | None:
     return None
 
 
-def _remove_created_dirs(created: list[list[str]], dirs: _Dirs) -> list[str]:
+def _remove_created_dirs(
+    created: list[list[str]], dirs: _Dirs, report: RecoveryReport
+) -> list[str]:
+    """Remove the directories a change set made, with the orphaned temps of ours inside."""
     problems = []
     for parent, name in reversed(created):
         try:
-            os.rmdir(name, dir_fd=dirs.fd(parent))
-        except FileNotFoundError:
-            pass
-        except AtomicToolsError:
-            pass  # its parent is gone: nothing left to remove
+            parent_fd = dirs.fd(parent)
+            inner = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        except (FileNotFoundError, AtomicToolsError):
+            continue  # already gone, or its parent is
+        except OSError as err:
+            problems.append(f"{parent}/{name}: cannot open it ({err.strerror}); left in place")
+            continue
+        try:
+            for entry in os.listdir(inner):
+                if is_temp_name(entry):
+                    _sweep_one(inner, entry, report, False, display=f"{parent}/{name}/{entry}")
+        finally:
+            os.close(inner)
+        try:
+            os.rmdir(name, dir_fd=parent_fd)
         except OSError:
             problems.append(f"{parent}/{name}: not empty any more; left in place")
     return problems
+
+
+def _named_temps(ops: list[dict[str, Any]]) -> set[str]:
+    """The staged files and backups a record names, as absolute paths."""
+    return {
+        os.path.join(op["dir"], op[key])
+        for op in ops
+        for key in ("staged", "backup")
+        if op.get(key)
+    }
+
+
+def _discard_uncommitted(ops: list[dict[str, Any]], dirs: _Dirs) -> None:
+    """A change set that never committed changed no target: drop what it staged."""
+    for op in ops:
+        d = dirs.fd(op["dir"])
+        _unlink(d, op.get("staged"))
+        _unlink(d, op.get("backup"))
 
 
 def recover_journals(
@@ -233,19 +266,22 @@ def _recover_record(
     except FileNotFoundError:
         return
     try:
+        body = decode_record(_read(fd))
+        txid = path.name.removesuffix(RECORD_SUFFIX)
+        ops: list[dict[str, Any]] = body.get("ops", []) if body else []
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            report.live.append(path.name)
+            report.live.append(txid)
+            report.protected |= _named_temps(ops)
             return
-        body = decode_record(_read(fd))
-        txid = path.name.removesuffix(RECORD_SUFFIX)
         if body is None:  # torn: it never became the committed record
             if not dry_run:
                 path.unlink()
             report.rolled_back.append(txid)
             return
-        ops: list[dict[str, Any]] = body.get("ops", [])
+        created: list[list[str]] = body.get("created_dirs") or []
+        committed = body.get("state") == "committed"
         dirs = _Dirs(sandbox)
         try:
             try:
@@ -253,20 +289,26 @@ def _recover_record(
                     dirs.fd(op["dir"])
                     if "source_dir" in op:
                         dirs.fd(op["source_dir"])
+                for parent, _name in created:
+                    dirs.fd(parent)
             except AtomicToolsError:
                 report.other_roots.append(txid)
+                report.protected |= _named_temps(ops)
                 return
-            forward = body.get("state") == "committed" and not rollback
+            forward = committed and not rollback
             if dry_run:
+                report.protected |= _named_temps(ops)  # the real run uses or removes them
                 (report.rolled_forward if forward else report.rolled_back).append(txid)
                 return
-            steps = ops if forward else list(reversed(ops))
-            undo: Callable[[dict[str, Any], _Dirs], str | None] = (
-                _roll_forward if forward else _roll_back
-            )
-            problems = [p for op in steps if (p := undo(op, dirs)) is not None]
+            problems: list[str] = []
+            if forward:
+                problems = [p for op in ops if (p := _roll_forward(op, dirs)) is not None]
+            elif committed:
+                problems = [p for op in reversed(ops) if (p := _roll_back(op, dirs)) is not None]
+            else:
+                _discard_uncommitted(ops, dirs)
             if not forward:
-                problems += _remove_created_dirs(body.get("created_dirs") or [], dirs)
+                problems += _remove_created_dirs(created, dirs, report)
             if body.get("durability") != "fast":
                 dirs.sync_all()
         finally:
@@ -360,6 +402,8 @@ def sweep_temps(
                 for name in names:
                     if is_temp_name(name):
                         shown = os.path.normpath(os.path.join(rel, name))
+                        if str(root.path / shown) in report.protected:
+                            continue  # a change set left alone still needs it
                         _sweep_one(dir_fd, name, report, dry_run, display=shown)
                 if on_progress is not None:
                     on_progress(report.scanned)

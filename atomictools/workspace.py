@@ -335,7 +335,7 @@ class Workspace:
         runner = ChangeSetRunner(
             self.sandbox, self.journal_dir, durability=self.durability, limits=self.limits
         )
-        planned = runner.plan(changes)
+        planned = runner.plan(changes, dry_run=dry_run)
         locations = [p.target for p in planned]
         locations += [p.source for p in planned if p.source is not None]
         try:
