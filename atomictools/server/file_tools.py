@@ -35,7 +35,6 @@ from .models import (
     AllowedDirectoriesOutput,
     AnyChange,
     ApplyChangesOutput,
-    ChangeOutput,
     CopyChange,
     CopyOutput,
     DeleteChange,
@@ -127,17 +126,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         tail: Annotated[int | None, Field(ge=0, description="Only the last N lines.")] = None,
     ) -> Annotated[CallToolResult, ReadTextOutput]:
         read = await runtime.call(ctx, lambda ws: ws.read_text(path, head=head, tail=tail))
-        out = ReadTextOutput(
-            path=read.path,
-            content=read.content,
-            size=read.size,
-            sha256=read.sha256,
-            encoding=read.encoding,
-            newline=read.newline,
-            bom=read.bom,
-            partial=read.partial,
-        )
-        return tool_result(out, read.content)
+        return tool_result(ReadTextOutput.model_validate(read), read.content)
 
     read_text_doc = (
         "Read a text file (or only its first `head` / last `tail` lines). Detects the encoding "
@@ -174,9 +163,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
                 return read, location.abspath.as_uri()
 
         read, uri = await runtime.call(ctx, load)
-        out = ReadMediaOutput(
-            path=read.path, mime_type=read.mime_type, size=read.size, sha256=read.sha256
-        )
+        out = ReadMediaOutput.model_validate(read)
         block = _media_block(read.mime_type, read.data, uri)
         text = f"{read.path}: {read.mime_type}, {read.size} bytes, sha256 {read.sha256}"
         return tool_result(out, text, [block])
@@ -208,11 +195,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
                             "bytes; read it in another call"
                         )
                     budget -= read.size
-                    results.append(
-                        FileReadResult(
-                            path=read.path, content=read.content, size=read.size, sha256=read.sha256
-                        )
-                    )
+                    results.append(FileReadResult.model_validate(read))
                 except AtomicToolsError as err:
                     results.append(FileReadResult(path=path, error=str(err)))
                 await runtime.progress(ctx, done, len(paths))
@@ -256,9 +239,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
                 progress=progress,
             ),
         )
-        out = WriteOutput(
-            path=written.path, size=written.size, sha256=written.sha256, created=written.created
-        )
+        out = WriteOutput.model_validate(written)
         verb = "Created" if written.created else "Wrote"
         return tool_result(
             out, f"{verb} {written.path} ({written.size} bytes, sha256 {written.sha256})"
@@ -287,13 +268,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
             ctx,
             lambda ws: ws.edit(path, changes, dry_run=dryRun, expected_sha256=expectedSha256),
         )
-        out = EditOutput(
-            path=edited.path,
-            diff=edited.diff,
-            applied=edited.applied,
-            sha256=edited.sha256,
-            previous_sha256=edited.previous_sha256,
-        )
+        out = EditOutput.model_validate(edited)
         header = "Dry run, nothing written" if dryRun else f"Edited {edited.path}"
         return tool_result(out, f"{header}; sha256 {edited.sha256}\n```diff\n{edited.diff}```")
 
@@ -306,7 +281,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         ctx: Context[Any, Any], path: PathParam
     ) -> Annotated[CallToolResult, DirectoryOutput]:
         made = await runtime.call(ctx, lambda ws: ws.mkdir(path))
-        out = DirectoryOutput(path=made.path, created=made.created)
+        out = DirectoryOutput.model_validate(made)
         return tool_result(out, f"{'Created' if made.created else 'Already exists'}: {made.path}")
 
     def _entries(listing: Any) -> list[Entry]:
@@ -431,17 +406,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         ctx: Context[Any, Any], path: PathParam
     ) -> Annotated[CallToolResult, FileInfoOutput]:
         info = await runtime.call(ctx, lambda ws: ws.info(path))
-        out = FileInfoOutput(
-            path=info.path,
-            type=info.type,
-            size=info.size,
-            permissions=info.permissions,
-            modified=info.modified,
-            accessed=info.accessed,
-            changed=info.changed,
-            created=info.created,
-            symlink_target=info.symlink_target,
-        )
+        out = FileInfoOutput.model_validate(info)
         fields = out.model_dump(by_alias=True, exclude_none=True)
         return tool_result(out, "\n".join(f"{key}: {value}" for key, value in fields.items()))
 
@@ -478,9 +443,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         moved = await runtime.call(
             ctx, lambda ws: ws.move(source, destination, overwrite=overwrite)
         )
-        out = MoveOutput(
-            source=moved.source, destination=moved.destination, replaced=moved.replaced
-        )
+        out = MoveOutput.model_validate(moved)
         return tool_result(out, f"Moved {moved.source} to {moved.destination}")
 
     @server.tool(
@@ -500,13 +463,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         copied = await runtime.call(
             ctx, lambda ws: ws.copy(source, destination, overwrite=overwrite)
         )
-        out = CopyOutput(
-            source=copied.source,
-            destination=copied.destination,
-            size=copied.size,
-            sha256=copied.sha256,
-            replaced=copied.replaced,
-        )
+        out = CopyOutput.model_validate(copied)
         return tool_result(
             out, f"Copied {copied.source} to {copied.destination} ({copied.size} bytes)"
         )
@@ -525,9 +482,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         deleted = await runtime.call(
             ctx, lambda ws: ws.delete(path, expected_sha256=expectedSha256)
         )
-        return tool_result(
-            DeleteOutput(path=deleted.path, type=deleted.type), f"Deleted {deleted.path}"
-        )
+        return tool_result(DeleteOutput.model_validate(deleted), f"Deleted {deleted.path}")
 
 
 def _display(workspace: Workspace, path: str) -> str:
@@ -581,21 +536,7 @@ def register_change_set_tool(server: MCPServer[Any], runtime: ToolRuntime) -> No
         result = await runtime.call(
             ctx, lambda ws: ws.apply_changes(batch, dry_run=dryRun, progress=progress)
         )
-        out = ApplyChangesOutput(
-            applied=result.applied,
-            txid=result.txid,
-            changes=[
-                ChangeOutput(
-                    op=c.op,
-                    path=c.path,
-                    source=c.source,
-                    sha256=c.sha256,
-                    diff=c.diff,
-                    created=c.created,
-                )
-                for c in result.changes
-            ],
-        )
+        out = ApplyChangesOutput.model_validate(result)
         verb = "Would apply" if dryRun else "Applied"
         lines = [f"{verb} {len(out.changes)} change(s) atomically:"]
         for c in out.changes:

@@ -11,9 +11,14 @@ EntryTypeName = Literal["file", "directory", "symlink", "other"]
 
 
 class WireModel(BaseModel):
-    """Base of every tool model: camelCase JSON names, snake_case in Python."""
+    """Base of every tool model: camelCase JSON names, snake_case in Python.
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    ``from_attributes`` lets an output be built straight from the engine's result record.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", from_attributes=True
+    )
 
 
 class EditOperation(WireModel):
