@@ -55,6 +55,7 @@ from .results import Progress
 from .sandbox import Location, Sandbox, open_entry, require_regular
 from .steps import crash_point, step
 from .tempfiles import create_locked_temp, temp_name_for
+from .writer import PendingFile
 
 RECORD_SUFFIX = ".journal.json"
 RECORD_VERSION = 1
@@ -178,8 +179,8 @@ class JournalFile:
 
 
 @dataclass(slots=True)
-class _Staged:
-    """A temp file next to a target: staged new content, or a backup of the old version."""
+class _Backup:
+    """A hard link to a target's old version under a temp name (fd -1 for a symlink)."""
 
     location: Location
     name: str
@@ -197,8 +198,8 @@ class _Planned:
     change: Change
     target: Location
     source: Location | None = None
-    staged: _Staged | None = None
-    backup: _Staged | None = None
+    staged: PendingFile | None = None
+    backup: _Backup | None = None
     sha256: str | None = None
     diff: str | None = None
     existed: bool = False
@@ -213,7 +214,7 @@ class _Planned:
             "op": kind,
             "dir": str(self.target.abspath.parent),
             "name": self.target.name,
-            "staged": self.staged.name if self.staged else None,
+            "staged": self.staged.temp_name if self.staged else None,
             "backup": self.backup.name if self.backup else None,
             "sha256": self.sha256,
         }
@@ -398,23 +399,15 @@ class ChangeSetRunner:
         planned.sha256 = hashlib.sha256(content).hexdigest()
         if dry_run:
             return
-        fd, name = create_locked_temp(target.dir_fd, target.name)
-        planned.staged = _Staged(target, name, fd)
-        template = st or (planned.source.lstat() if planned.source is not None else None)
-        if template is not None:
-            with contextlib.suppress(PermissionError):
-                if (template.st_uid, template.st_gid) != (os.getuid(), os.getgid()):
-                    os.fchown(fd, template.st_uid, template.st_gid)
-            os.fchmod(fd, stat.S_IMODE(template.st_mode))
-        try:
-            for start in range(0, len(content), self.limits.chunk_bytes):
-                piece = content[start : start + self.limits.chunk_bytes]
-                await anyio.to_thread.run_sync(fsutil.write_all, fd, piece)
-                await step("changeset.chunk")
-            if self.durability is Durability.FULL:
-                await anyio.to_thread.run_sync(fsutil.durable_sync, fd)
-        except OSError as err:
-            raise from_os_error(err, target.display, "stage") from err
+        # The single-file writer's pending file, published by this protocol's apply step.
+        staged = PendingFile(target, durability=self.durability, replace=True)
+        planned.staged = staged
+        staged.create(st or (planned.source.lstat() if planned.source is not None else None))
+        for start in range(0, len(content), self.limits.chunk_bytes):
+            piece = content[start : start + self.limits.chunk_bytes]
+            await anyio.to_thread.run_sync(staged.write, piece)
+            await step("changeset.chunk")
+        await anyio.to_thread.run_sync(staged.sync)
         if st is not None:
             planned.backup = self._backup(target)
 
@@ -453,7 +446,7 @@ class ChangeSetRunner:
         planned.diff = diff
         return new
 
-    def _backup(self, target: Location) -> _Staged:
+    def _backup(self, target: Location) -> _Backup:
         """A hard link to the current version, under a temp name, locked while in flight.
 
         A symlink cannot be opened to lock it; its backup is a link to the link (fd -1).
@@ -481,7 +474,7 @@ class ChangeSetRunner:
         if fd >= 0:
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return _Staged(target, name, fd)
+        return _Backup(target, name, fd)
 
     def _body(self, state: str) -> dict[str, Any]:
         return {
@@ -527,7 +520,8 @@ class ChangeSetRunner:
             if planned.backup is not None:
                 planned.backup.discard()
             if planned.staged is not None:
-                _close(planned.staged.fd)
+                planned.staged.committed = True  # renamed into place by apply()
+                planned.staged.discard()  # closes it, releasing the lock
         if self.journal is not None:
             self.journal.remove()
             self.journal = None
@@ -588,7 +582,10 @@ def _apply_op(planned: _Planned) -> None:
     if op in ("write", "edit", "copy"):
         assert planned.staged is not None
         os.replace(
-            planned.staged.name, target.name, src_dir_fd=target.dir_fd, dst_dir_fd=target.dir_fd
+            planned.staged.temp_name,
+            target.name,
+            src_dir_fd=target.dir_fd,
+            dst_dir_fd=target.dir_fd,
         )
     elif op == "delete":
         os.unlink(target.name, dir_fd=target.dir_fd)
