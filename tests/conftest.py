@@ -53,3 +53,32 @@ def no_temps_left(tmp_path: Path) -> Iterator[None]:
     """Fails the test if any of our temp files is left anywhere under tmp_path."""
     yield
     assert temp_files(tmp_path) == []
+
+
+class SummaryReport:
+    """Lines a long test wants shown: printed (visible with -s) and in pytest's summary."""
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.lines: list[str] = []
+
+    def add(self, line: str) -> None:
+        print(line)
+        self.lines.append(line)
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if self.lines:
+            terminalreporter.section(self.title)
+            for line in self.lines:
+                terminalreporter.write_line(line)
+
+
+def summary_report(config: pytest.Config, title: str) -> SummaryReport:
+    """The report section called ``title``, registered once per pytest run."""
+    name = f"atomictools-report-{title}"
+    plugin = config.pluginmanager.get_plugin(name)
+    if plugin is None:
+        plugin = SummaryReport(title)
+        config.pluginmanager.register(plugin, name)
+    assert isinstance(plugin, SummaryReport)
+    return plugin

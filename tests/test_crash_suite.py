@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SummaryReport, summary_report
 from tests.crash_suite_harness import (
     KINDS,
     BodyPool,
@@ -55,31 +56,9 @@ SEED = int(os.environ.get("ATOMICTOOLS_CRASH_SEED", str(random.SystemRandom().ge
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs POSIX processes")
 
 
-class _Report:
-    """Collects summary lines and shows them in pytest's terminal summary."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def add(self, line: str) -> None:
-        print(line)  # visible with -s
-        self.lines.append(line)
-
-    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
-        if self.lines:
-            terminalreporter.section("server crash suite (SIGKILL during file tools)")
-            for line in self.lines:
-                terminalreporter.write_line(line)
-
-
 @pytest.fixture(scope="module")
-def report(pytestconfig: pytest.Config) -> _Report:
-    plugin = pytestconfig.pluginmanager.get_plugin("atomictools-crash-suite-report")
-    if plugin is None:
-        plugin = _Report()
-        pytestconfig.pluginmanager.register(plugin, "atomictools-crash-suite-report")
-    assert isinstance(plugin, _Report)
-    return plugin
+def report(pytestconfig: pytest.Config) -> SummaryReport:
+    return summary_report(pytestconfig, "server crash suite (SIGKILL during file tools)")
 
 
 def _details(campaign: Campaign) -> str:
@@ -123,7 +102,7 @@ def test_checker_tells_complete_versions_from_torn_and_mixed(tmp_path: Path) -> 
 
 
 def test_server_killed_during_file_tools_leaves_one_version(
-    tmp_path: Path, report: _Report
+    tmp_path: Path, report: SummaryReport
 ) -> None:
     campaign = run_campaign(ROUNDS, tmp_path, lanes=LANES, seed=SEED)
     report.add(f"{campaign.summary()} seed={SEED}")
@@ -160,7 +139,9 @@ def test_server_killed_during_file_tools_leaves_one_version(
             assert inside > 0, campaign.phase_line()
 
 
-def test_naive_multi_file_writer_control_shows_mixed_sets(tmp_path: Path, report: _Report) -> None:
+def test_naive_multi_file_writer_control_shows_mixed_sets(
+    tmp_path: Path, report: SummaryReport
+) -> None:
     control = run_control(CONTROL_ROUNDS, tmp_path, seed=SEED)
     report.add(f"{control.summary()} seed={SEED}")
     assert control.rounds == CONTROL_ROUNDS

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from atomictools.tempfiles import is_temp_name
+from tests.conftest import SummaryReport, summary_report
 from tests.crash_child import HEADER, make_version, verify_version
 from tests.sigkill_harness import Campaign, run_campaign
 
@@ -32,31 +33,9 @@ SEED = int(os.environ.get("ATOMICTOOLS_SIGKILL_SEED", str(random.SystemRandom().
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs POSIX processes")
 
 
-class _Report:
-    """Collects summary lines and shows them in pytest's terminal summary."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def add(self, line: str) -> None:
-        print(line)  # visible with -s
-        self.lines.append(line)
-
-    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
-        if self.lines:
-            terminalreporter.section("SIGKILL crash harness")
-            for line in self.lines:
-                terminalreporter.write_line(line)
-
-
 @pytest.fixture(scope="module")
-def report(pytestconfig: pytest.Config) -> _Report:
-    plugin = pytestconfig.pluginmanager.get_plugin("atomictools-sigkill-report")
-    if plugin is None:
-        plugin = _Report()
-        pytestconfig.pluginmanager.register(plugin, "atomictools-sigkill-report")
-    assert isinstance(plugin, _Report)
-    return plugin
+def report(pytestconfig: pytest.Config) -> SummaryReport:
+    return summary_report(pytestconfig, "SIGKILL crash harness")
 
 
 def _details(campaign: Campaign) -> str:
@@ -76,7 +55,7 @@ def test_verifier_tells_complete_versions_from_torn_ones() -> None:
     assert not verify_version(old, 2).ok  # another target's content
 
 
-def test_atomic_writes_survive_sigkill(tmp_path: Path, report: _Report) -> None:
+def test_atomic_writes_survive_sigkill(tmp_path: Path, report: SummaryReport) -> None:
     campaign = run_campaign("atomic", ROUNDS, tmp_path, seed=SEED)
     report.add(
         f"sigkill atomic: rounds={campaign.rounds} torn={campaign.torn_files} "
@@ -100,7 +79,7 @@ def test_atomic_writes_survive_sigkill(tmp_path: Path, report: _Report) -> None:
     assert not [p for p in (tmp_path / "targets").iterdir() if is_temp_name(p.name)]
 
 
-def test_naive_control_tears(tmp_path: Path, report: _Report) -> None:
+def test_naive_control_tears(tmp_path: Path, report: SummaryReport) -> None:
     campaign = run_campaign("naive", CONTROL_ROUNDS, tmp_path, seed=SEED)
     report.add(
         f"sigkill naive control: rounds={campaign.rounds} torn={campaign.torn_files} "
