@@ -37,6 +37,7 @@ from typing import Any, Literal
 import anyio
 
 from . import fsutil
+from .blocking import run_blocking
 from .config import Durability, Limits
 from .edits import Edit
 from .errors import (
@@ -394,7 +395,8 @@ class ChangeSetRunner:
                 raise AlreadyExistsError(
                     f"cannot copy to {target.display}: it exists; set overwrite to replace it"
                 )
-        await self._check_sha(planned, st)
+        if op != "edit":  # an edit checks the hash of the very bytes it edits
+            await self._check_sha(planned, st)
         content = await self._new_content(planned, st)
         planned.sha256 = hashlib.sha256(content).hexdigest()
         if dry_run:
@@ -442,7 +444,14 @@ class ChangeSetRunner:
         if st is None:
             raise NotFoundError(f"cannot edit {planned.target.display}: it does not exist")
         data = await read_whole(planned.target, self.limits)
-        _, new, diff, _ = plan_edit(data, change.edits, planned.target.display, None)
+        _, new, diff, _ = await run_blocking(
+            self.limits.inline(len(data)),
+            plan_edit,
+            data,
+            change.edits,
+            planned.target.display,
+            change.expected_sha256,
+        )
         planned.diff = diff
         return new
 
