@@ -20,11 +20,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import anyio
 import pytest
+from mcp import Client
 
 from atomictools import Workspace
 from atomictools.journal import RECORD_SUFFIX, decode_record, encode_record
 from atomictools.recovery import RecoveryReport, recover, sweep_temps
+from atomictools.server import ServerOptions, create_server
 from atomictools.steps import CRASH_ENV, CRASH_EXIT_CODE
 from tests.changeset_child import Tree, install, scenario, snapshot
 from tests.conftest import temp_files
@@ -698,3 +701,31 @@ def test_cli_unknown_root_is_a_clear_error(tmp_path: Path, private_state_dir: Pa
     done = run_cli(tmp_path / "no-such-root", "--state-dir", private_state_dir)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
+
+
+def test_server_start_sweep_spares_a_foreign_change_set(
+    tmp_path: Path, private_state_dir: Path
+) -> None:
+    """The server's own start (recovery, then the background sweep) leaves it alone too."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    case = scenario("two-roots", [here, there])
+    install(here, case.old[0])
+    install(there, case.old[1])
+    crash_child("two-roots", [here, there], private_state_dir, "changeset.committed")
+    [record] = records(private_state_dir)
+    staged = temp_files(here)
+    assert staged
+    backdate(*staged)  # old enough for the sweep: only the journal protects them now
+    before_here = snapshot(here)
+
+    async def serve_once() -> None:
+        options = ServerOptions(sweep_delay=0.0)
+        async with Client(create_server(Workspace([here]), options), mode="legacy") as client:
+            await client.call_tool("list_allowed_directories", {})
+        await anyio.sleep(0.5)  # the sweep thread has walked the small root by now
+
+    anyio.run(serve_once)
+    assert snapshot(here) == before_here
+    assert record.exists()

@@ -18,7 +18,7 @@ from mcp.types import EmptyResult, NotificationParams, SetLevelRequestParams
 
 from .. import __version__
 from ..catalog import DatabaseCatalog
-from ..recovery import recover_journals, sweep_temps
+from ..recovery import RecoveryReport, recover_journals, sweep_temps
 from ..workspace import Workspace
 from .db_tools import register_db_tools
 from .file_tools import register_change_set_tool, register_file_tools
@@ -69,7 +69,8 @@ def create_server(
             )
             if report.fixed_something or report.problems:
                 logger.warning("startup recovery: %s", report.as_dict())
-            start_background_sweep(workspace, options.sweep_delay)
+            # Temps named by journals left alone (live, other roots) stay protected.
+            start_background_sweep(workspace, options.sweep_delay, report.protected)
         try:
             yield
         finally:
@@ -91,7 +92,9 @@ def create_server(
     return server
 
 
-def start_background_sweep(workspace: Workspace, delay: float) -> threading.Thread:
+def start_background_sweep(
+    workspace: Workspace, delay: float, protected: set[str] | None = None
+) -> threading.Thread:
     """Sweep orphaned temp files in a daemon thread, after ``delay`` seconds.
 
     A large tree takes a while to walk; doing it after the server is already serving keeps
@@ -101,7 +104,7 @@ def start_background_sweep(workspace: Workspace, delay: float) -> threading.Thre
     def run() -> None:
         time.sleep(delay)
         try:
-            report = sweep_temps(workspace.sandbox)
+            report = sweep_temps(workspace.sandbox, RecoveryReport(protected=set(protected or ())))
         except Exception:
             logger.warning("the temp-file sweep failed", exc_info=True)
             return
