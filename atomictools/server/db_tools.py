@@ -222,8 +222,7 @@ def register_db_tools(
         database: DatabaseParam,
         statements: Annotated[list[DbStatement], Field(min_length=1, max_length=MAX_STATEMENTS)],
     ) -> Annotated[CallToolResult, DbTransactionOutput]:
-        async def progress(done: int, total: int | None) -> None:
-            await runtime.progress(ctx, done, total)
+        progress = runtime.reporter(ctx)
 
         async def run(_ws: Workspace) -> list[StatementResult]:
             db = await catalog.get(database)

@@ -180,6 +180,8 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         ctx: Context[Any, Any],
         paths: Annotated[list[str], Field(min_length=1, description="The files to read.")],
     ) -> Annotated[CallToolResult, ReadMultipleOutput]:
+        report = runtime.reporter(ctx)
+
         async def read_all(ws: Workspace) -> list[FileReadResult]:
             limit = runtime.options.max_read_multiple
             if len(paths) > limit:
@@ -198,7 +200,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
                     results.append(FileReadResult.model_validate(read))
                 except AtomicToolsError as err:
                     results.append(FileReadResult(path=path, error=str(err)))
-                await runtime.progress(ctx, done, len(paths))
+                await report(done, len(paths))
             return results
 
         results = await runtime.call(ctx, read_all)
@@ -226,9 +228,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         expectedSha256: ExpectedSha = None,
         createOnly: Annotated[bool, Field(description="Refuse if the file exists.")] = False,
     ) -> Annotated[CallToolResult, WriteOutput]:
-        async def progress(done: int, total: int | None) -> None:
-            await runtime.progress(ctx, done, total)
-
+        progress = runtime.reporter(ctx)
         written = await runtime.call(
             ctx,
             lambda ws: ws.write(
@@ -353,8 +353,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
     async def directory_tree(
         ctx: Context[Any, Any], path: PathParam, excludePatterns: Excludes = None
     ) -> Annotated[CallToolResult, TreeOutput]:
-        async def progress(done: int, total: int | None) -> None:
-            await runtime.progress(ctx, done, total)
+        progress = runtime.reporter(ctx)
 
         async def walk(ws: Workspace) -> tuple[str, TreeNode]:
             node = await ws.tree(path, exclude=excludePatterns or (), progress=progress)
@@ -381,8 +380,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         pattern: Annotated[str, Field(description="Glob pattern, e.g. **/*.md")],
         excludePatterns: Excludes = None,
     ) -> Annotated[CallToolResult, SearchOutput]:
-        async def progress(done: int, total: int | None) -> None:
-            await runtime.progress(ctx, done, total)
+        progress = runtime.reporter(ctx)
 
         async def find(ws: Workspace) -> tuple[str, SearchResult]:
             found = await ws.search(path, pattern, exclude=excludePatterns or (), progress=progress)
@@ -529,9 +527,7 @@ def register_change_set_tool(server: MCPServer[Any], runtime: ToolRuntime) -> No
         changes: Annotated[list[AnyChange], Field(min_length=1, max_length=MAX_CHANGES)],
         dryRun: Annotated[bool, Field(description="Check and preview; write nothing.")] = False,
     ) -> Annotated[CallToolResult, ApplyChangesOutput]:
-        async def progress(done: int, total: int | None) -> None:
-            await runtime.progress(ctx, done, total)
-
+        progress = runtime.reporter(ctx)
         batch = [_to_change(change) for change in changes]
         result = await runtime.call(
             ctx, lambda ws: ws.apply_changes(batch, dry_run=dryRun, progress=progress)

@@ -24,6 +24,7 @@ from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 
 from ..config import Limits
 from ..errors import AtomicToolsError, OutsideRootsError, from_os_error
+from ..results import Progress
 from ..workspace import Workspace
 
 T = TypeVar("T")
@@ -155,6 +156,12 @@ class ToolRuntime:
                 "started, was atomic: check the file, then retry or report this"
             ) from err
 
-    async def progress(self, ctx: Context[Any, Any], done: int, total: int | None) -> None:
-        """Report progress when the client gave a progress token (a no-op otherwise)."""
-        await ctx.report_progress(done, total)
+    @staticmethod
+    def reporter(ctx: Context[Any, Any]) -> Progress:
+        """The engine's progress callback for this call: a notification to the client when it
+        sent a progress token (a no-op otherwise)."""
+
+        async def report(done: int, total: int | None) -> None:
+            await ctx.report_progress(done, total)
+
+        return report
