@@ -48,6 +48,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import aiosqlite
+from benchstats import percentile
 from mcp import Client
 
 from atomictools import Workspace
@@ -263,11 +264,6 @@ async def measure(variants: list[Variant], args: argparse.Namespace, admin: Admi
                 variant, min(BLOCK_SECONDS, max(0.0, args.seconds - variant.measured)), True
             )
             upkeep(variant, admin)
-
-
-def percentile(sorted_samples: list[float], q: float) -> float:
-    index = min(len(sorted_samples) - 1, max(0, round(q * (len(sorted_samples) - 1))))
-    return sorted_samples[index]
 
 
 def report(variants: list[Variant]) -> None:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+from benchstats import percentile
 from mcp import Client, StdioServerParameters
 from mcp.types import CallToolResult, TextContent
 
@@ -308,11 +309,6 @@ async def watch_sweep(
 
 
 # -- the report --------------------------------------------------------------------------------
-
-
-def percentile(sorted_samples: list[float], q: float) -> float:
-    index = min(len(sorted_samples) - 1, max(0, round(q * (len(sorted_samples) - 1))))
-    return sorted_samples[index]
 
 
 def summary(samples: list[float]) -> tuple[float, float, float]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+from benchstats import percentile
 
 from atomictools import Workspace
 
@@ -130,11 +131,6 @@ async def measure(variants: list[Variant], seconds: float, warmup: float) -> Non
             return
         for variant in behind:
             await run_block(variant, min(BLOCK_SECONDS, seconds - variant.measured), record=True)
-
-
-def percentile(sorted_samples: list[float], q: float) -> float:
-    index = min(len(sorted_samples) - 1, max(0, round(q * (len(sorted_samples) - 1))))
-    return sorted_samples[index]
 
 
 def report(variants: list[Variant]) -> bool:
