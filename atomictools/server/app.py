@@ -13,8 +13,16 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from mcp.server.context import ServerRequestContext
-from mcp.server.mcpserver import MCPServer
-from mcp.types import EmptyResult, NotificationParams, SetLevelRequestParams
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
+from mcp.types import (
+    CallToolResult,
+    EmptyResult,
+    InputRequiredResult,
+    NotificationParams,
+    SetLevelRequestParams,
+)
+from pydantic import ValidationError
 
 from .. import __version__
 from ..catalog import DatabaseCatalog
@@ -41,6 +49,32 @@ Work safely with it:
 """
 
 logger = logging.getLogger("atomictools.server")
+
+
+class AtomicToolsServer(MCPServer[Any]):
+    """MCPServer whose argument errors read like the rest of ours: what to fix, nothing changed.
+
+    The SDK reports a failed argument validation as pydantic's text (with its model name and a
+    documentation link); a model is better served by the field and the problem.
+    """
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as err:
+            cause = err.__cause__
+            if isinstance(err, UnexpectedToolError) or not isinstance(cause, ValidationError):
+                raise
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in e['loc']) or 'arguments'}: {e['msg']}"
+                for e in cause.errors()[:10]
+            )
+            raise ToolError(  # the same prefix the SDK gives every other tool error
+                f"Error executing tool {name}: invalid arguments: {problems}; fix them and "
+                "retry; nothing was changed"
+            ) from cause
 
 
 def create_server(
@@ -76,7 +110,7 @@ def create_server(
         finally:
             await catalog.close()
 
-    server: MCPServer[Any] = MCPServer(
+    server: MCPServer[Any] = AtomicToolsServer(
         "atomictools",
         title="atomictools",
         description="Atomic, cancellation-safe and crash-safe file and SQLite changes for agents.",

@@ -41,3 +41,17 @@ async def test_logging_set_level_is_answered(root: Path) -> None:
             assert not result.is_error
     finally:
         logger.setLevel(before)
+
+
+async def test_invalid_arguments_name_the_field_and_change_nothing(root: Path) -> None:
+    async with Client(create_server(Workspace([root])), mode="legacy") as client:
+        result = await client.call_tool("write_file", {"path": 7, "content": "x"})
+        assert result.is_error
+        text = result.content[0].text  # type: ignore[union-attr]
+        assert text.startswith("Error executing tool write_file: invalid arguments: ")
+        assert "path: Input should be a valid string" in text
+        assert text.endswith("nothing was changed")
+        assert "errors.pydantic.dev" not in text
+        missing = await client.call_tool("edit_file", {"path": "a.txt"})
+        assert "edits: Field required" in missing.content[0].text  # type: ignore[union-attr]
+    assert list(root.iterdir()) == []
