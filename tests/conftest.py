@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,3 +84,38 @@ def summary_report(config: pytest.Config, title: str) -> SummaryReport:
         config.pluginmanager.register(plugin, name)
     assert isinstance(plugin, SummaryReport)
     return plugin
+
+
+TreeEntry = tuple[object, ...]
+
+
+def tree_snapshot(top: Path, *, exclude: Path | None = None) -> dict[str, TreeEntry]:
+    """Every entry below ``top`` without following links: what would show any change at all.
+
+    Files: content, inode, mtime and mode (an atomic replace with the same bytes still changes
+    the inode). Links: their target. Directories: inode and mtime (a temp file created and
+    removed again still bumps the directory's mtime).
+    """
+    entries: dict[str, TreeEntry] = {}
+
+    def record(path: Path) -> None:
+        st = path.lstat()
+        key = str(path.relative_to(top))
+        if stat.S_ISLNK(st.st_mode):
+            entries[key] = ("link", os.readlink(path))
+        elif stat.S_ISDIR(st.st_mode):
+            entries[key] = ("dir", st.st_ino, st.st_mtime_ns)
+            for child in sorted(path.iterdir()):
+                if child != exclude:
+                    record(child)
+        else:
+            entries[key] = (
+                "file",
+                path.read_bytes(),
+                st.st_ino,
+                st.st_mtime_ns,
+                stat.S_IMODE(st.st_mode),
+            )
+
+    record(top)
+    return entries

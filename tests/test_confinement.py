@@ -10,7 +10,6 @@ outside was read into a result, replaced, created (not even a temp file for a mo
 from __future__ import annotations
 
 import os
-import stat
 import sys
 import threading
 import time
@@ -37,6 +36,7 @@ from atomictools import (
 from atomictools.fsutil import AT_FDCWD, RENAME_EXCHANGE, renameat2
 from atomictools.sandbox import Location
 from atomictools.steps import observe_steps
+from tests.conftest import tree_snapshot as snapshot
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_temps_left")]
 
@@ -51,38 +51,6 @@ PathArg = str | os.PathLike[str]
 # -- helpers ------------------------------------------------------------------------------------
 
 Entry = tuple[object, ...]
-
-
-def snapshot(top: Path, *, exclude: Path | None = None) -> dict[str, Entry]:
-    """Every entry below ``top`` without following links: what would show any change at all.
-
-    Files: content, inode, mtime and mode (an atomic replace with the same bytes still changes
-    the inode). Links: their target. Directories: inode and mtime (a temp file created and
-    removed again still bumps the directory's mtime).
-    """
-    entries: dict[str, Entry] = {}
-
-    def record(path: Path) -> None:
-        st = path.lstat()
-        key = str(path.relative_to(top))
-        if stat.S_ISLNK(st.st_mode):
-            entries[key] = ("link", os.readlink(path))
-        elif stat.S_ISDIR(st.st_mode):
-            entries[key] = ("dir", st.st_ino, st.st_mtime_ns)
-            for child in sorted(path.iterdir()):
-                if child != exclude:
-                    record(child)
-        else:
-            entries[key] = (
-                "file",
-                path.read_bytes(),
-                st.st_ino,
-                st.st_mtime_ns,
-                stat.S_IMODE(st.st_mode),
-            )
-
-    record(top)
-    return entries
 
 
 def outside_snapshot(tmp_path: Path, root: Path) -> dict[str, Entry]:

@@ -9,9 +9,7 @@ traceback, and the session must still answer the next call).
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import stat
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,7 +25,6 @@ NOTHING_CHANGED = "nothing was changed"
 OUTSIDE = "outside the allowed directories"
 TRACEBACK_MARKERS = re.compile(r'Traceback \(most recent call last\)|File "[^"]+", line \d+')
 
-Entry = tuple[object, ...]
 
 
 def sha(data: bytes) -> str:
@@ -59,26 +56,6 @@ def text_of(result: CallToolResult) -> str:
 
 def wire_names(model: type[BaseModel]) -> set[str]:
     return {field.alias or name for name, field in model.model_fields.items()}
-
-
-def snapshot(top: Path) -> dict[str, Entry]:
-    """Every entry below ``top`` (links not followed): content, inode and mtimes."""
-    entries: dict[str, Entry] = {}
-
-    def record(path: Path) -> None:
-        st = path.lstat()
-        key = str(path.relative_to(top))
-        if stat.S_ISLNK(st.st_mode):
-            entries[key] = ("link", os.readlink(path))
-        elif stat.S_ISDIR(st.st_mode):
-            entries[key] = ("dir", st.st_ino, st.st_mtime_ns)
-            for child in sorted(path.iterdir()):
-                record(child)
-        else:
-            entries[key] = ("file", path.read_bytes(), st.st_ino, st.st_mtime_ns, st.st_mode)
-
-    record(top)
-    return entries
 
 
 @dataclass

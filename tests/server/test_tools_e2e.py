@@ -58,8 +58,9 @@ from atomictools.server.models import (
     WriteOutput,
 )
 from tests.conftest import temp_files
+from tests.conftest import tree_snapshot as snapshot
 
-from .helpers import OUTSIDE, Env, connect, sha, snapshot, stdio_params, text_of
+from .helpers import OUTSIDE, Env, connect, sha, stdio_params, text_of
 
 pytestmark = pytest.mark.anyio
 
