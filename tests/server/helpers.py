@@ -26,7 +26,6 @@ OUTSIDE = "outside the allowed directories"
 TRACEBACK_MARKERS = re.compile(r'Traceback \(most recent call last\)|File "[^"]+", line \d+')
 
 
-
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
