@@ -1,15 +1,22 @@
-"""In-process serialisation of changes to the same file.
+"""Serialisation of changes to the same file, in one process and across processes.
 
 Two calls that change one file must not interleave their read-check-replace steps, or the second
-can silently overwrite the first (a lost update). Keys are (device, inode of the directory,
-name), so every spelling of a path (through symlinks, ``..``, another root) maps to one lock.
+can silently overwrite the first (a lost update). In-process keys are (device, inode of the
+directory, name), so every spelling of a path (through symlinks, ``..``, another root) maps to
+one lock; across processes the directory itself is locked (``DirectoryLocks``).
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
+import logging
+import os
 from collections.abc import Hashable
 
 import anyio
+
+logger = logging.getLogger(__name__)
 
 
 class KeyedLocks:
@@ -72,3 +79,133 @@ class _Held:
             key = self._held.pop()
             self._locks._locks[key][0].release()
             self._locks._release_ref(key)
+
+
+class DirectoryLocks:
+    """Cross-process serialisation: an exclusive ``flock`` on the directory of each changed entry.
+
+    Another server process on the same root takes the same kernel lock, so its read-check-replace
+    of a file cannot interleave with ours; a holder that dies (even by SIGKILL) releases it with
+    its descriptors. Nothing is created on disk. Inside one process the lock is shared by every
+    change in that directory (``KeyedLocks`` still serialises same-file changes): ``flock``
+    belongs to one open file description, so the first holder's duplicate of the directory
+    descriptor carries it for the others. Waiting polls with a short back-off, which a cancel
+    can interrupt (a blocking ``flock`` in a thread could not be).
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[int, int], tuple[int, int]] = {}
+        """Directory key -> (descriptor carrying the lock, number of holders in this process)."""
+
+    def hold(self, directories: dict[tuple[int, int], int]) -> _HeldDirectories:
+        """Hold ``{(device, inode): directory fd}``, in key order so processes never deadlock."""
+        return _HeldDirectories(self, sorted(directories.items()))
+
+    def _try_acquire(self, key: tuple[int, int], dir_fd: int) -> bool:
+        held = self._held.get(key)
+        if held is not None:
+            self._held[key] = (held[0], held[1] + 1)
+            return True
+        fd = os.dup(dir_fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError as err:  # a filesystem without flock (some network mounts)
+            _log_unsupported(err)
+        self._held[key] = (fd, 1)
+        return True
+
+    def _release(self, key: tuple[int, int]) -> None:
+        fd, users = self._held[key]
+        if users > 1:
+            self._held[key] = (fd, users - 1)
+            return
+        del self._held[key]
+        os.close(fd)  # closing the last descriptor of the description drops the flock
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+_WAIT_FIRST = 0.0005
+_WAIT_MAX = 0.01
+
+
+class _HeldDirectories:
+    __slots__ = ("_held", "_items", "_locks")
+
+    def __init__(self, locks: DirectoryLocks, items: list[tuple[tuple[int, int], int]]) -> None:
+        self._locks = locks
+        self._items = items
+        self._held: list[tuple[int, int]] = []
+
+    async def __aenter__(self) -> None:
+        try:
+            for key, dir_fd in self._items:
+                wait = _WAIT_FIRST
+                while not self._locks._try_acquire(key, dir_fd):
+                    await anyio.sleep(wait)
+                    wait = min(wait * 2, _WAIT_MAX)
+                self._held.append(key)
+        except BaseException:
+            self._release_all()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._release_all()
+
+    def _release_all(self) -> None:
+        while self._held:
+            self._locks._release(self._held.pop())
+
+
+def _log_unsupported(err: OSError) -> None:
+    _warn_once(err.strerror or str(err))
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    logger.warning(
+        "directory locks are not supported here (%s): changes from other processes on the "
+        "same files are not serialised",
+        reason,
+    )
+
+
+class ChangeLocks:
+    """What a change holds: its entries' in-process locks, then their directories' flocks."""
+
+    def __init__(self) -> None:
+        self.entries = KeyedLocks()
+        self.directories = DirectoryLocks()
+
+    def __len__(self) -> int:
+        """Entries plus directories held or waited for: 0 once every change has ended."""
+        return len(self.entries) + len(self.directories)
+
+    def hold(self, entries: dict[tuple[int, int, str], int]) -> _HeldChange:
+        """Hold ``{(device, directory inode, name): directory fd}`` for one change."""
+        directories = {key[:2]: dir_fd for key, dir_fd in entries.items()}
+        return _HeldChange(self.entries.hold(*entries), self.directories.hold(directories))
+
+
+class _HeldChange:
+    __slots__ = ("_directories", "_entries")
+
+    def __init__(self, entries: _Held, directories: _HeldDirectories) -> None:
+        self._entries = entries
+        self._directories = directories
+
+    async def __aenter__(self) -> None:
+        await self._entries.__aenter__()
+        try:
+            await self._directories.__aenter__()
+        except BaseException:
+            self._entries._release_all()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._directories._release_all()
+        self._entries._release_all()

@@ -32,7 +32,7 @@ from .journal import (
     RecoveryNeededError,
     apply_change_set,
 )
-from .locks import KeyedLocks
+from .locks import ChangeLocks
 from .results import (
     BytesRead,
     CopyResult,
@@ -80,7 +80,7 @@ class Workspace:
         self.limits = limits or Limits()
         self.read_only = read_only
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
-        self._locks = KeyedLocks()
+        self._locks = ChangeLocks()
         self._unrecovered: dict[Hashable, str] = {}
 
     def __repr__(self) -> str:
@@ -130,10 +130,15 @@ class Workspace:
         return (st.st_dev, st.st_ino, location.name)
 
     def _changing(self, *locations: Location) -> AbstractAsyncContextManager[None]:
-        """Serialise changes to these entries with every other change in this workspace."""
-        keys = [self._lock_key(loc) for loc in locations]
+        """Serialise changes to these entries with every other change to them, in this process
+        (through any workspace view) and in other processes (a lock on their directories)."""
+        return self._hold([self._lock_key(loc) for loc in locations], locations)
+
+    def _hold(
+        self, keys: Sequence[tuple[int, int, str]], locations: Sequence[Location]
+    ) -> AbstractAsyncContextManager[None]:
         self._refuse_unrecovered(keys, locations)
-        return self._locks.hold(*keys)
+        return self._locks.hold({key: loc.dir_fd for key, loc in zip(keys, locations, strict=True)})
 
     def _refuse_unrecovered(self, keys: Sequence[Hashable], locations: Sequence[Location]) -> None:
         """A path whose change set could not be finished stays off-limits until recovery."""
@@ -340,8 +345,7 @@ class Workspace:
         locations += [p.source for p in planned if p.source is not None]
         try:
             keys = [self._lock_key(location) for location in locations]
-            self._refuse_unrecovered(keys, locations)
-            lock = self._locks.hold(*keys)
+            lock = self._hold(keys, locations)
         except BaseException:
             runner.close_locations()
             raise
