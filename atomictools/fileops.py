@@ -312,6 +312,7 @@ async def move(
     overwrite: bool,
     durability: Durability,
     limits: Limits,
+    expected_sha256: str | None = None,
 ) -> MoveResult:
     """Rename a file, symlink or directory; without ``overwrite`` an existing target is kept.
 
@@ -329,6 +330,7 @@ async def move(
             f"cannot move {source.display} to {destination.display}: the destination exists; "
             "pass overwrite to replace it, or choose another name"
         )
+    await _check_file_sha256(source, src_st, expected_sha256, limits, "move")
     await step("move.before")
 
     def commit() -> None:
@@ -397,8 +399,12 @@ async def copy(
     overwrite: bool,
     durability: Durability,
     limits: Limits,
+    expected_sha256: str | None = None,
 ) -> CopyResult:
-    """Copy a regular file through a temp next to the destination (streamed, bounded memory)."""
+    """Copy a regular file through a temp next to the destination (streamed, bounded memory).
+
+    ``expected_sha256`` is checked against the very bytes copied, before the copy appears.
+    """
     _refuse_root(destination, "replace")
     fd, src_st = _open_regular(source, "copy")
     try:
@@ -423,6 +429,13 @@ async def copy(
         ) as writer:
             while chunk := await run_blocking(inline, os.read, fd, limits.chunk_bytes):
                 await writer.write(chunk)
+            if expected_sha256 is not None and writer.sha256 != expected_sha256.lower():
+                raise PreconditionFailedError(
+                    f"cannot copy {source.display}: it changed since it was read "
+                    f"(expectedSha256 {expected_sha256}, current sha256 {writer.sha256}); "
+                    "read it again, then retry with the current sha256",
+                    current_sha256=writer.sha256,
+                )
     finally:
         os.close(fd)
     return CopyResult(
@@ -432,6 +445,16 @@ async def copy(
         sha256=writer.sha256,
         replaced=dst_st is not None,
     )
+
+
+async def _check_file_sha256(
+    location: Location, st: os.stat_result, expected: str | None, limits: Limits, action: str
+) -> None:
+    if expected is not None and not stat.S_ISREG(st.st_mode):
+        raise InvalidArgumentError(
+            f"cannot check expectedSha256 of {location.display}: it is not a regular file"
+        )
+    await check_expected_sha256(location, expected, limits, action)
 
 
 async def delete(
@@ -451,11 +474,7 @@ async def delete(
             f"cannot delete {location.display}: it is a directory; only files and symlinks "
             "are deleted"
         )
-    if expected_sha256 is not None and not stat.S_ISREG(st.st_mode):
-        raise InvalidArgumentError(
-            f"cannot check expectedSha256 of {location.display}: it is not a regular file"
-        )
-    await check_expected_sha256(location, expected_sha256, limits, "delete")
+    await _check_file_sha256(location, st, expected_sha256, limits, "delete")
     await step("delete.before")
 
     def commit() -> None:

@@ -22,11 +22,13 @@ its record while the change is in flight, so recovery never touches a live chang
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
 import os
 import secrets
+import sqlite3
 import stat
 import time
 from collections.abc import Sequence
@@ -51,8 +53,9 @@ from .errors import (
     WrongTypeError,
     from_os_error,
 )
-from .fileops import plan_edit, read_whole
-from .results import Progress
+from .fileops import entry_type, plan_edit, read_whole
+from .idempotency import IdempotencyStore, Receipt
+from .results import EntryType, Progress
 from .sandbox import Location, Sandbox, open_entry, require_regular
 from .steps import crash_point, step
 from .tempfiles import create_locked_temp, temp_name_for
@@ -74,7 +77,10 @@ class Change:
     edits: tuple[Edit, ...] = ()
     source: str | None = None
     expected_sha256: str | None = None
+    """The content hash the file must still have: the target's, or a move's or copy's source's."""
     overwrite: bool = False
+    create_only: bool = False
+    """A write that must create the file."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +92,12 @@ class ChangeOutcome:
     """Content hash after the change (None for delete, move of a non-file, mkdir)."""
     diff: str | None = None
     created: bool = False
+    size: int | None = None
+    """Size of the new content (write, edit, copy)."""
+    previous_sha256: str | None = None
+    """Content hash before an edit."""
+    type: EntryType | None = None
+    """What a delete removed or a move moved."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +106,16 @@ class ChangeSetResult:
     applied: bool
     """False for a dry run: the checks passed, nothing was written."""
     txid: str | None
+
+    def to_json(self) -> str:
+        """The form an idempotency record stores (and a retry turns back into this)."""
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> ChangeSetResult:
+        data = json.loads(text)
+        changes = tuple(ChangeOutcome(**change) for change in data["changes"])
+        return cls(changes, applied=bool(data["applied"]), txid=data["txid"])
 
 
 class RecoveryNeededError(AtomicToolsError):
@@ -204,6 +226,9 @@ class _Planned:
     sha256: str | None = None
     diff: str | None = None
     existed: bool = False
+    size: int | None = None
+    previous_sha256: str | None = None
+    type: EntryType | None = None
     virtual: str | None = None
     """Dry run only: the path lies in a directory the set would create (not checked)."""
 
@@ -246,6 +271,8 @@ class ChangeSetRunner:
         self.created_dirs: list[tuple[str, str]] = []
         """Directories made for ``mkdir`` changes, as (parent path, name), in creation order."""
         self.dry_run = False
+        self.receipt: Receipt | None = None
+        """A keyed call: its committed record carries the key, for recovery to record."""
 
     # The locations are resolved by the caller (which also takes the path locks).
 
@@ -265,7 +292,7 @@ class ChangeSetRunner:
             for index, change in enumerate(changes, start=1):
                 follow = change.op not in ("move", "delete")
                 make = self._make_dir if change.op == "mkdir" and not dry_run else None
-                label = f"change {index} of {len(changes)} ({change.op}): "
+                label = _label(index, len(changes), change.op)
                 if dry_run and self._virtual_in_dry_run(change, virtual_dirs):
                     placeholder = _Planned(change, self.sandbox.resolve("."), virtual=change.path)
                     self.planned.append(placeholder)
@@ -346,7 +373,7 @@ class ChangeSetRunner:
             try:
                 await self._prepare_one(planned, dry_run)
             except AtomicToolsError as err:
-                raise err.prefixed(f"change {index} of {total} ({planned.change.op}): ") from None
+                raise err.prefixed(_label(index, total, planned.change.op)) from None
             await step("changeset.prepare")
             if progress is not None:
                 await progress(index, total * 2)
@@ -368,7 +395,8 @@ class ChangeSetRunner:
                 raise NotFoundError(f"cannot delete {target.display}: it does not exist")
             if stat.S_ISDIR(st.st_mode):
                 raise WrongTypeError(f"cannot delete {target.display}: it is a directory")
-            await self._check_sha(planned, st)
+            planned.type = entry_type(st)
+            await self._check_sha(planned, target, st)
             if not dry_run:
                 planned.backup = self._backup(target)
             return
@@ -384,6 +412,14 @@ class ChangeSetRunner:
                 )
             if st is not None and stat.S_ISDIR(st.st_mode):
                 raise WrongTypeError(f"cannot move over {target.display}: it is a directory")
+            if os.fstat(source.dir_fd).st_dev != os.fstat(target.dir_fd).st_dev:
+                raise InvalidArgumentError(
+                    f"cannot move {source.display} to {target.display} in a change set: they "
+                    "are on different filesystems, where a rename cannot be atomic; copy, then "
+                    "delete"
+                )
+            planned.type = entry_type(src_st)
+            await self._check_sha(planned, source, src_st)
             if not dry_run and st is not None:
                 planned.backup = self._backup(target)
             planned.sha256 = None
@@ -391,14 +427,19 @@ class ChangeSetRunner:
         # write, edit, copy: new content staged next to the target
         if st is not None:
             require_regular(st, target, op)
+            if change.create_only:
+                raise AlreadyExistsError(
+                    f"cannot create {target.display}: it exists; leave out createOnly to replace it"
+                )
             if op == "copy" and not change.overwrite:
                 raise AlreadyExistsError(
                     f"cannot copy to {target.display}: it exists; set overwrite to replace it"
                 )
-        if op != "edit":  # an edit checks the hash of the very bytes it edits
-            await self._check_sha(planned, st)
+        if op == "write":  # an edit checks the very bytes it edits, a copy those it copies
+            await self._check_sha(planned, target, st)
         content = await self._new_content(planned, st)
         planned.sha256 = hashlib.sha256(content).hexdigest()
+        planned.size = len(content)
         if dry_run:
             return
         # The single-file writer's pending file, published by this protocol's apply step.
@@ -413,20 +454,25 @@ class ChangeSetRunner:
         if st is not None:
             planned.backup = self._backup(target)
 
-    async def _check_sha(self, planned: _Planned, st: os.stat_result | None) -> None:
+    async def _check_sha(
+        self, planned: _Planned, location: Location, st: os.stat_result | None
+    ) -> None:
         expected = planned.change.expected_sha256
         if expected is None:
             return
         if st is None:
             raise PreconditionFailedError(
-                f"{planned.target.display} does not exist but expectedSha256 was given",
+                f"{location.display} does not exist but expectedSha256 was given",
                 current_sha256=None,
             )
-        data = await read_whole(planned.target, self.limits)
-        current = hashlib.sha256(data).hexdigest()
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidArgumentError(
+                f"cannot check expectedSha256 of {location.display}: it is not a regular file"
+            )
+        current = hashlib.sha256(await read_whole(location, self.limits)).hexdigest()
         if current != expected.lower():
             raise PreconditionFailedError(
-                f"{planned.target.display} changed since it was read (expectedSha256 "
+                f"{location.display} changed since it was read (expectedSha256 "
                 f"{expected}, current sha256 {current}); read it again",
                 current_sha256=current,
             )
@@ -440,11 +486,12 @@ class ChangeSetRunner:
             return change.content
         if change.op == "copy":
             assert planned.source is not None
+            await self._check_sha(planned, planned.source, planned.source.lstat())
             return await read_whole(planned.source, self.limits)
         if st is None:
             raise NotFoundError(f"cannot edit {planned.target.display}: it does not exist")
         data = await read_whole(planned.target, self.limits)
-        _, new, diff, _ = await run_blocking(
+        before, new, diff, _ = await run_blocking(
             self.limits.inline(len(data)),
             plan_edit,
             data,
@@ -453,6 +500,7 @@ class ChangeSetRunner:
             change.expected_sha256,
         )
         planned.diff = diff
+        planned.previous_sha256 = before
         return new
 
     def _backup(self, target: Location) -> _Backup:
@@ -486,7 +534,7 @@ class ChangeSetRunner:
         return _Backup(target, name, fd)
 
     def _body(self, state: str) -> dict[str, Any]:
-        return {
+        body = {
             "version": RECORD_VERSION,
             "txid": self.txid,
             "state": state,
@@ -496,6 +544,9 @@ class ChangeSetRunner:
             "ops": [p.record() for p in self.planned if p.change.op != "mkdir"],
             "created_dirs": [list(made) for made in self.created_dirs],
         }
+        if state == "committed" and self.receipt is not None:
+            body["idempotency"] = self.receipt.as_record(self.outcomes(applied=True).to_json())
+        return body
 
     # -- commit and apply ------------------------------------------------------------------
 
@@ -566,12 +617,20 @@ class ChangeSetRunner:
                     sha256=p.sha256,
                     diff=p.diff,
                     created=not p.existed,
+                    size=p.size,
+                    previous_sha256=p.previous_sha256,
+                    type=p.type,
                 )
                 for p in self.planned
             ),
             applied=applied,
             txid=self.txid if applied else None,
         )
+
+
+def _label(index: int, total: int, op: str) -> str:
+    """Where an error happened; a set of one change (a keyed single-file call) needs none."""
+    return f"change {index} of {total} ({op}): " if total > 1 else ""
 
 
 def _close(fd: int) -> None:
@@ -622,12 +681,18 @@ async def apply_change_set(
                 runner.undo_prepare()
         try:
             runner.apply()
+            if runner.receipt is not None:  # before the journal goes: it can still record it
+                receipt = runner.receipt
+                IdempotencyStore(Path(receipt.store)).record(
+                    receipt, runner.outcomes(applied=True).to_json()
+                )
             runner.finish()
-        except OSError as err:
+        except (OSError, sqlite3.Error) as err:
             if runner.journal is not None:
                 runner.journal.close()  # unlocked: `recover` may now finish it
+            reason = err.strerror if isinstance(err, OSError) else str(err)
             raise RecoveryNeededError(
-                f"the change set was committed but applying it failed ({err.strerror}); "
+                f"the change set was committed but applying it failed ({reason}); "
                 f"run `atomictools recover` to finish it (journal {runner.txid})"
             ) from err
         if progress is not None:

@@ -2,8 +2,9 @@
 
 Journal recovery runs first (before a server serves its first call): a record that never
 reached ``committed`` is rolled back, a committed one rolled forward (or back, on request). A
-record whose writer is still alive (its ``flock`` is held) is left alone. Every step is
-idempotent, so a crash during recovery is repaired by running it again.
+record whose writer is still alive (its ``flock`` is held) is left alone. A rolled-forward
+record of a keyed call records its idempotency key before it goes. Every step is idempotent,
+so a crash during recovery is repaired by running it again.
 
 The sweep then removes temp files that are ours and orphaned: the name must match our pattern
 exactly, no live process may hold its lock, it must be older than a short grace period (the
@@ -17,6 +18,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import sqlite3
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +28,7 @@ from typing import Any
 
 from . import fsutil
 from .errors import AtomicToolsError
+from .idempotency import IdempotencyStore, Receipt
 from .journal import RECORD_SUFFIX, decode_record
 from .sandbox import Sandbox
 from .tempfiles import is_temp_name, temp_owner_pid
@@ -315,10 +318,29 @@ def _recover_record(
             dirs.close()
         if problems:
             report.problems.extend(f"change set {txid}: {p}" for p in problems)
+        if forward and not _record_key(body, txid, report):
+            return  # the record stays: the next recovery records the key
         path.unlink()
         (report.rolled_forward if forward else report.rolled_back).append(txid)
     finally:
         os.close(fd)
+
+
+def _record_key(body: dict[str, Any], txid: str, report: RecoveryReport) -> bool:
+    """A rolled-forward keyed change: record its key, so a retry returns instead of redoing."""
+    keyed = body.get("idempotency")
+    if keyed is None:
+        return True
+    try:
+        receipt, result = Receipt.from_record(keyed)
+        IdempotencyStore(Path(receipt.store)).record(receipt, result)
+    except (OSError, sqlite3.Error, KeyError, TypeError, ValueError) as err:
+        report.problems.append(
+            f"change set {txid}: finished, but its idempotency key could not be recorded "
+            f"({err}); the journal is kept so the next recovery records it"
+        )
+        return False
+    return True
 
 
 def _read(fd: int) -> bytes:

@@ -13,11 +13,13 @@ import sys
 from collections.abc import AsyncIterator, Hashable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from . import fileops, listing
 from .config import Durability, Limits, default_state_dir
 from .edits import Edit
 from .errors import (
+    AtomicToolsError,
     InvalidArgumentError,
     NotFoundError,
     ReadOnlyError,
@@ -25,14 +27,24 @@ from .errors import (
     WrongTypeError,
     from_os_error,
 )
+from .idempotency import (
+    DEFAULT_TTL_SECONDS,
+    STORE_NAME,
+    IdempotencyStore,
+    Receipt,
+    check_key,
+    fingerprint,
+)
 from .journal import (
     Change,
+    ChangeOutcome,
     ChangeSetResult,
     ChangeSetRunner,
     RecoveryNeededError,
     apply_change_set,
 )
 from .locks import ChangeLocks
+from .recovery import recover_journals
 from .results import (
     BytesRead,
     CopyResult,
@@ -52,6 +64,7 @@ from .sandbox import Location, Sandbox
 from .steps import step
 from .writer import AtomicWriter, open_atomic_writer
 
+T = TypeVar("T")
 PathArg = str | os.PathLike[str]
 EditArg = Edit | tuple[str, str]
 
@@ -74,14 +87,18 @@ class Workspace:
         limits: Limits | None = None,
         read_only: bool = False,
         state_dir: PathArg | None = None,
+        idempotency_ttl: float = DEFAULT_TTL_SECONDS,
     ) -> None:
         self.sandbox = Sandbox(roots)
         self.durability = Durability(durability)
         self.limits = limits or Limits()
         self.read_only = read_only
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        self.idempotency_ttl = idempotency_ttl
         self._locks = ChangeLocks()
         self._unrecovered: dict[Hashable, str] = {}
+        self._key_scope = fingerprint(sorted(str(root) for root in self.roots))
+        """Keys are per set of configured roots: a relative path means another file elsewhere."""
 
     def __repr__(self) -> str:
         return f"Workspace({[str(p) for p in self.roots]!r}, durability={self.durability.value!r})"
@@ -110,9 +127,11 @@ class Workspace:
             limits=self.limits,
             read_only=self.read_only,
             state_dir=self.state_dir,
+            idempotency_ttl=self.idempotency_ttl,
         )
         view._locks = self._locks
         view._unrecovered = self._unrecovered
+        view._key_scope = self._key_scope
         return view
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -215,8 +234,12 @@ class Workspace:
         expected_sha256: str | None = None,
         create_only: bool = False,
         progress: Progress | None = None,
+        idempotency_key: str | None = None,
     ) -> WriteResult:
-        """Create or replace a file atomically: readers see the old or the new content."""
+        """Create or replace a file atomically: readers see the old or the new content.
+
+        With ``idempotency_key`` (as for every change), a retry returns the first result.
+        """
         self._refuse_if_read_only("write", path)
         data = content.encode(encoding) if isinstance(content, str) else bytes(content)
         if len(data) > self.limits.max_write_bytes:
@@ -224,6 +247,16 @@ class Workspace:
                 f"the content for {os.fspath(path)} is {len(data)} bytes, more than the "
                 f"{self.limits.max_write_bytes}-byte limit for one call; use the streaming writer"
             )
+        if idempotency_key is not None:
+            change = Change(
+                "write",
+                os.fspath(path),
+                content=data,
+                expected_sha256=expected_sha256,
+                create_only=create_only,
+            )
+            done = await self._once(change, idempotency_key, progress)
+            return WriteResult(done.path, _known(done.size), _known(done.sha256), done.created)
         with self.sandbox.resolve(path) as location:
             async with self._changing(location):
                 return await fileops.write(
@@ -266,11 +299,25 @@ class Workspace:
         *,
         dry_run: bool = False,
         expected_sha256: str | None = None,
+        idempotency_key: str | None = None,
     ) -> EditResult:
         """Apply exact ``old -> new`` replacements all-or-nothing; returns a unified diff."""
         if not dry_run:
             self._refuse_if_read_only("edit", path)
         normalized = [e if isinstance(e, Edit) else Edit(*e) for e in edits]
+        if idempotency_key is not None and not dry_run:
+            change = Change(
+                "edit", os.fspath(path), edits=tuple(normalized), expected_sha256=expected_sha256
+            )
+            done = await self._once(change, idempotency_key)
+            return EditResult(
+                done.path,
+                done.diff or "",
+                applied=True,
+                sha256=_known(done.sha256),
+                previous_sha256=_known(done.previous_sha256),
+                size=_known(done.size),
+            )
         with self.sandbox.resolve(path) as location:
             async with self._changing(location):
                 return await fileops.edit(
@@ -283,24 +330,73 @@ class Workspace:
                 )
 
     async def move(
-        self, source: PathArg, destination: PathArg, *, overwrite: bool = False
+        self,
+        source: PathArg,
+        destination: PathArg,
+        *,
+        overwrite: bool = False,
+        expected_sha256: str | None = None,
+        idempotency_key: str | None = None,
     ) -> MoveResult:
-        """Rename a file or directory (a symlink is moved as a link)."""
+        """Rename a file or directory (a symlink is moved as a link).
+
+        ``expected_sha256`` refuses the move if the source file changed since it was read.
+        """
         self._refuse_if_read_only("move", source)
+        if idempotency_key is not None:
+            change = Change(
+                "move",
+                os.fspath(destination),
+                source=os.fspath(source),
+                overwrite=overwrite,
+                expected_sha256=expected_sha256,
+            )
+            done = await self._once(change, idempotency_key)
+            return MoveResult(_known(done.source), done.path, replaced=not done.created)
         with (
             self.sandbox.resolve(source, follow_final=False) as src,
             self.sandbox.resolve(destination, follow_final=False) as dst,
         ):
             async with self._changing(src, dst):
                 return await fileops.move(
-                    src, dst, overwrite=overwrite, durability=self.durability, limits=self.limits
+                    src,
+                    dst,
+                    overwrite=overwrite,
+                    durability=self.durability,
+                    limits=self.limits,
+                    expected_sha256=expected_sha256,
                 )
 
     async def copy(
-        self, source: PathArg, destination: PathArg, *, overwrite: bool = False
+        self,
+        source: PathArg,
+        destination: PathArg,
+        *,
+        overwrite: bool = False,
+        expected_sha256: str | None = None,
+        idempotency_key: str | None = None,
     ) -> CopyResult:
-        """Copy a file; the destination appears complete or not at all."""
+        """Copy a file; the destination appears complete or not at all.
+
+        ``expected_sha256`` refuses the copy if the source changed since it was read.
+        """
         self._refuse_if_read_only("copy to", destination)
+        if idempotency_key is not None:
+            change = Change(
+                "copy",
+                os.fspath(destination),
+                source=os.fspath(source),
+                overwrite=overwrite,
+                expected_sha256=expected_sha256,
+            )
+            done = await self._once(change, idempotency_key)
+            return CopyResult(
+                _known(done.source),
+                done.path,
+                size=_known(done.size),
+                sha256=_known(done.sha256),
+                replaced=not done.created,
+            )
         with self.sandbox.resolve(source) as src, self.sandbox.resolve(destination) as dst:
             async with self._changing(dst):
                 return await fileops.copy(
@@ -309,11 +405,22 @@ class Workspace:
                     overwrite=overwrite,
                     durability=self.durability,
                     limits=self.limits,
+                    expected_sha256=expected_sha256,
                 )
 
-    async def delete(self, path: PathArg, *, expected_sha256: str | None = None) -> DeleteResult:
+    async def delete(
+        self,
+        path: PathArg,
+        *,
+        expected_sha256: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> DeleteResult:
         """Delete a file or a symlink (never what the link points to)."""
         self._refuse_if_read_only("delete", path)
+        if idempotency_key is not None:
+            change = Change("delete", os.fspath(path), expected_sha256=expected_sha256)
+            done = await self._once(change, idempotency_key)
+            return DeleteResult(done.path, _known(done.type))
         with self.sandbox.resolve(path, follow_final=False) as location:
             async with self._changing(location):
                 return await fileops.delete(
@@ -329,17 +436,72 @@ class Workspace:
         *,
         dry_run: bool = False,
         progress: Progress | None = None,
+        idempotency_key: str | None = None,
     ) -> ChangeSetResult:
         """Apply several changes as one: all of them or none, also across a crash.
 
         ``dry_run`` makes every check (paths, preconditions, edits) and returns the result with
-        diffs, writing nothing.
+        diffs, writing nothing. With ``idempotency_key``, a repeat of the same changes (by this
+        or another process, also after a crash) returns the first call's result and changes
+        nothing; the same key with other changes is refused. A dry run ignores the key.
         """
         if not dry_run and changes:
             self._refuse_if_read_only("change", changes[0].path)
+        if idempotency_key is None or dry_run:
+            return await self._apply(changes, dry_run=dry_run, progress=progress, receipt=None)
+        receipt = Receipt(
+            str(self.state_dir / STORE_NAME),
+            self._key_scope,
+            check_key(idempotency_key),
+            fingerprint([_change_args(change) for change in changes]),
+            self.idempotency_ttl,
+        )
+        store = IdempotencyStore(Path(receipt.store))
+        self._finish_abandoned_change_sets()
+        if (stored := store.lookup(receipt)) is not None:
+            return ChangeSetResult.from_json(stored)
+        try:
+            return await self._apply(changes, dry_run=False, progress=progress, receipt=receipt)
+        except AtomicToolsError:
+            # The first call may have finished meanwhile, changing what this one checked.
+            if (stored := store.lookup(receipt)) is not None:
+                return ChangeSetResult.from_json(stored)
+            raise
+
+    async def _once(
+        self, change: Change, idempotency_key: str, progress: Progress | None = None
+    ) -> ChangeOutcome:
+        """A keyed single change runs as a one-change set: its key is then recorded with it,
+        by the call or by the recovery that finishes it (see ``idempotency``)."""
+        done = await self.apply_changes(
+            [change], progress=progress, idempotency_key=idempotency_key
+        )
+        return done.changes[0]
+
+    def _finish_abandoned_change_sets(self) -> None:
+        """Finish change sets whose process died (their records are unlocked).
+
+        A keyed change set that died after its commit point records its key when finished, so
+        this runs before a keyed call looks its key up. Live records are locked and skipped.
+        """
+        report = recover_journals(self.sandbox, self.journal_dir)
+        finished = set(report.rolled_forward) | set(report.rolled_back)
+        for key, txid in list(self._unrecovered.items()):
+            if txid in finished:
+                del self._unrecovered[key]
+
+    async def _apply(
+        self,
+        changes: Sequence[Change],
+        *,
+        dry_run: bool,
+        progress: Progress | None,
+        receipt: Receipt | None,
+    ) -> ChangeSetResult:
         runner = ChangeSetRunner(
             self.sandbox, self.journal_dir, durability=self.durability, limits=self.limits
         )
+        runner.receipt = receipt
         planned = runner.plan(changes, dry_run=dry_run)
         locations = [p.target for p in planned]
         locations += [p.source for p in planned if p.source is not None]
@@ -350,6 +512,13 @@ class Workspace:
             runner.close_locations()
             raise
         async with lock:
+            if receipt is not None:
+                # Under the locks: a first call with this key that held them has finished.
+                stored = IdempotencyStore(Path(receipt.store)).lookup(receipt)
+                if stored is not None:
+                    runner.undo_prepare()
+                    runner.close_locations()
+                    return ChangeSetResult.from_json(stored)
             try:
                 return await apply_change_set(runner, dry_run=dry_run, progress=progress)
             except RecoveryNeededError:
@@ -367,9 +536,12 @@ class Workspace:
         yield change_set
         change_set.result = await self.apply_changes(change_set.changes)
 
-    async def mkdir(self, path: PathArg) -> MkdirResult:
+    async def mkdir(self, path: PathArg, *, idempotency_key: str | None = None) -> MkdirResult:
         """Create a directory and any missing parents (``mkdir -p``); fine if it exists."""
         self._refuse_if_read_only("create directory", path)
+        if idempotency_key is not None:
+            done = await self._once(Change("mkdir", os.fspath(path)), idempotency_key)
+            return MkdirResult(done.path, created=done.created)
         make = fileops.directory_maker(self.durability)
 
         def create() -> MkdirResult:
@@ -394,6 +566,26 @@ class Workspace:
         return create()  # inline, with no await inside: a cancel never splits a ``mkdir -p``
 
 
+def _known(value: T | None) -> T:
+    """A field a change set fills in for this kind of change."""
+    assert value is not None
+    return value
+
+
+def _change_args(change: Change) -> dict[str, object]:
+    """What a keyed call's fingerprint covers: every argument of every change."""
+    return {
+        "op": change.op,
+        "path": change.path,
+        "content": change.content,
+        "edits": [[edit.old, edit.new] for edit in change.edits],
+        "source": change.source,
+        "expected_sha256": change.expected_sha256,
+        "overwrite": change.overwrite,
+        "create_only": change.create_only,
+    }
+
+
 class ChangeSet:
     """Collects the changes of ``Workspace.changeset()``; applied together when the block ends."""
 
@@ -411,11 +603,41 @@ class ChangeSet:
         normalized = tuple(e if isinstance(e, Edit) else Edit(*e) for e in edits)
         self.changes.append(Change("edit", path, edits=normalized, expected_sha256=expected_sha256))
 
-    def move(self, source: str, destination: str, *, overwrite: bool = False) -> None:
-        self.changes.append(Change("move", destination, source=source, overwrite=overwrite))
+    def move(
+        self,
+        source: str,
+        destination: str,
+        *,
+        overwrite: bool = False,
+        expected_sha256: str | None = None,
+    ) -> None:
+        self.changes.append(
+            Change(
+                "move",
+                destination,
+                source=source,
+                overwrite=overwrite,
+                expected_sha256=expected_sha256,
+            )
+        )
 
-    def copy(self, source: str, destination: str, *, overwrite: bool = False) -> None:
-        self.changes.append(Change("copy", destination, source=source, overwrite=overwrite))
+    def copy(
+        self,
+        source: str,
+        destination: str,
+        *,
+        overwrite: bool = False,
+        expected_sha256: str | None = None,
+    ) -> None:
+        self.changes.append(
+            Change(
+                "copy",
+                destination,
+                source=source,
+                overwrite=overwrite,
+                expected_sha256=expected_sha256,
+            )
+        )
 
     def delete(self, path: str, *, expected_sha256: str | None = None) -> None:
         self.changes.append(Change("delete", path, expected_sha256=expected_sha256))
