@@ -28,6 +28,7 @@ from pydantic import Field
 
 from ..edits import Edit
 from ..errors import AtomicToolsError, InvalidArgumentError, TooLargeError
+from ..idempotency import MAX_KEY_LENGTH
 from ..journal import MAX_CHANGES, Change
 from ..results import BytesRead, SearchResult, TreeNode
 from ..workspace import Workspace
@@ -77,6 +78,21 @@ PathParam = Annotated[str, Field(description="File path: relative to the first r
 ExpectedSha = Annotated[
     str | None,
     Field(description="Refuse the change unless the file's current sha256 is this (from a read)."),
+]
+SourceSha = Annotated[
+    str | None,
+    Field(description="Refuse unless the source file's current sha256 is this (from a read)."),
+]
+IdempotencyKey = Annotated[
+    str | None,
+    Field(
+        description=(
+            "A unique string you choose per change (a UUID). Retrying with the same key and "
+            "arguments returns the first call's result without changing anything again."
+        ),
+        min_length=1,
+        max_length=MAX_KEY_LENGTH,
+    ),
 ]
 Excludes = Annotated[
     list[str] | None, Field(description="Glob patterns to skip, e.g. node_modules or *.log.")
@@ -223,10 +239,12 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
     )
     async def write_file(
         ctx: Context[Any, Any],
+        *,
         path: PathParam,
         content: Annotated[str, Field(description="The complete new content (UTF-8 text).")],
         expectedSha256: ExpectedSha = None,
         createOnly: Annotated[bool, Field(description="Refuse if the file exists.")] = False,
+        idempotencyKey: IdempotencyKey = None,
     ) -> Annotated[CallToolResult, WriteOutput]:
         progress = runtime.reporter(ctx)
         written = await runtime.call(
@@ -237,6 +255,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
                 expected_sha256=expectedSha256,
                 create_only=createOnly,
                 progress=progress,
+                idempotency_key=idempotencyKey,
             ),
         )
         out = WriteOutput.model_validate(written)
@@ -258,15 +277,23 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
     )
     async def edit_file(
         ctx: Context[Any, Any],
+        *,
         path: PathParam,
         edits: Annotated[list[EditOperation], Field(min_length=1)],
         dryRun: Annotated[bool, Field(description="Show the diff, write nothing.")] = False,
         expectedSha256: ExpectedSha = None,
+        idempotencyKey: IdempotencyKey = None,
     ) -> Annotated[CallToolResult, EditOutput]:
         changes = [Edit(e.old_text, e.new_text) for e in edits]
         edited = await runtime.call(
             ctx,
-            lambda ws: ws.edit(path, changes, dry_run=dryRun, expected_sha256=expectedSha256),
+            lambda ws: ws.edit(
+                path,
+                changes,
+                dry_run=dryRun,
+                expected_sha256=expectedSha256,
+                idempotency_key=idempotencyKey,
+            ),
         )
         out = EditOutput.model_validate(edited)
         header = "Dry run, nothing written" if dryRun else f"Edited {edited.path}"
@@ -278,9 +305,9 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         annotations=mutating(destructive=False, idempotent=True),
     )
     async def create_directory(
-        ctx: Context[Any, Any], path: PathParam
+        ctx: Context[Any, Any], path: PathParam, idempotencyKey: IdempotencyKey = None
     ) -> Annotated[CallToolResult, DirectoryOutput]:
-        made = await runtime.call(ctx, lambda ws: ws.mkdir(path))
+        made = await runtime.call(ctx, lambda ws: ws.mkdir(path, idempotency_key=idempotencyKey))
         out = DirectoryOutput.model_validate(made)
         return tool_result(out, f"{'Created' if made.created else 'Already exists'}: {made.path}")
 
@@ -434,12 +461,22 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
     )
     async def move_file(
         ctx: Context[Any, Any],
+        *,
         source: PathParam,
         destination: PathParam,
         overwrite: Annotated[bool, Field(description="Replace an existing destination.")] = False,
+        expectedSha256: SourceSha = None,
+        idempotencyKey: IdempotencyKey = None,
     ) -> Annotated[CallToolResult, MoveOutput]:
         moved = await runtime.call(
-            ctx, lambda ws: ws.move(source, destination, overwrite=overwrite)
+            ctx,
+            lambda ws: ws.move(
+                source,
+                destination,
+                overwrite=overwrite,
+                expected_sha256=expectedSha256,
+                idempotency_key=idempotencyKey,
+            ),
         )
         out = MoveOutput.model_validate(moved)
         return tool_result(out, f"Moved {moved.source} to {moved.destination}")
@@ -454,12 +491,22 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
     )
     async def copy_file(
         ctx: Context[Any, Any],
+        *,
         source: PathParam,
         destination: PathParam,
         overwrite: Annotated[bool, Field(description="Replace an existing destination.")] = False,
+        expectedSha256: SourceSha = None,
+        idempotencyKey: IdempotencyKey = None,
     ) -> Annotated[CallToolResult, CopyOutput]:
         copied = await runtime.call(
-            ctx, lambda ws: ws.copy(source, destination, overwrite=overwrite)
+            ctx,
+            lambda ws: ws.copy(
+                source,
+                destination,
+                overwrite=overwrite,
+                expected_sha256=expectedSha256,
+                idempotency_key=idempotencyKey,
+            ),
         )
         out = CopyOutput.model_validate(copied)
         return tool_result(
@@ -475,10 +522,16 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         annotations=mutating(destructive=True, idempotent=True),
     )
     async def delete_file(
-        ctx: Context[Any, Any], path: PathParam, expectedSha256: ExpectedSha = None
+        ctx: Context[Any, Any],
+        path: PathParam,
+        expectedSha256: ExpectedSha = None,
+        idempotencyKey: IdempotencyKey = None,
     ) -> Annotated[CallToolResult, DeleteOutput]:
         deleted = await runtime.call(
-            ctx, lambda ws: ws.delete(path, expected_sha256=expectedSha256)
+            ctx,
+            lambda ws: ws.delete(
+                path, expected_sha256=expectedSha256, idempotency_key=idempotencyKey
+            ),
         )
         return tool_result(DeleteOutput.model_validate(deleted), f"Deleted {deleted.path}")
 
@@ -501,7 +554,11 @@ def _to_change(change: AnyChange) -> Change:
         return Change("edit", change.path, edits=edits, expected_sha256=change.expected_sha256)
     if isinstance(change, MoveChange | CopyChange):
         return Change(
-            change.op, change.destination, source=change.source, overwrite=change.overwrite
+            change.op,
+            change.destination,
+            source=change.source,
+            overwrite=change.overwrite,
+            expected_sha256=change.expected_sha256,
         )
     if isinstance(change, DeleteChange):
         return Change("delete", change.path, expected_sha256=change.expected_sha256)
@@ -526,11 +583,15 @@ def register_change_set_tool(server: MCPServer[Any], runtime: ToolRuntime) -> No
         ctx: Context[Any, Any],
         changes: Annotated[list[AnyChange], Field(min_length=1, max_length=MAX_CHANGES)],
         dryRun: Annotated[bool, Field(description="Check and preview; write nothing.")] = False,
+        idempotencyKey: IdempotencyKey = None,
     ) -> Annotated[CallToolResult, ApplyChangesOutput]:
         progress = runtime.reporter(ctx)
         batch = [_to_change(change) for change in changes]
         result = await runtime.call(
-            ctx, lambda ws: ws.apply_changes(batch, dry_run=dryRun, progress=progress)
+            ctx,
+            lambda ws: ws.apply_changes(
+                batch, dry_run=dryRun, progress=progress, idempotency_key=idempotencyKey
+            ),
         )
         out = ApplyChangesOutput.model_validate(result)
         verb = "Would apply" if dryRun else "Applied"

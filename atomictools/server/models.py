@@ -228,6 +228,7 @@ class MoveChange(WireModel):
     source: str
     destination: str
     overwrite: bool = False
+    expected_sha256: str | None = Field(default=None, description="Of the source.")
 
 
 class CopyChange(WireModel):
@@ -235,6 +236,7 @@ class CopyChange(WireModel):
     source: str
     destination: str
     overwrite: bool = False
+    expected_sha256: str | None = Field(default=None, description="Of the source.")
 
 
 class DeleteChange(WireModel):
