@@ -82,6 +82,7 @@ class DatabaseCatalog:
                     durability=self.durability,
                     read_only=self.read_only,
                     create=configured,
+                    idempotency_ttl=self.workspace.idempotency_ttl,
                 )
                 self._open[path] = database
         return database

@@ -21,6 +21,7 @@ from . import __version__
 from .catalog import DatabaseCatalog
 from .config import STATE_DIR_ENV, Durability
 from .errors import AtomicToolsError
+from .idempotency import DEFAULT_TTL_SECONDS
 from .recovery import RecoveryReport, recover
 from .workspace import Workspace, atomic_writer
 
@@ -101,7 +102,17 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--state-dir",
         type=Path,
-        help=f"where journals live (default: ${STATE_DIR_ENV} or the user state directory)",
+        help=(
+            "where journals and idempotency keys live "
+            f"(default: ${STATE_DIR_ENV} or the user state directory)"
+        ),
+    )
+    serve.add_argument(
+        "--idempotency-ttl",
+        type=float,
+        default=DEFAULT_TTL_SECONDS,
+        metavar="SECONDS",
+        help="how long a retry with the same idempotencyKey gets the first result (default 1 day)",
     )
 
     recover = commands.add_parser(
@@ -171,6 +182,7 @@ def _serve(args: argparse.Namespace) -> int:
             durability=args.durability,
             read_only=args.read_only,
             state_dir=args.state_dir,
+            idempotency_ttl=args.idempotency_ttl,
         )
         databases = dict(DatabaseCatalog.parse_option(value) for value in args.db)
     except ValueError as err:

@@ -13,6 +13,7 @@ authorizer), so nothing sent to ``query`` can write. Parameters are always bound
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -28,10 +29,12 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 import anyio
 
+from . import idempotency
 from .config import Durability
 from .errors import AtomicToolsError, InvalidArgumentError, ReadOnlyError, TooLargeError
 from .results import Progress
 from .sqlguard import SqlGuard
+from .steps import crash_point
 
 logger = logging.getLogger("atomictools.database")
 
@@ -241,6 +244,17 @@ def _run_batch(
     return results, None
 
 
+def _lookup_key(c: _Connection, receipt: idempotency.Receipt) -> str | None:
+    """In the worker thread, inside the transaction: the key's stored results, if any."""
+    raw: sqlite3.Connection = c.conn._conn
+    idempotency.ensure_table(raw)
+    return idempotency.lookup(raw, receipt)
+
+
+def _record_key(c: _Connection, receipt: idempotency.Receipt, results: str) -> None:
+    idempotency.insert(c.conn._conn, receipt, results)
+
+
 class Transaction:
     """The open write transaction given by ``Database.transaction()``."""
 
@@ -322,6 +336,7 @@ class Database:
         read_only: bool = False,
         busy_timeout: float = 5.0,
         create: bool = True,
+        idempotency_ttl: float = idempotency.DEFAULT_TTL_SECONDS,
     ) -> None:
         self.path = Path(os.path.abspath(os.fspath(path)))
         self.name = name or self.path.name
@@ -329,6 +344,7 @@ class Database:
         self.read_only = read_only
         self.busy_timeout = busy_timeout
         self.create = create
+        self.idempotency_ttl = idempotency_ttl
         self._writer: _Connection | None = None
         self._readers: list[_Connection] = []
         self._reader_count = 0
@@ -436,6 +452,7 @@ class Database:
                 with anyio.CancelScope(shield=True):
                     await c.internal("COMMIT")
                 committed = True
+                crash_point("db.committed")
             finally:
                 if not committed and not await c.settle():
                     logger.warning(
@@ -468,22 +485,47 @@ class Database:
             await anyio.sleep(pause)
             pause = min(pause * 2, 0.05)
 
-    async def execute(self, sql: str, params: Params = None) -> StatementResult:
+    async def execute(
+        self, sql: str, params: Params = None, *, idempotency_key: str | None = None
+    ) -> StatementResult:
         """One statement in its own transaction."""
-        return (await self.run_statements([Statement(sql, params)]))[0]
+        batch = [Statement(sql, params)]
+        return (await self.run_statements(batch, idempotency_key=idempotency_key))[0]
 
     async def run_statements(
-        self, statements: Sequence[Statement], *, progress: Progress | None = None
+        self,
+        statements: Sequence[Statement],
+        *,
+        progress: Progress | None = None,
+        idempotency_key: str | None = None,
     ) -> list[StatementResult]:
-        """Several statements in one transaction: all of them or none."""
+        """Several statements in one transaction: all of them or none.
+
+        With ``idempotency_key``, the key's record is written in the same transaction (to a
+        table in this database), so a repeat returns the first results and changes nothing,
+        even after a crash between the commit and the reply.
+        """
         if not statements:
             raise InvalidArgumentError("statements is empty; give at least one {sql, params}")
         for statement in statements:
             if not isinstance(statement.sql, str) or not statement.sql.strip():
                 raise InvalidArgumentError("a statement's SQL is empty")
+        receipt = None
+        if idempotency_key is not None:
+            receipt = idempotency.Receipt(
+                store=str(self.path),
+                scope="",
+                key=idempotency.check_key(idempotency_key),
+                fingerprint=idempotency.fingerprint([[s.sql, s.params] for s in statements]),
+                ttl=self.idempotency_ttl,
+            )
         results: list[StatementResult] = []
         total = len(statements)
         async with self.transaction() as tx:
+            if receipt is not None:
+                stored = await tx._c.in_worker(_lookup_key, tx._c, receipt)
+                if stored is not None:
+                    return [StatementResult(*pair) for pair in json.loads(stored)]
             while len(results) < total:
                 tx.ensure_open()
                 # Many statements per worker call: a thread hop per statement would cost more
@@ -498,6 +540,9 @@ class Database:
                     raise self._statement_error(tx._c, err, sql, index, total) from err
                 if progress is not None:
                     await progress(len(results), total)
+            if receipt is not None:
+                stored = json.dumps([[r.rowcount, r.lastrowid] for r in results])
+                await tx._c.in_worker(_record_key, tx._c, receipt, stored)
         return results
 
     # -- reads ------------------------------------------------------------------------------

@@ -686,6 +686,7 @@ async def apply_change_set(
                 IdempotencyStore(Path(receipt.store)).record(
                     receipt, runner.outcomes(applied=True).to_json()
                 )
+                crash_point("changeset.key_recorded")
             runner.finish()
         except (OSError, sqlite3.Error) as err:
             if runner.journal is not None:

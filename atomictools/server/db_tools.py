@@ -20,7 +20,7 @@ from ..catalog import DatabaseCatalog
 from ..database import Params, QueryResult, Statement, StatementResult
 from ..errors import InvalidArgumentError
 from ..workspace import Workspace
-from .file_tools import READ_ONLY, mutating, tool_result
+from .file_tools import READ_ONLY, IdempotencyKey, mutating, tool_result
 from .models import (
     DbColumn,
     DbEntry,
@@ -197,10 +197,11 @@ def register_db_tools(
         database: DatabaseParam,
         sql: Annotated[str, Field(description="One SQL statement.")],
         params: JsonParams = None,
+        idempotencyKey: IdempotencyKey = None,
     ) -> Annotated[CallToolResult, DbExecuteOutput]:
         async def run(_ws: Workspace) -> DbExecuteOutput:
             db = await catalog.get(database)
-            done = await db.execute(sql, decode_params(params))
+            done = await db.execute(sql, decode_params(params), idempotency_key=idempotencyKey)
             return DbExecuteOutput(rowcount=done.rowcount, lastrowid=done.lastrowid, committed=True)
 
         out = await runtime.call(ctx, run)
@@ -221,13 +222,14 @@ def register_db_tools(
         ctx: Context[Any, Any],
         database: DatabaseParam,
         statements: Annotated[list[DbStatement], Field(min_length=1, max_length=MAX_STATEMENTS)],
+        idempotencyKey: IdempotencyKey = None,
     ) -> Annotated[CallToolResult, DbTransactionOutput]:
         progress = runtime.reporter(ctx)
 
         async def run(_ws: Workspace) -> list[StatementResult]:
             db = await catalog.get(database)
             batch = [Statement(s.sql, decode_params(s.params)) for s in statements]
-            return await db.run_statements(batch, progress=progress)
+            return await db.run_statements(batch, progress=progress, idempotency_key=idempotencyKey)
 
         done = await runtime.call(ctx, run)
         # A result per statement for a 10,000-statement batch would be a reply clients spend
