@@ -43,7 +43,7 @@ from .journal import (
     RecoveryNeededError,
     apply_change_set,
 )
-from .locks import ChangeLocks
+from .locks import ChangeLocks, KeyedLocks
 from .recovery import recover_journals
 from .results import (
     BytesRead,
@@ -96,6 +96,7 @@ class Workspace:
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self.idempotency_ttl = idempotency_ttl
         self._locks = ChangeLocks()
+        self._key_locks = KeyedLocks()
         self._unrecovered: dict[Hashable, str] = {}
         self._key_scope = fingerprint(sorted(str(root) for root in self.roots))
         """Keys are per set of configured roots: a relative path means another file elsewhere."""
@@ -130,6 +131,7 @@ class Workspace:
             idempotency_ttl=self.idempotency_ttl,
         )
         view._locks = self._locks
+        view._key_locks = self._key_locks
         view._unrecovered = self._unrecovered
         view._key_scope = self._key_scope
         return view
@@ -457,16 +459,19 @@ class Workspace:
             self.idempotency_ttl,
         )
         store = IdempotencyStore(Path(receipt.store))
-        self._finish_abandoned_change_sets()
-        if (stored := store.lookup(receipt)) is not None:
-            return ChangeSetResult.from_json(stored)
-        try:
-            return await self._apply(changes, dry_run=False, progress=progress, receipt=receipt)
-        except AtomicToolsError:
-            # The first call may have finished meanwhile, changing what this one checked.
+        # One call per key at a time in this process: a retry waits for the first call.
+        async with self._key_locks.hold((receipt.scope, receipt.key)):
+            self._finish_abandoned_change_sets()
             if (stored := store.lookup(receipt)) is not None:
                 return ChangeSetResult.from_json(stored)
-            raise
+            try:
+                return await self._apply(changes, dry_run=False, progress=progress, receipt=receipt)
+            except AtomicToolsError:
+                # Another process's first call may have finished meanwhile, changing what
+                # this one checked.
+                if (stored := store.lookup(receipt)) is not None:
+                    return ChangeSetResult.from_json(stored)
+                raise
 
     async def _once(
         self, change: Change, idempotency_key: str, progress: Progress | None = None
