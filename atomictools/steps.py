@@ -5,13 +5,15 @@ lands at a boundary the cleanup code knows about. It only yields to the event lo
 was cancelled (``checkpoint_if_cancelled``): a full checkpoint per step would cost a loop
 iteration each, a measurable share of a small durable write. The same names serve the
 tests: an observer can count them and cancel at the N-th, and the environment variable
-``ATOMICTOOLS_TEST_CRASH_AT=name[:n]`` (set only by crash tests) makes the process ``os._exit``
-at the n-th time ``name`` is reached, the way SQLite and Mercurial test their crash points.
+``ATOMICTOOLS_TEST_CRASH_AT=name[:n]`` (set only by crash tests and the demo) makes the process
+``os._exit`` at the n-th time ``name`` is reached, the way SQLite and Mercurial test their crash
+points (or kill itself with SIGKILL if ``ATOMICTOOLS_TEST_CRASH_SIGNAL=KILL``).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -19,6 +21,7 @@ from contextvars import ContextVar
 import anyio.lowlevel
 
 CRASH_ENV = "ATOMICTOOLS_TEST_CRASH_AT"
+CRASH_SIGNAL_ENV = "ATOMICTOOLS_TEST_CRASH_SIGNAL"
 CRASH_EXIT_CODE = 137
 
 StepObserver = Callable[[str], None]
@@ -42,6 +45,8 @@ def crash_point(name: str) -> None:
         return
     _crash_counts[name] = _crash_counts.get(name, 0) + 1
     if _crash_counts[name] == _crash_at[1]:
+        if os.environ.get(CRASH_SIGNAL_ENV) == "KILL":
+            os.kill(os.getpid(), signal.SIGKILL)
         os._exit(CRASH_EXIT_CODE)
 
 
