@@ -140,6 +140,17 @@ def _roll_forward(op: dict[str, Any], dirs: _Dirs) -> str | None:
     kind = op["op"]
     if kind == "replace":
         if staged and _exists(d, staged):
+            current = _exists(d, name)
+            replaced_since = (
+                not _same(current, _exists(d, backup)) if backup else current is not None
+            )
+            if replaced_since:  # by another process after the crash: its update wins
+                _unlink(d, staged)
+                _unlink(d, backup)
+                return (
+                    f"{op['dir']}/{name}: replaced by someone else since the crash; "
+                    "the change set's version of it was not applied"
+                )
             os.replace(staged, name, src_dir_fd=d, dst_dir_fd=d)
         elif _sha256(d, name) != op.get("sha256"):
             return f"{op['dir']}/{name}: neither the staged nor the new content is there"

@@ -236,6 +236,35 @@ def test_crash_after_commit_then_cli_rollback_is_wholly_old(
     assert snapshot(root) == case.old[0]
 
 
+def test_roll_forward_never_overwrites_a_file_replaced_after_the_crash(
+    tmp_path: Path, private_state_dir: Path
+) -> None:
+    """Another server on the same root may change a file of a dead change set before recovery
+    runs: its update must survive (no lost update), and the conflict is reported."""
+    root = tmp_path / "root"
+    root.mkdir()
+    case = scenario("no-mkdir", [root])
+    install(root, case.old[0])
+    crash_child("no-mkdir", [root], private_state_dir, "changeset.committed")
+    newer = root / "a.txt.newer"
+    newer.write_bytes(b"alpha, written by another process after the crash\n")
+    newer.replace(root / "a.txt")  # an atomic replace, as another server would make it
+    (root / "fresh.txt").write_bytes(b"fresh, created by someone else\n")
+
+    report = run_recovery([root], private_state_dir)
+
+    state = snapshot(root)
+    assert state["a.txt"] == b"alpha, written by another process after the crash\n"
+    assert state["fresh.txt"] == b"fresh, created by someone else\n"
+    assert state["b.txt"] == case.new[0]["b.txt"]  # the rest of the set is finished
+    assert "gone.txt" not in state
+    assert len(report.problems) == 2, report.problems
+    assert all("replaced by someone else since the crash" in p for p in report.problems)
+    assert report.exit_code == 2
+    assert temp_files(tmp_path) == []
+    assert records(private_state_dir) == []
+
+
 # -- the sweep: what it may and may not remove ----------------------------------------------------
 
 
