@@ -185,6 +185,7 @@ def _configure_logging(level: str) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from .server import ServerOptions, create_server
     from .server.http import http_app, is_loopback, serve_http
+    from .server.stdio import run_stdio
 
     _configure_logging(args.log_level)
     try:
@@ -205,7 +206,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.transport == "stdio":
         if sys.stdin.isatty():
             print(TTY_HINT.format(version=__version__, root=workspace.roots[0]), file=sys.stderr)
-        anyio.run(server.run_stdio_async)
+        anyio.run(run_stdio, server)
         return 0
     token = os.environ.get(args.auth_token_env) if args.auth_token_env else None
     if args.auth_token_env and not token:
