@@ -17,6 +17,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.types import (
     CallToolResult,
+    CancelledNotificationParams,
     EmptyResult,
     InputRequiredResult,
     NotificationParams,
@@ -30,7 +31,7 @@ from ..recovery import RecoveryReport, recover_journals, sweep_temps
 from ..workspace import Workspace
 from .db_tools import register_db_tools
 from .file_tools import register_change_set_tool, register_file_tools
-from .runtime import ServerOptions, ToolRuntime
+from .runtime import ClientRoots, ServerOptions, ToolRuntime
 
 INSTRUCTIONS = """\
 atomictools changes files atomically inside the allowed directories (list_allowed_directories).
@@ -151,7 +152,8 @@ def start_background_sweep(
 
 
 def _answer_protocol_extras(server: MCPServer[Any], runtime: ToolRuntime) -> None:
-    """``logging/setLevel`` and ``roots/list_changed``, which MCPServer 2.x no longer wires.
+    """``logging/setLevel`` and ``roots/list_changed``, which MCPServer 2.x no longer wires,
+    and ``notifications/cancelled`` for a request not seen yet (see ``EarlyCancels``).
 
     The high-level server exposes no hook for either, so they go on the low-level server.
     """
@@ -176,7 +178,18 @@ def _answer_protocol_extras(server: MCPServer[Any], runtime: ToolRuntime) -> Non
     async def roots_changed(ctx: ServerRequestContext[Any], _params: NotificationParams) -> None:
         runtime.roots.forget(ctx.session)
 
+    async def cancelled(
+        ctx: ServerRequestContext[Any], params: CancelledNotificationParams
+    ) -> None:
+        # The SDK cancels a running request itself; this catches a cancel that came first.
+        if params.request_id is not None:
+            client = ClientRoots.client_key(ctx.session)
+            runtime.early_cancels.cancelled(client, str(params.request_id))
+
     lowlevel.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
     lowlevel.add_notification_handler(
         "notifications/roots/list_changed", NotificationParams, roots_changed
+    )
+    lowlevel.add_notification_handler(
+        "notifications/cancelled", CancelledNotificationParams, cancelled
     )

@@ -11,8 +11,14 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..config import Limits, MiB
+
 LOOPBACK_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
 LOOPBACK_ORIGINS = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
+MAX_REQUEST_BYTES = 2 * Limits().max_write_bytes + 4 * MiB
+"""Largest HTTP request body (a larger one gets 413): the largest content the tools take in one
+call, JSON-escaped (a newline or a quote takes two bytes), with room for the rest. The SDK's
+default, 4 MiB, refused over HTTP every write that stdio accepts between 4 and 64 MiB."""
 
 
 def is_loopback(host: str) -> bool:
@@ -57,6 +63,7 @@ def http_app(
     host: str,
     allowed_hosts: list[str] | None = None,
     auth_token: str | None = None,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
 ) -> ASGIApp:
     """The streamable-HTTP ASGI app at ``/mcp``, with Host/Origin checks and maybe a token."""
     names = [*([] if is_loopback(host) else [host]), *(allowed_hosts or [])]
@@ -68,7 +75,9 @@ def http_app(
         allowed_hosts=[*LOOPBACK_HOSTS, *hosts],
         allowed_origins=[*LOOPBACK_ORIGINS, *origins],
     )
-    app: ASGIApp = server.streamable_http_app(host=host, transport_security=security)
+    app: ASGIApp = server.streamable_http_app(
+        host=host, transport_security=security, max_request_body_size=max_request_bytes
+    )
     return BearerTokenGate(app, auth_token) if auth_token else app
 
 

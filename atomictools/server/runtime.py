@@ -9,8 +9,10 @@ message names the problem and the fix. No traceback ever reaches the client.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,12 +117,68 @@ class ClientRoots:
         return self.base.narrowed(existing) if existing else None
 
 
+class EarlyCancels:
+    """Cancels that arrived before the request they name, so that the request is refused.
+
+    Over streamable HTTP a ``notifications/cancelled`` is a POST of its own and overtakes the
+    POST of a large request that is still uploading; the SDK drops a cancel for a request it
+    has not seen yet, and the call would then run to completion although the client gave up
+    on it (and ignores its result). A cancel for an id that no tool call of that client has
+    started is remembered here, for a while, and the call with that id is refused on arrival.
+    """
+
+    TTL = 60.0
+    """Seconds a cancel waits for its request (which may never come: a refused POST)."""
+    SEEN = 1024
+    """Recent tool-call ids kept per client: a cancel for one of them is not early."""
+
+    def __init__(self) -> None:
+        self._clients: weakref.WeakKeyDictionary[
+            Any, tuple[dict[str, float], OrderedDict[str, None]]
+        ] = weakref.WeakKeyDictionary()
+
+    def _of(self, client: Any) -> tuple[dict[str, float], OrderedDict[str, None]]:
+        return self._clients.setdefault(client, ({}, OrderedDict()))
+
+    def cancelled(self, client: Any, request_id: str) -> None:
+        """A cancel arrived (the SDK has stopped the call already if it was running)."""
+        waiting, seen = self._of(client)
+        if request_id in seen:
+            return
+        now = time.monotonic()
+        for stale in [rid for rid, at in waiting.items() if now - at > self.TTL]:
+            del waiting[stale]
+        waiting[request_id] = now
+
+    def starting(self, client: Any, request_id: str) -> bool:
+        """A tool call starts: False when its client cancelled it already."""
+        waiting, seen = self._of(client)
+        seen[request_id] = None
+        if len(seen) > self.SEEN:
+            seen.popitem(last=False)
+        return waiting.pop(request_id, None) is None
+
+
+def _mark_cancelled(ctx: Context[Any, Any]) -> None:
+    """Tell the SDK that the client cancelled this request, so that it answers it as one it
+    cancelled itself: not at all (stdio), or with "Request cancelled" (HTTP ends the POST).
+
+    The flag is the dispatcher's own; the high-level Context reaches it only through a private
+    attribute (absent: the client gets an error result that it ignores).
+    """
+    outbound = getattr(ctx.request_context.session, "_request_outbound", None)
+    flag = getattr(outbound, "cancel_requested", None)
+    if isinstance(flag, anyio.Event):
+        flag.set()
+
+
 class ToolRuntime:
     """Runs one engine call for a tool: workspace, deadline, errors."""
 
     def __init__(self, workspace: Workspace, options: ServerOptions) -> None:
         self.options = options
         self.roots = ClientRoots(workspace)
+        self.early_cancels = EarlyCancels()
 
     @property
     def limits(self) -> Limits:
@@ -130,6 +188,11 @@ class ToolRuntime:
         self, ctx: Context[Any, Any], operation: Callable[[Workspace], Awaitable[T]]
     ) -> T:
         timeout = self.options.tool_timeout
+        client = ClientRoots.client_key(ctx.session)
+        if not self.early_cancels.starting(client, ctx.request_id):
+            logger.info("request %s: cancelled by its client before it arrived", ctx.request_id)
+            _mark_cancelled(ctx)
+            raise ToolError("cancelled by the client before it started; nothing was changed")
         try:
             workspace = await self.roots.workspace_for(ctx)
             if timeout is None:
