@@ -247,12 +247,26 @@ def _run_batch(
 def _lookup_key(c: _Connection, receipt: idempotency.Receipt) -> str | None:
     """In the worker thread, inside the transaction: the key's stored results, if any."""
     raw: sqlite3.Connection = c.conn._conn
-    idempotency.ensure_table(raw)
-    return idempotency.lookup(raw, receipt)
+    try:
+        idempotency.ensure_table(raw)
+        return idempotency.lookup(raw, receipt)
+    except sqlite3.Error as err:
+        raise _key_table_error(err) from err
 
 
 def _record_key(c: _Connection, receipt: idempotency.Receipt, results: str) -> None:
-    idempotency.insert(c.conn._conn, receipt, results)
+    try:
+        idempotency.insert(c.conn._conn, receipt, results)
+    except sqlite3.Error as err:
+        raise _key_table_error(err) from err
+
+
+def _key_table_error(err: sqlite3.Error) -> DatabaseError:
+    return DatabaseError(
+        f"the idempotency key could not be looked up or recorded in table "
+        f"{idempotency.KEY_TABLE} ({err}); the transaction was rolled back; check that table "
+        "or call without idempotencyKey"
+    )
 
 
 class Transaction:

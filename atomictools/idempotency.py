@@ -12,20 +12,26 @@ are written.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from .errors import AtomicToolsError, InvalidArgumentError
+from .locks import KeyedLocks
 
 DEFAULT_TTL_SECONDS = 24 * 3600.0
 MAX_KEY_LENGTH = 200
 STORE_NAME = "idempotency.sqlite3"
+LOCK_NAME = "idempotency.lock"
 KEY_TABLE = "atomictools_idempotency"
 """The table a database gets the first time a keyed db_execute/db_transaction changes it."""
 
@@ -41,6 +47,25 @@ class IdempotencyKeyReusedError(AtomicToolsError):
     """The key was already used by a call with other arguments."""
 
     code = "idempotency_key_reused"
+
+
+class InterruptedCallError(AtomicToolsError):
+    """The key's first call was cut short by a crash and could be finished only in part."""
+
+    code = "interrupted_call"
+
+
+def failed_result(reason: str) -> str:
+    """What a key records when its call can neither be returned as done nor redone."""
+    return json.dumps({"failed": reason})
+
+
+def raise_if_failed(key: str, result: str) -> str:
+    """``result`` as stored, or the error a failed record stands for."""
+    if result.startswith('{"failed"'):
+        reason = json.loads(result)["failed"]
+        raise InterruptedCallError(f"idempotencyKey {key!r}: {reason}", changed=True)
+    return result
 
 
 def check_key(key: str) -> str:
@@ -122,7 +147,7 @@ def lookup(conn: sqlite3.Connection, receipt: Receipt) -> str | None:
             f"idempotencyKey {receipt.key!r} was already used for a call with other arguments; "
             "repeat that call exactly to get its result, or use a new key for a new call"
         )
-    return str(row[1])
+    return raise_if_failed(receipt.key, str(row[1]))
 
 
 def insert(conn: sqlite3.Connection, receipt: Receipt, result: str) -> None:
@@ -133,6 +158,55 @@ def insert(conn: sqlite3.Connection, receipt: Receipt, result: str) -> None:
         f"INSERT OR IGNORE INTO {KEY_TABLE} VALUES (?, ?, ?, ?, ?, ?)",
         (receipt.scope, receipt.key, receipt.fingerprint, result, now, now + receipt.ttl),
     )
+
+
+# -- one call per key at a time, across processes ------------------------------------------
+
+_LOCK_WAIT_FIRST = 0.001
+_LOCK_WAIT_MAX = 0.02
+_in_process = KeyedLocks()
+_lock_fds: dict[str, int] = {}
+"""One descriptor per key-lock file per process: closing any descriptor of a file drops every
+POSIX record lock the process holds on it, so the file is opened once and kept open."""
+
+
+def _lock_fd(path: Path) -> int:
+    fd = _lock_fds.get(str(path))
+    if fd is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        _lock_fds[str(path)] = fd
+    return fd
+
+
+@contextlib.asynccontextmanager
+async def key_locked(lock_file: Path, receipt: Receipt) -> AsyncIterator[None]:
+    """Hold ``receipt``'s key against other processes: a record lock on one byte of
+    ``lock_file``, chosen by the key's hash (released by the kernel if the holder dies).
+
+    Record locks belong to the process, so same-key calls in this process (through any
+    workspace) first take a process-wide in-memory lock. Waiting polls with back-off, which a
+    cancel can interrupt.
+    """
+    digest = hashlib.sha256(f"{receipt.scope}\0{receipt.key}".encode()).digest()
+    offset = int.from_bytes(digest[:7], "big")  # 2**56 bytes: collisions are negligible
+    async with _in_process.hold((str(lock_file), offset)):
+        fd = _lock_fd(lock_file)
+        wait = _LOCK_WAIT_FIRST
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+                break
+            except BlockingIOError:
+                await anyio.sleep(wait)
+                wait = min(wait * 2, _LOCK_WAIT_MAX)
+            except OSError:  # no record locks here (some network file systems)
+                yield
+                return
+        try:
+            yield
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
 
 
 # -- the state store for file changes ------------------------------------------------------

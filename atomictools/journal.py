@@ -380,10 +380,17 @@ class ChangeSetRunner:
 
     async def _prepare_one(self, planned: _Planned, dry_run: bool) -> None:
         change, target = planned.change, planned.target
+        if not dry_run:
+            _refuse_removed_directory(target, planned.source)
         st = target.lstat()
         planned.existed = st is not None
         op = change.op
         if op == "mkdir":
+            if not dry_run and (st is None or not stat.S_ISDIR(st.st_mode)):
+                raise ConcurrentChangeError(
+                    f"the directory {target.display} was removed while this change set waited "
+                    "for its turn; retry"
+                )
             planned.existed = not any(
                 (str(target.abspath.parent), target.name) == made for made in self.created_dirs
             )
@@ -626,6 +633,17 @@ class ChangeSetRunner:
             applied=applied,
             txid=self.txid if applied else None,
         )
+
+
+def _refuse_removed_directory(*locations: Location | None) -> None:
+    """The paths were resolved before the locks were taken (so later changes can name files in
+    directories the set creates); a directory removed meanwhile would swallow the change."""
+    for location in locations:
+        if location is not None and os.fstat(location.dir_fd).st_nlink == 0:
+            raise ConcurrentChangeError(
+                f"the directory of {location.display} was removed while this change set waited "
+                "for its turn; retry"
+            )
 
 
 def _label(index: int, total: int, op: str) -> str:

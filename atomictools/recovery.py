@@ -28,7 +28,7 @@ from typing import Any
 
 from . import fsutil
 from .errors import AtomicToolsError
-from .idempotency import IdempotencyStore, Receipt
+from .idempotency import IdempotencyStore, Receipt, failed_result
 from .journal import RECORD_SUFFIX, decode_record
 from .sandbox import Sandbox
 from .tempfiles import is_temp_name, temp_owner_pid
@@ -329,7 +329,7 @@ def _recover_record(
             dirs.close()
         if problems:
             report.problems.extend(f"change set {txid}: {p}" for p in problems)
-        if forward and not _record_key(body, txid, report):
+        if forward and not _record_key(body, txid, report, problems):
             return  # the record stays: the next recovery records the key
         path.unlink()
         (report.rolled_forward if forward else report.rolled_back).append(txid)
@@ -337,13 +337,25 @@ def _recover_record(
         os.close(fd)
 
 
-def _record_key(body: dict[str, Any], txid: str, report: RecoveryReport) -> bool:
-    """A rolled-forward keyed change: record its key, so a retry returns instead of redoing."""
+def _record_key(
+    body: dict[str, Any], txid: str, report: RecoveryReport, problems: list[str]
+) -> bool:
+    """A rolled-forward keyed change: record its key, so a retry returns instead of redoing.
+
+    A change set that could be finished only in part records the key as failed, with why: a
+    retry must neither redo the part that was applied nor be told that all of it was.
+    """
     keyed = body.get("idempotency")
     if keyed is None:
         return True
     try:
         receipt, result = Receipt.from_record(keyed)
+        if problems:
+            result = failed_result(
+                "the first call with this key was interrupted by a crash, and recovery could "
+                f"finish only part of change set {txid}: {'; '.join(problems)}. Read the files, "
+                "then make what is still needed with a new key"
+            )
         IdempotencyStore(Path(receipt.store)).record(receipt, result)
     except (OSError, sqlite3.Error, KeyError, TypeError, ValueError) as err:
         report.problems.append(

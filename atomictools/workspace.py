@@ -29,11 +29,13 @@ from .errors import (
 )
 from .idempotency import (
     DEFAULT_TTL_SECONDS,
+    LOCK_NAME,
     STORE_NAME,
     IdempotencyStore,
     Receipt,
     check_key,
     fingerprint,
+    key_locked,
 )
 from .journal import (
     Change,
@@ -43,7 +45,7 @@ from .journal import (
     RecoveryNeededError,
     apply_change_set,
 )
-from .locks import ChangeLocks, KeyedLocks
+from .locks import ChangeLocks
 from .recovery import recover_journals
 from .results import (
     BytesRead,
@@ -96,7 +98,6 @@ class Workspace:
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self.idempotency_ttl = idempotency_ttl
         self._locks = ChangeLocks()
-        self._key_locks = KeyedLocks()
         self._unrecovered: dict[Hashable, str] = {}
         self._key_scope = fingerprint(sorted(str(root) for root in self.roots))
         """Keys are per set of configured roots: a relative path means another file elsewhere."""
@@ -131,7 +132,6 @@ class Workspace:
             idempotency_ttl=self.idempotency_ttl,
         )
         view._locks = self._locks
-        view._key_locks = self._key_locks
         view._unrecovered = self._unrecovered
         view._key_scope = self._key_scope
         return view
@@ -459,8 +459,9 @@ class Workspace:
             self.idempotency_ttl,
         )
         store = IdempotencyStore(Path(receipt.store))
-        # One call per key at a time in this process: a retry waits for the first call.
-        async with self._key_locks.hold((receipt.scope, receipt.key)):
+        # One call per key at a time, in this process and across processes: a retry waits for
+        # the first call, and a call with other arguments is then refused.
+        async with key_locked(self.state_dir / LOCK_NAME, receipt):
             self._finish_abandoned_change_sets()
             if (stored := store.lookup(receipt)) is not None:
                 return ChangeSetResult.from_json(stored)

@@ -13,9 +13,6 @@ crash point (``ATOMICTOOLS_TEST_CRASH_AT``; a real SIGKILL where the engine supp
 ``ATOMICTOOLS_TEST_CRASH_SIGNAL=KILL``, else exit 137); the next keyed call in this process (or
 ``atomictools recover``) must finish the dead change set, record its key, and return the first
 call's result (its ``txid``), never apply it twice.
-
-The tests marked ``xfail(strict=True)`` show bugs reported against ``atomictools/`` (each
-reason says which); they flip to a failure (XPASS) once the bug is fixed.
 """
 
 from __future__ import annotations
@@ -50,7 +47,15 @@ from atomictools import (
 )
 from atomictools.config import STATE_DIR_ENV
 from atomictools.database import Database, Statement, StatementError
-from atomictools.idempotency import KEY_TABLE, STORE_NAME, IdempotencyKeyReusedError
+from atomictools.idempotency import (
+    KEY_TABLE,
+    LOCK_NAME,
+    STORE_NAME,
+    IdempotencyKeyReusedError,
+    InterruptedCallError,
+    Receipt,
+    key_locked,
+)
 from atomictools.journal import RECORD_SUFFIX, Change, decode_record
 from atomictools.steps import CRASH_ENV, CRASH_EXIT_CODE, observe_steps
 from atomictools.tempfiles import is_temp_name, temp_owner_pid
@@ -496,16 +501,7 @@ async def test_concurrent_calls_with_one_key_apply_once(
     "nworkspaces",
     [
         pytest.param(1, id="one-workspace"),
-        pytest.param(
-            2,
-            id="two-workspaces",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: keyed calls are serialised per key only inside one Workspace "
-                "(_key_locks); another process (here: another Workspace object) changing files "
-                "in other directories is not held back, so both apply",
-            ),
-        ),
+        pytest.param(2, id="two-workspaces"),
     ],
 )
 async def test_overlapping_calls_with_one_key_and_other_arguments_do_not_both_apply(
@@ -616,17 +612,7 @@ async def test_a_cancelled_call_leaves_the_key_free_and_the_retry_applies_once(
     "nworkspaces",
     [
         pytest.param(1, id="one-workspace"),
-        pytest.param(
-            2,
-            id="two-workspaces",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: a change set is planned before its locks are taken and a mkdir "
-                "planned as existing is not checked again under them; the first call's undo "
-                "removed the directory, yet the retry reports it (created=False) and records "
-                "the key",
-            ),
-        ),
+        pytest.param(2, id="two-workspaces"),
     ],
 )
 async def test_a_retry_overlapping_a_cancelled_call_makes_its_directory(
@@ -873,12 +859,6 @@ async def test_finishing_a_dead_change_set_never_undoes_a_later_acknowledged_wri
     assert journals(private_state_dir) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: when recovery refuses to roll a dead change set's file forward (it was replaced "
-    "since the crash), it still records the key with the change set's success result: the "
-    "retry is told applied=True with a sha256 the file does not have",
-)
 async def test_a_retry_is_not_told_a_dropped_change_was_applied(
     root: Path, private_state_dir: Path
 ) -> None:
@@ -894,12 +874,47 @@ async def test_a_retry_is_not_told_a_dropped_change_was_applied(
     run_child(spec, private_state_dir, "changeset.committed")
     ws = Workspace([root])
     await ws.write("f.txt", "written after the crash\n")  # by another server, say
-    try:
-        retried = await ws.apply_changes(changes_from_spec(changes), idempotency_key="k")
-    except AtomicToolsError:
-        return  # telling the client that the change did not go through is right
-    now = (root / "f.txt").read_bytes()
-    assert retried.changes[0].sha256 == sha(now), f"told {retried}, but f.txt is {now!r}"
+    for _ in range(2):  # the answer is recorded: asking again neither redoes nor succeeds
+        with pytest.raises(InterruptedCallError) as caught:
+            await ws.apply_changes(changes_from_spec(changes), idempotency_key="k")
+        assert "could finish only part" in str(caught.value)
+        assert "replaced by someone else since the crash" in str(caught.value)
+        assert (root / "f.txt").read_bytes() == b"written after the crash\n"
+    assert journals(private_state_dir) == []
+
+
+async def test_the_key_lock_holds_across_processes(tmp_path: Path) -> None:
+    """Same key in two processes: the second waits until the first holder is gone (even
+    killed); the lock is a record lock on the state directory's key-lock file."""
+    lock_file = tmp_path / "state" / LOCK_NAME
+    receipt = Receipt("unused", "scope", "k", "f")
+    script = (
+        "import anyio, sys\n"
+        "from pathlib import Path\n"
+        "from atomictools.idempotency import Receipt, key_locked\n"
+        "async def main():\n"
+        "    async with key_locked(Path(sys.argv[1]), Receipt('unused', 'scope', 'k', 'f')):\n"
+        "        print('holding', flush=True)\n"
+        "        await anyio.sleep(3600)\n"
+        "anyio.run(main)\n"
+    )
+    async with await anyio.open_process([sys.executable, "-c", script, str(lock_file)]) as holder:
+        try:
+            assert holder.stdout is not None
+            with anyio.fail_after(30):
+                assert (await holder.stdout.receive()).startswith(b"holding")
+            with anyio.move_on_after(0.5) as waited:
+                async with key_locked(lock_file, receipt):
+                    pytest.fail("took a key another process holds")
+            assert waited.cancelled_caught
+            async with key_locked(lock_file, Receipt("unused", "scope", "other key", "f")):
+                pass  # another key is free
+        finally:
+            holder.kill()
+            await holder.wait()
+    with anyio.fail_after(5):
+        async with key_locked(lock_file, receipt):
+            pass  # the dead holder's lock went with it
 
 
 # -- databases ------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import pytest
 from atomictools import (
     AlreadyExistsError,
     AtomicToolsError,
+    ConcurrentChangeError,
     EditNotFoundError,
     InvalidArgumentError,
     Limits,
@@ -770,3 +771,50 @@ async def test_move_of_a_symlink_moves_the_link(root: Path, tmp_path: Path, ws: 
     assert snapshot(root) == {"real.txt": b"real\n", "moved-link": "<link real.txt>"}
     assert os.readlink(root / "moved-link") == "real.txt"
     assert_clean(ws, tmp_path)
+
+
+async def test_a_set_planned_while_another_removes_its_directory_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Paths are resolved before the locks are taken: when the set ahead is cancelled and its
+    undo removes a directory this set planned to use, this set must not write into the removed
+    directory (the file would vanish with it) but refuse, and a retry then works."""
+    root = tmp_path / "root"
+    root.mkdir()
+    ws = Workspace([root], limits=Limits(chunk_bytes=4096, inline_io_bytes=0))
+    changes = [Change("mkdir", "n"), Change("write", "n/x.txt", content=BIG)]
+    planned = anyio.Event()
+    outcome: dict[str, object] = {}
+
+    async def first() -> None:
+        steps: list[str] = []
+        with anyio.CancelScope() as scope:
+
+            def observer(name: str) -> None:
+                steps.append(name)
+                if len(steps) == 3:
+                    planned.set()  # the second set plans while this one is staging
+                if len(steps) == 6:
+                    scope.cancel()
+
+            with observe_steps(observer):
+                await ws.apply_changes(changes)
+        outcome["cancelled"] = scope.cancelled_caught
+
+    async def second() -> None:
+        await planned.wait()
+        try:
+            outcome["second"] = await ws.apply_changes(changes)
+        except ConcurrentChangeError as err:
+            outcome["second"] = err
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first)
+        tg.start_soon(second)
+    assert outcome["cancelled"]
+    assert isinstance(outcome["second"], ConcurrentChangeError), outcome["second"]
+    assert "was removed while this change set waited" in str(outcome["second"])
+    assert not (root / "n").exists()
+    assert temp_files(root) == []
+    await ws.apply_changes(changes)  # the retry
+    assert (root / "n" / "x.txt").read_bytes() == BIG
