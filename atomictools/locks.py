@@ -8,10 +8,12 @@ one lock; across processes the directory itself is locked (``DirectoryLocks``).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import logging
 import os
+from collections import deque
 from collections.abc import Hashable
 
 import anyio
@@ -20,31 +22,45 @@ logger = logging.getLogger(__name__)
 
 
 class KeyedLocks:
-    """A lock per key, created on demand and dropped when nobody holds or waits for it."""
+    """A FIFO lock per key: taken without an await when free (the common case), handed
+    directly to the next waiter on release. An entry exists while someone holds the key."""
 
     def __init__(self) -> None:
-        self._locks: dict[Hashable, tuple[anyio.Lock, int]] = {}
+        self._held: dict[Hashable, deque[anyio.Event]] = {}
+        """Held keys -> the events of their waiters, in arrival order."""
 
     def hold(self, *keys: Hashable) -> _Held:
         """Hold the locks of all ``keys``, taken in a fixed order so holders never deadlock."""
-        return _Held(self, sorted(set(keys), key=repr))
+        unique = list(dict.fromkeys(keys)) if len(keys) > 1 else list(keys)
+        if len(unique) > 1:
+            unique.sort(key=repr)
+        return _Held(self, unique)
 
-    def _acquire_ref(self, key: Hashable) -> anyio.Lock:
-        lock, users = self._locks.get(key, (None, 0))
-        if lock is None:
-            lock = anyio.Lock(fast_acquire=True)
-        self._locks[key] = (lock, users + 1)
-        return lock
+    async def _acquire(self, key: Hashable) -> None:
+        waiters = self._held.get(key)
+        if waiters is None:
+            self._held[key] = deque()
+            return
+        turn = anyio.Event()
+        waiters.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:
+            if turn.is_set():  # the lock was handed over as the cancel came: pass it on
+                self._release(key)
+            else:
+                waiters.remove(turn)
+            raise
 
-    def _release_ref(self, key: Hashable) -> None:
-        lock, users = self._locks[key]
-        if users == 1:
-            del self._locks[key]
+    def _release(self, key: Hashable) -> None:
+        waiters = self._held[key]
+        if waiters:
+            waiters.popleft().set()  # the next waiter now holds it
         else:
-            self._locks[key] = (lock, users - 1)
+            del self._held[key]
 
     def __len__(self) -> int:
-        return len(self._locks)
+        return len(self._held)
 
 
 class _Held:
@@ -60,12 +76,7 @@ class _Held:
     async def __aenter__(self) -> None:
         try:
             for key in self._keys:
-                lock = self._locks._acquire_ref(key)
-                try:
-                    await lock.acquire()
-                except BaseException:
-                    self._locks._release_ref(key)
-                    raise
+                await self._locks._acquire(key)
                 self._held.append(key)
         except BaseException:
             self._release_all()
@@ -76,9 +87,7 @@ class _Held:
 
     def _release_all(self) -> None:
         while self._held:
-            key = self._held.pop()
-            self._locks._locks[key][0].release()
-            self._locks._release_ref(key)
+            self._locks._release(self._held.pop())
 
 
 class DirectoryLocks:
@@ -123,7 +132,11 @@ class DirectoryLocks:
             self._held[key] = (fd, users - 1)
             return
         del self._held[key]
-        os.close(fd)  # closing the last descriptor of the description drops the flock
+        # Explicitly: the caller's own descriptor shares the duplicate's open file description
+        # (and so its flock) and may stay open after this, so closing ours would not unlock it.
+        with contextlib.suppress(OSError):  # not supported here: nothing was locked
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
     def __len__(self) -> int:
         return len(self._held)

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import random
@@ -305,4 +306,23 @@ async def test_dead_holder_releases_the_directory_lock(root: Path, report: Summa
     # The child never finished its atomic_writer block: f.txt is as it was, its temp orphaned.
     assert (root / "dir" / "f.txt").read_bytes() == b"f before\n"
     assert temp_files(root) == holder_temps
+    assert len(ws._locks) == 0
+
+
+async def test_the_directory_lock_is_released_while_the_location_stays_open(root: Path) -> None:
+    """The lock's descriptor shares its open file description with the caller's directory
+    descriptor: releasing must unlock it explicitly, or a Location kept open after the change
+    (an embedding caller's) would hold every other process off the directory for good."""
+    (root / "d").mkdir()
+    ws = Workspace([root])
+    with ws.sandbox.resolve("d/f.txt") as location:
+        async with ws._changing(location):
+            pass
+        other = os.open(root / "d", os.O_RDONLY | os.O_DIRECTORY)  # another description
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if still locked
+        finally:
+            os.close(other)
+        with anyio.fail_after(5):
+            await Workspace([root]).write("d/g.txt", "no deadlock\n")
     assert len(ws._locks) == 0
