@@ -14,11 +14,15 @@ import functools
 import logging
 import os
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
 
 import anyio
 
 logger = logging.getLogger(__name__)
+K = TypeVar("K")
+DirKey = tuple[int, int]
+"""(device, inode) of a directory."""
 
 
 class KeyedLocks:
@@ -29,12 +33,12 @@ class KeyedLocks:
         self._held: dict[Hashable, deque[anyio.Event]] = {}
         """Held keys -> the events of their waiters, in arrival order."""
 
-    def hold(self, *keys: Hashable) -> _Held:
+    def hold(self, *keys: Hashable) -> _Holding[Hashable]:
         """Hold the locks of all ``keys``, taken in a fixed order so holders never deadlock."""
         unique = list(dict.fromkeys(keys)) if len(keys) > 1 else list(keys)
         if len(unique) > 1:
             unique.sort(key=repr)
-        return _Held(self, unique)
+        return _Holding(unique, self._acquire, self._release)
 
     async def _acquire(self, key: Hashable) -> None:
         waiters = self._held.get(key)
@@ -63,20 +67,30 @@ class KeyedLocks:
         return len(self._held)
 
 
-class _Held:
-    """``async with locks.hold(...)``: a plain class, cheaper than a generator on the hot path."""
+class _Holding(Generic[K]):
+    """``async with locks.hold(...)``: a plain class, cheaper than a generator on the hot path.
 
-    __slots__ = ("_held", "_keys", "_locks")
+    Takes ``keys`` in order with ``acquire``; on any exit (or a failure half-way) releases what
+    it took, in reverse order.
+    """
 
-    def __init__(self, locks: KeyedLocks, keys: list[Hashable]) -> None:
-        self._locks = locks
+    __slots__ = ("_acquire", "_held", "_keys", "_release")
+
+    def __init__(
+        self,
+        keys: list[K],
+        acquire: Callable[[K], Awaitable[None]],
+        release: Callable[[K], None],
+    ) -> None:
         self._keys = keys
-        self._held: list[Hashable] = []
+        self._acquire = acquire
+        self._release = release
+        self._held: list[K] = []
 
     async def __aenter__(self) -> None:
         try:
             for key in self._keys:
-                await self._locks._acquire(key)
+                await self._acquire(key)
                 self._held.append(key)
         except BaseException:
             self._release_all()
@@ -87,7 +101,7 @@ class _Held:
 
     def _release_all(self) -> None:
         while self._held:
-            self._locks._release(self._held.pop())
+            self._release(self._held.pop())
 
 
 class DirectoryLocks:
@@ -103,14 +117,23 @@ class DirectoryLocks:
     """
 
     def __init__(self) -> None:
-        self._held: dict[tuple[int, int], tuple[int, int]] = {}
+        self._held: dict[DirKey, tuple[int, int]] = {}
         """Directory key -> (descriptor carrying the lock, number of holders in this process)."""
 
-    def hold(self, directories: dict[tuple[int, int], int]) -> _HeldDirectories:
+    def hold(self, directories: dict[tuple[int, int], int]) -> _Holding[tuple[DirKey, int]]:
         """Hold ``{(device, inode): directory fd}``, in key order so processes never deadlock."""
-        return _HeldDirectories(self, sorted(directories.items()))
+        return _Holding(sorted(directories.items()), self._acquire, self._release_item)
 
-    def _try_acquire(self, key: tuple[int, int], dir_fd: int) -> bool:
+    async def _acquire(self, item: tuple[DirKey, int]) -> None:
+        wait = _WAIT_FIRST
+        while not self._try_acquire(*item):
+            await anyio.sleep(wait)
+            wait = min(wait * 2, _WAIT_MAX)
+
+    def _release_item(self, item: tuple[DirKey, int]) -> None:
+        self._release(item[0])
+
+    def _try_acquire(self, key: DirKey, dir_fd: int) -> bool:
         held = self._held.get(key)
         if held is not None:
             self._held[key] = (held[0], held[1] + 1)
@@ -126,7 +149,7 @@ class DirectoryLocks:
         self._held[key] = (fd, 1)
         return True
 
-    def _release(self, key: tuple[int, int]) -> None:
+    def _release(self, key: DirKey) -> None:
         fd, users = self._held[key]
         if users > 1:
             self._held[key] = (fd, users - 1)
@@ -144,34 +167,6 @@ class DirectoryLocks:
 
 _WAIT_FIRST = 0.0005
 _WAIT_MAX = 0.01
-
-
-class _HeldDirectories:
-    __slots__ = ("_held", "_items", "_locks")
-
-    def __init__(self, locks: DirectoryLocks, items: list[tuple[tuple[int, int], int]]) -> None:
-        self._locks = locks
-        self._items = items
-        self._held: list[tuple[int, int]] = []
-
-    async def __aenter__(self) -> None:
-        try:
-            for key, dir_fd in self._items:
-                wait = _WAIT_FIRST
-                while not self._locks._try_acquire(key, dir_fd):
-                    await anyio.sleep(wait)
-                    wait = min(wait * 2, _WAIT_MAX)
-                self._held.append(key)
-        except BaseException:
-            self._release_all()
-            raise
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._release_all()
-
-    def _release_all(self) -> None:
-        while self._held:
-            self._locks._release(self._held.pop())
 
 
 def _log_unsupported(err: OSError) -> None:
@@ -207,7 +202,9 @@ class ChangeLocks:
 class _HeldChange:
     __slots__ = ("_directories", "_entries")
 
-    def __init__(self, entries: _Held, directories: _HeldDirectories) -> None:
+    def __init__(
+        self, entries: _Holding[Hashable], directories: _Holding[tuple[DirKey, int]]
+    ) -> None:
         self._entries = entries
         self._directories = directories
 

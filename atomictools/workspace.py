@@ -13,7 +13,7 @@ import sys
 from collections.abc import AsyncIterator, Hashable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from . import fileops, listing
 from .config import Durability, Limits, default_state_dir
@@ -617,15 +617,7 @@ class ChangeSet:
         overwrite: bool = False,
         expected_sha256: str | None = None,
     ) -> None:
-        self.changes.append(
-            Change(
-                "move",
-                destination,
-                source=source,
-                overwrite=overwrite,
-                expected_sha256=expected_sha256,
-            )
-        )
+        self._transfer("move", source, destination, overwrite, expected_sha256)
 
     def copy(
         self,
@@ -635,13 +627,19 @@ class ChangeSet:
         overwrite: bool = False,
         expected_sha256: str | None = None,
     ) -> None:
+        self._transfer("copy", source, destination, overwrite, expected_sha256)
+
+    def _transfer(
+        self,
+        op: Literal["move", "copy"],
+        source: str,
+        destination: str,
+        overwrite: bool,
+        expected_sha256: str | None,
+    ) -> None:
         self.changes.append(
             Change(
-                "copy",
-                destination,
-                source=source,
-                overwrite=overwrite,
-                expected_sha256=expected_sha256,
+                op, destination, source=source, overwrite=overwrite, expected_sha256=expected_sha256
             )
         )
 
