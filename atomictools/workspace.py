@@ -19,7 +19,6 @@ from . import fileops, listing
 from .config import Durability, Limits, default_state_dir
 from .edits import Edit
 from .errors import (
-    AtomicToolsError,
     InvalidArgumentError,
     NotFoundError,
     ReadOnlyError,
@@ -465,14 +464,7 @@ class Workspace:
             self._finish_abandoned_change_sets()
             if (stored := store.lookup(receipt)) is not None:
                 return ChangeSetResult.from_json(stored)
-            try:
-                return await self._apply(changes, dry_run=False, progress=progress, receipt=receipt)
-            except AtomicToolsError:
-                # Another process's first call may have finished meanwhile, changing what
-                # this one checked.
-                if (stored := store.lookup(receipt)) is not None:
-                    return ChangeSetResult.from_json(stored)
-                raise
+            return await self._apply(changes, dry_run=False, progress=progress, receipt=receipt)
 
     async def _once(
         self, change: Change, idempotency_key: str, progress: Progress | None = None
@@ -518,13 +510,6 @@ class Workspace:
             runner.close_locations()
             raise
         async with lock:
-            if receipt is not None:
-                # Under the locks: a first call with this key that held them has finished.
-                stored = IdempotencyStore(Path(receipt.store)).lookup(receipt)
-                if stored is not None:
-                    runner.undo_prepare()
-                    runner.close_locations()
-                    return ChangeSetResult.from_json(stored)
             try:
                 return await apply_change_set(runner, dry_run=dry_run, progress=progress)
             except RecoveryNeededError:
