@@ -476,13 +476,7 @@ class ChangeSetRunner:
             raise InvalidArgumentError(
                 f"cannot check expectedSha256 of {location.display}: it is not a regular file"
             )
-        current = hashlib.sha256(await read_whole(location, self.limits)).hexdigest()
-        if current != expected.lower():
-            raise PreconditionFailedError(
-                f"{location.display} changed since it was read (expectedSha256 "
-                f"{expected}, current sha256 {current}); read it again",
-                current_sha256=current,
-            )
+        _refuse_changed(planned, location, await read_whole(location, self.limits))
 
     async def _new_content(self, planned: _Planned, st: os.stat_result | None) -> bytes:
         change = planned.change
@@ -493,8 +487,9 @@ class ChangeSetRunner:
             return change.content
         if change.op == "copy":
             assert planned.source is not None
-            await self._check_sha(planned, planned.source, planned.source.lstat())
-            return await read_whole(planned.source, self.limits)
+            data = await read_whole(planned.source, self.limits)
+            _refuse_changed(planned, planned.source, data)  # the very bytes copied
+            return data
         if st is None:
             raise NotFoundError(f"cannot edit {planned.target.display}: it does not exist")
         data = await read_whole(planned.target, self.limits)
@@ -632,6 +627,20 @@ class ChangeSetRunner:
             ),
             applied=applied,
             txid=self.txid if applied else None,
+        )
+
+
+def _refuse_changed(planned: _Planned, location: Location, data: bytes) -> None:
+    """``data`` (the file's current bytes) must hash to the change's ``expected_sha256``."""
+    expected = planned.change.expected_sha256
+    if expected is None:
+        return
+    current = hashlib.sha256(data).hexdigest()
+    if current != expected.lower():
+        raise PreconditionFailedError(
+            f"{location.display} changed since it was read (expectedSha256 "
+            f"{expected}, current sha256 {current}); read it again",
+            current_sha256=current,
         )
 
 
