@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
 
+logger = logging.getLogger(__name__)
 MAX_LINE_BYTES = 1 << 30
 """The longest JSON-RPC line read (a 64 MiB write escaped as JSON is far below this)."""
 
@@ -44,16 +46,25 @@ class _LineReader:
 
 
 class _LineWriter:
-    """``await stdout.write(text)`` then ``await stdout.flush()``, on the loop's pipe transport."""
+    """``await stdout.write(text)`` then ``await stdout.flush()``, on the loop's pipe transport.
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    When the client stops reading (its end of the pipe is closed), ``on_lost`` ends the
+    session the way a closed stdin does, instead of an unhandled error and a traceback.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter, on_lost: Callable[[], None]) -> None:
         self._writer = writer
+        self._on_lost = on_lost
 
     async def write(self, text: str) -> None:
         self._writer.write(text.encode("utf-8"))
 
     async def flush(self) -> None:
-        await self._writer.drain()
+        try:
+            await self._writer.drain()
+        except ConnectionError as err:
+            self._on_lost()
+            raise anyio.ClosedResourceError from err  # the SDK's writer ends quietly on this
 
 
 @contextlib.contextmanager
@@ -73,7 +84,9 @@ def _std_fds_diverted() -> Iterator[None]:
         os.close(saved_out)
 
 
-async def _open_wire() -> tuple[_LineReader, _LineWriter, list[asyncio.BaseTransport]] | None:
+async def _open_wire(
+    on_lost: Callable[[], None],
+) -> tuple[_LineReader, _LineWriter, list[asyncio.BaseTransport]] | None:
     """The loop's transports on duplicates of fd 0 and 1, or None where they cannot serve them."""
     if not (_is_stream(0) and _is_stream(1)):
         return None
@@ -98,7 +111,7 @@ async def _open_wire() -> tuple[_LineReader, _LineWriter, list[asyncio.BaseTrans
         wire_out.close()
         return None
     writer = asyncio.StreamWriter(write_transport, protocol, None, loop)
-    return _LineReader(reader), _LineWriter(writer), [read_transport, write_transport]
+    return _LineReader(reader), _LineWriter(writer, on_lost), [read_transport, write_transport]
 
 
 def _on_asyncio() -> bool:
@@ -120,22 +133,25 @@ def _is_stream(fd: int) -> bool:
 
 async def run_stdio(server: MCPServer[Any]) -> None:
     """Serve ``server`` on stdin/stdout until the client closes stdin."""
-    wire = await _open_wire() if _on_asyncio() else None
+    session = anyio.CancelScope()
+    wire = await _open_wire(session.cancel) if _on_asyncio() else None
     if wire is None:
         await server.run_stdio_async()
         return
     stdin, stdout, transports = wire
     lowlevel = server._lowlevel_server
     try:
-        with _std_fds_diverted():
+        with _std_fds_diverted(), session:
             async with stdio_server(stdin=cast(Any, stdin), stdout=cast(Any, stdout)) as (
                 read_stream,
                 write_stream,
             ):
                 options = lowlevel.create_initialization_options()
                 await lowlevel.run(read_stream, write_stream, options)
+        if session.cancelled_caught:
+            logger.info("the client closed its end of stdout; calls in flight were cancelled")
     finally:
-        with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+        with anyio.CancelScope(shield=True), contextlib.suppress(anyio.ClosedResourceError):
             await stdout.flush()  # what is queued still reaches the client
         for transport in transports:
             transport.close()

@@ -97,7 +97,7 @@ async def test_a_regular_file_on_stdin_falls_back_to_the_sdk_transport(tmp_path:
     try:
         with open(requests_file, "rb") as stdin:
             os.dup2(stdin.fileno(), 0)
-            assert await _open_wire() is None
+            assert await _open_wire(lambda: None) is None
     finally:
         os.dup2(saved, 0)
         os.close(saved)
@@ -112,7 +112,7 @@ async def test_pipes_get_the_event_loop_transports(tmp_path: Path) -> None:
     try:
         os.dup2(in_read, 0)
         os.dup2(out_write, 1)  # pytest's capture may have made fd 1 a regular file
-        wire = await _open_wire()
+        wire = await _open_wire(lambda: None)
         assert wire is not None
         for transport in wire[2]:
             transport.close()
@@ -121,3 +121,34 @@ async def test_pipes_get_the_event_loop_transports(tmp_path: Path) -> None:
         os.dup2(saved_out, 1)
         for fd in (saved_in, saved_out, in_read, in_write, out_read, out_write):
             os.close(fd)
+
+
+def test_a_client_that_stops_reading_ends_the_session_quietly(tmp_path: Path) -> None:
+    """The client closes its end of stdout but not stdin: the server must not die with a
+    traceback; it ends the session as if stdin had closed (exit 0)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    command = [sys.executable, "-m", "atomictools", "serve", "--root", str(root)]
+    command += ["--state-dir", str(tmp_path / "state"), "--log-level", "INFO"]
+    server = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert server.stdin is not None
+    assert server.stdout is not None
+    assert server.stderr is not None
+    try:
+        server.stdin.write(json.dumps(INIT).encode() + b"\n")
+        server.stdin.flush()
+        assert json.loads(server.stdout.readline())["id"] == 1
+        server.stdout.close()  # the client stops reading
+        for message in (INITIALIZED, CALLS[0]):
+            server.stdin.write(json.dumps(message).encode() + b"\n")
+        server.stdin.flush()
+        assert server.wait(timeout=30) == 0  # stdin is still open: the lost stdout ended it
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.stdin.close()
+    log = server.stderr.read().decode()
+    assert "Traceback" not in log, log
+    assert "closed its end of stdout" in log
