@@ -23,10 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from .errors import AtomicToolsError, InvalidArgumentError
-from .locks import KeyedLocks
+from .locks import KeyedLocks, poll_until
 
 DEFAULT_TTL_SECONDS = 24 * 3600.0
 MAX_KEY_LENGTH = 200
@@ -192,21 +190,25 @@ async def key_locked(lock_file: Path, receipt: Receipt) -> AsyncIterator[None]:
     offset = int.from_bytes(digest[:7], "big")  # 2**56 bytes: collisions are negligible
     async with _in_process.hold((str(lock_file), offset)):
         fd = _lock_fd(lock_file)
-        wait = _LOCK_WAIT_FIRST
-        while True:
+        locked = False
+
+        def attempt() -> bool:
+            nonlocal locked
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
-                break
             except BlockingIOError:
-                await anyio.sleep(wait)
-                wait = min(wait * 2, _LOCK_WAIT_MAX)
-            except OSError:  # no record locks here (some network file systems)
-                yield
-                return
+                return False
+            except OSError:  # no record locks here (some network file systems): go on without
+                return True
+            locked = True
+            return True
+
+        await poll_until(attempt, first=_LOCK_WAIT_FIRST, most=_LOCK_WAIT_MAX)
         try:
             yield
         finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+            if locked:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
 
 
 # -- the state store for file changes ------------------------------------------------------

@@ -125,10 +125,7 @@ class DirectoryLocks:
         return _Holding(sorted(directories.items()), self._acquire, self._release_item)
 
     async def _acquire(self, item: tuple[DirKey, int]) -> None:
-        wait = _WAIT_FIRST
-        while not self._try_acquire(*item):
-            await anyio.sleep(wait)
-            wait = min(wait * 2, _WAIT_MAX)
+        await poll_until(lambda: self._try_acquire(*item), first=_WAIT_FIRST, most=_WAIT_MAX)
 
     def _release_item(self, item: tuple[DirKey, int]) -> None:
         self._release(item[0])
@@ -167,6 +164,16 @@ class DirectoryLocks:
 
 _WAIT_FIRST = 0.0005
 _WAIT_MAX = 0.01
+
+
+async def poll_until(attempt: Callable[[], bool], *, first: float, most: float) -> None:
+    """Call ``attempt`` until it returns True, sleeping ``first`` seconds, doubling up to
+    ``most``, in between: how kernel locks taken with a non-blocking call are waited for, so
+    that a cancel can interrupt the wait (a blocking call in a thread could not be)."""
+    wait = first
+    while not attempt():
+        await anyio.sleep(wait)
+        wait = min(wait * 2, most)
 
 
 def _log_unsupported(err: OSError) -> None:
