@@ -28,12 +28,14 @@ from .errors import (
     PermissionDeniedError,
     PreconditionFailedError,
     ReadOnlyError,
+    StateDirError,
     TextEncodingError,
     TooLargeError,
     WrongTypeError,
 )
 from .journal import Change, ChangeOutcome, ChangeSetResult, RecoveryNeededError
-from .recovery import RecoveryReport, recover
+from .recovery import recover
+from .recovery_report import RecoveryReport, UnfinishedSet
 from .results import (
     BytesRead,
     CopyResult,
@@ -91,10 +93,12 @@ __all__ = [
     "RecoveryNeededError",
     "RecoveryReport",
     "SearchResult",
+    "StateDirError",
     "TextEncodingError",
     "TextRead",
     "TooLargeError",
     "TreeNode",
+    "UnfinishedSet",
     "Workspace",
     "WriteResult",
     "WrongTypeError",

@@ -22,7 +22,8 @@ from .catalog import DatabaseCatalog
 from .config import STATE_DIR_ENV, Durability
 from .errors import AtomicToolsError
 from .idempotency import DEFAULT_TTL_SECONDS
-from .recovery import RecoveryReport, recover
+from .recovery import recover
+from .recovery_report import RecoveryReport
 from .workspace import Workspace, atomic_writer
 
 _STDIN_CHUNK = 1024 * 1024
@@ -121,16 +122,33 @@ def _build_parser() -> argparse.ArgumentParser:
         description=(
             "What a server does at start, on demand: roll interrupted change sets forward "
             "(or back with --rollback) from the journal, then remove temp files that no live "
-            "process holds. Exit 0: clean; 1: something was fixed; 2: something needs a person."
+            "process holds. A change set whose journal this run cannot read or trust (another "
+            "state directory, a damaged record) is never deleted: it is reported, with what to "
+            "run. Exit 0: clean; 1: something was fixed; 2: something needs a person."
         ),
     )
     recover.add_argument("roots", nargs="+", metavar="ROOT", type=Path)
     recover.add_argument("--dry-run", action="store_true", help="report, change nothing")
     recover.add_argument("--json", action="store_true", help="print the report as JSON")
-    recover.add_argument(
-        "--rollback", action="store_true", help="undo committed change sets instead of finishing"
+    direction = recover.add_mutually_exclusive_group()
+    direction.add_argument(
+        "--rollback",
+        action="store_true",
+        help="undo interrupted change sets instead of finishing them (also those whose "
+        "journal record is damaged, from their files, checked by hash)",
     )
-    recover.add_argument("--state-dir", type=Path, help="where journals live")
+    direction.add_argument(
+        "--forward",
+        action="store_true",
+        help="finish change sets whose journal record is damaged, from their files (checked "
+        "by hash); sets with a sound record are finished anyway",
+    )
+    recover.add_argument(
+        "--state-dir",
+        type=Path,
+        help=f"where journals live (default: ${STATE_DIR_ENV} or the user state directory); "
+        "use the --state-dir of the server that was interrupted",
+    )
 
     schemas = commands.add_parser(
         "schemas",
@@ -240,6 +258,7 @@ def _recover(args: argparse.Namespace) -> int:
         workspace.sandbox,
         workspace.journal_dir,
         rollback=args.rollback,
+        forward=args.forward,
         dry_run=args.dry_run,
         on_progress=show_progress,
     )
@@ -262,6 +281,8 @@ def _recovery_table(report: RecoveryReport, dry_run: bool) -> str:
         ("change sets touching other roots (left alone)", report.other_roots),
         ("needs a person", report.problems),
     ]
+    if report.journals_unreadable:
+        rows.append(("journal directory unreadable", [report.journals_unreadable]))
     lines = [f"{'what':<48} {'count':>6}", "-" * 55]
     lines += [f"{label:<48} {len(items):>6}" for label, items in rows]
     lines.append(f"{'entries scanned':<48} {report.scanned:>6}")

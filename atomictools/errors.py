@@ -122,6 +122,21 @@ class ConcurrentChangeError(AtomicToolsError):
     code = "concurrent_change"
 
 
+class StateDirError(AtomicToolsError):
+    """The state directory (journals, idempotency keys) cannot be written or read."""
+
+    code = "state_dir"
+
+
+class PartlyDoneError(AtomicToolsError):
+    """A change made part of what it was asked to; the message says which part, and the fix."""
+
+    code = "partly_done"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, changed=True)
+
+
 class DurabilityUnknownError(AtomicToolsError):
     """The change is visible but syncing its directory failed, so it may not survive power loss."""
 
@@ -157,3 +172,11 @@ def from_os_error(err: OSError, path: str, action: str) -> AtomicToolsError:
             f"cannot {action} {path}: it became a symbolic link during the call; retry"
         )
     return FileSystemError(f"cannot {action} {path}: {reason} (errno {code})")
+
+
+def not_synced(done: str, err: OSError) -> DurabilityUnknownError:
+    """``done`` happened, but the fsync that makes it durable failed (never retried)."""
+    return DurabilityUnknownError(
+        f"{done}, but syncing its directory failed ({err.strerror or err}); the change is "
+        "visible but may not survive a power loss"
+    )

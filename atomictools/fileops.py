@@ -26,11 +26,13 @@ from .errors import (
     AlreadyExistsError,
     InvalidArgumentError,
     NotFoundError,
+    PartlyDoneError,
     PreconditionFailedError,
     TextEncodingError,
     TooLargeError,
     WrongTypeError,
     from_os_error,
+    not_synced,
 )
 from .results import (
     BytesRead,
@@ -332,8 +334,7 @@ async def move(
         )
     await _check_file_sha256(source, src_st, expected_sha256, limits, "move")
     await step("move.before")
-
-    def commit() -> None:
+    try:  # one rename, inline: no cancel can split it
         if overwrite:
             os.replace(
                 source.name,
@@ -345,12 +346,6 @@ async def move(
             fsutil.rename_noreplace(
                 source.dir_fd, source.name, destination.dir_fd, destination.name
             )
-        if durability is Durability.FULL:
-            fsutil.sync_directory(destination.dir_fd)
-            fsutil.sync_directory(source.dir_fd)
-
-    try:
-        commit()  # a rename and two directory fsyncs: inline, so no cancel can split them
     except OSError as err:
         if err.errno == errno.EXDEV and stat.S_ISREG(src_st.st_mode):
             await _move_across_devices(source, destination, overwrite, durability, limits)
@@ -370,6 +365,15 @@ async def move(
             ) from err
         else:
             raise from_os_error(err, f"{source.display} -> {destination.display}", "move") from err
+    else:
+        if durability is Durability.FULL:
+            try:
+                fsutil.sync_directory(destination.dir_fd)
+                fsutil.sync_directory(source.dir_fd)
+            except OSError as err:
+                raise not_synced(
+                    f"{source.display} was moved to {destination.display}", err
+                ) from err
     return MoveResult(
         source=source.display, destination=destination.display, replaced=dst_st is not None
     )
@@ -383,13 +387,19 @@ async def _move_across_devices(
     limits: Limits,
 ) -> None:
     await copy(source, destination, overwrite=overwrite, durability=durability, limits=limits)
-
-    def remove_source() -> None:
+    try:
         os.unlink(source.name, dir_fd=source.dir_fd)
-        if durability is Durability.FULL:
+    except OSError as err:
+        raise PartlyDoneError(
+            f"{source.display} was copied to {destination.display} (another file system), but "
+            f"removing {source.display} failed ({err.strerror}); both exist now: delete "
+            f"{source.display} to finish the move"
+        ) from err
+    if durability is Durability.FULL:
+        try:
             fsutil.sync_directory(source.dir_fd)
-
-    remove_source()
+        except OSError as err:
+            raise not_synced(f"{source.display} was moved to {destination.display}", err) from err
 
 
 async def copy(
@@ -476,25 +486,28 @@ async def delete(
         )
     await _check_file_sha256(location, st, expected_sha256, limits, "delete")
     await step("delete.before")
-
-    def commit() -> None:
+    try:  # one unlink, inline: no cancel can split it
         os.unlink(location.name, dir_fd=location.dir_fd)
-        if durability is Durability.FULL:
-            fsutil.sync_directory(location.dir_fd)
-
-    try:
-        commit()  # an unlink and a directory fsync: inline, so no cancel can split them
     except OSError as err:
         raise from_os_error(err, location.display, "delete") from err
+    if durability is Durability.FULL:
+        try:
+            fsutil.sync_directory(location.dir_fd)
+        except OSError as err:
+            raise not_synced(f"{location.display} was deleted", err) from err
     return DeleteResult(path=location.display, type=entry_type(st))
 
 
 def directory_maker(durability: Durability) -> MakeDir:
     """A ``make_dir`` for the sandbox walk: mkdir, then make the new entry durable."""
 
-    def make(dir_fd: int, name: str, _parent: Path | None = None) -> None:
+    def make(dir_fd: int, name: str, parent: Path | None = None) -> None:
         os.mkdir(name, 0o777, dir_fd=dir_fd)
         if durability is Durability.FULL:
-            fsutil.sync_directory(dir_fd)
+            try:
+                fsutil.sync_directory(dir_fd)
+            except OSError as err:
+                shown = f"{parent}/{name}" if parent is not None else name
+                raise not_synced(f"the directory {shown} was created", err) from err
 
     return make

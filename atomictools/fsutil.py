@@ -7,6 +7,7 @@ a failed fsync the kernel may have dropped the dirty pages, so a second success 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -93,3 +94,44 @@ def sha256_of_fd(fd: int, chunk_bytes: int) -> tuple[str, int]:
         digest.update(chunk)
         size += len(chunk)
     return digest.hexdigest(), size
+
+
+def lstat_at(dir_fd: int, name: str | None) -> os.stat_result | None:
+    """The entry's own metadata (links not followed), or None when it does not exist."""
+    if not name:
+        return None
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def same_file(a: os.stat_result | None, b: os.stat_result | None) -> bool:
+    """Both exist and are the same inode."""
+    return a is not None and b is not None and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def sha256_at(dir_fd: int, name: str) -> str | None:
+    """The content hash of a regular file (None when missing, a link or not a regular file)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:  # a symlink: no content of its own
+            return None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return sha256_of_fd(fd, 1024 * 1024)[0]
+    finally:
+        os.close(fd)
+
+
+def unlink_at(dir_fd: int, name: str | None) -> None:
+    """Remove an entry if it is there."""
+    if name:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
+import functools
 import hashlib
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -34,7 +37,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import anyio
 
@@ -46,24 +49,26 @@ from .errors import (
     AlreadyExistsError,
     AtomicToolsError,
     ConcurrentChangeError,
+    DurabilityUnknownError,
     InvalidArgumentError,
     NotFoundError,
     PreconditionFailedError,
+    StateDirError,
     TooLargeError,
     WrongTypeError,
     from_os_error,
 )
 from .fileops import entry_type, plan_edit, read_whole
 from .idempotency import IdempotencyStore, Receipt
+from .record import RECORD_SUFFIX, JournalRecord, OpRecord
 from .results import EntryType, Progress
 from .sandbox import Location, Sandbox, open_entry, require_regular
 from .steps import crash_point, step
-from .tempfiles import create_locked_temp, temp_name_for
+from .tempfiles import Role, claim_name_for, create_locked_temp, member_name_for
 from .writer import PendingFile
 
-RECORD_SUFFIX = ".journal.json"
-RECORD_VERSION = 1
 MAX_CHANGES = 1000
+logger = logging.getLogger("atomictools.journal")
 OpName = Literal["write", "edit", "move", "copy", "delete", "mkdir"]
 
 
@@ -130,64 +135,66 @@ class RecoveryNeededError(AtomicToolsError):
 # -- the journal record --------------------------------------------------------------------
 
 
-def _checksum(body: dict[str, Any]) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(canonical).hexdigest()
-
-
-def encode_record(body: dict[str, Any]) -> bytes:
-    return json.dumps({**body, "checksum": _checksum(body)}, indent=1, sort_keys=True).encode()
-
-
-def decode_record(data: bytes) -> dict[str, Any] | None:
-    """The record's body, or None if it is torn or does not verify."""
-    try:
-        loaded = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(loaded, dict):
-        return None
-    checksum = loaded.pop("checksum", None)
-    return loaded if checksum == _checksum(loaded) else None
-
-
 class JournalFile:
     """This process's record of one change set, locked for as long as the change is in flight."""
 
     def __init__(self, directory: Path, txid: str, durability: Durability) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            raise _state_dir_error(err, directory, "open the journal directory") from err
         self.directory = directory
         self.name = f"{txid}{RECORD_SUFFIX}"
         self.durability = durability
-        self.dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.fd: int | None = None
 
-    def write(self, body: dict[str, Any]) -> None:
-        """Atomically (re)write the record: temp, fsync, rename, directory fsync."""
-        temp_fd, temp = create_locked_temp(self.dir_fd, self.name)
+    @property
+    def path(self) -> Path:
+        return self.directory / self.name
+
+    def write(self, record: JournalRecord) -> None:
+        """Atomically (re)write the record: temp, fsync, rename, directory fsync.
+
+        Raises ``StateDirError`` (the state directory is full, read-only, ...). A failure before
+        the rename leaves the previous record (or none); after it, the new record is in place
+        (the caller's undo removes it).
+        """
         try:
-            fsutil.write_all(temp_fd, encode_record(body))
+            temp_fd, temp = create_locked_temp(self.dir_fd, self.name)
+        except OSError as err:
+            raise _state_dir_error(err, self.directory, "write a journal record in") from err
+        try:
+            fsutil.write_all(temp_fd, record.encode())
             if self.durability is Durability.FULL:
                 fsutil.durable_sync(temp_fd)
             os.replace(temp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
-        except BaseException:
+        except BaseException as err:
             os.close(temp_fd)
             with contextlib.suppress(OSError):
                 os.unlink(temp, dir_fd=self.dir_fd)
+            if isinstance(err, OSError):
+                raise _state_dir_error(err, self.directory, "write a journal record in") from err
             raise
-        if self.durability is Durability.FULL:
-            fsutil.sync_directory(self.dir_fd)
         # The renamed temp keeps its flock: it marks the record as live for recovery.
         if self.fd is not None:
             os.close(self.fd)
         self.fd = temp_fd
+        if self.durability is Durability.FULL:
+            try:
+                fsutil.sync_directory(self.dir_fd)
+            except OSError as err:
+                raise _state_dir_error(err, self.directory, "sync the journal directory") from err
 
     def remove(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.name, dir_fd=self.dir_fd)
-        if self.durability is Durability.FULL:
-            fsutil.sync_directory(self.dir_fd)
-        self.close()
+        """Delete the record (the change set is over); closes the file."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.name, dir_fd=self.dir_fd)
+            if self.durability is Durability.FULL:
+                fsutil.sync_directory(self.dir_fd)
+        finally:
+            self.close()
 
     def close(self) -> None:
         if self.fd is not None:
@@ -223,6 +230,8 @@ class _Planned:
     source: Location | None = None
     staged: PendingFile | None = None
     backup: _Backup | None = None
+    created_link: _Backup | None = None
+    """A second name of a new file's staged inode (so an undo can tell the file is ours)."""
     sha256: str | None = None
     diff: str | None = None
     existed: bool = False
@@ -232,22 +241,20 @@ class _Planned:
     virtual: str | None = None
     """Dry run only: the path lies in a directory the set would create (not checked)."""
 
-    def record(self) -> dict[str, Any]:
-        kind = {"write": "replace", "edit": "replace", "copy": "replace"}.get(
-            self.change.op, self.change.op
+    def record(self) -> OpRecord:
+        kind = "replace" if self.change.op in ("write", "edit", "copy") else self.change.op
+        move = self.source is not None and self.change.op == "move"
+        return OpRecord(
+            op=kind,  # type: ignore[arg-type]  # mkdir changes are not recorded as ops
+            dir=str(self.target.abspath.parent),
+            name=self.target.name,
+            staged=self.staged.temp_name if self.staged else None,
+            backup=self.backup.name if self.backup else None,
+            sha256=self.sha256,
+            source_dir=str(self.source.abspath.parent) if move and self.source else None,
+            source_name=self.source.name if move and self.source else None,
+            link=self.created_link.name if self.created_link else None,
         )
-        entry: dict[str, Any] = {
-            "op": kind,
-            "dir": str(self.target.abspath.parent),
-            "name": self.target.name,
-            "staged": self.staged.temp_name if self.staged else None,
-            "backup": self.backup.name if self.backup else None,
-            "sha256": self.sha256,
-        }
-        if self.source is not None and self.change.op == "move":
-            entry["source_dir"] = str(self.source.abspath.parent)
-            entry["source_name"] = self.source.name
-        return entry
 
 
 class ChangeSetRunner:
@@ -273,6 +280,9 @@ class ChangeSetRunner:
         self.dry_run = False
         self.receipt: Receipt | None = None
         """A keyed call: its committed record carries the key, for recovery to record."""
+        self.record_path = os.path.join(os.path.realpath(journal_dir), self.txid + RECORD_SUFFIX)
+        """Where the record lives; every claim points here."""
+        self._claimed: dict[tuple[int, int], Location] = {}
 
     # The locations are resolved by the caller (which also takes the path locks).
 
@@ -345,7 +355,7 @@ class ChangeSetRunner:
         if self.journal is None:
             self.journal = JournalFile(self.journal_dir, self.txid, self.durability)
         self.created_dirs.append((str(parent), name))
-        self.journal.write(self._body("preparing"))
+        self.journal.write(self._record("preparing"))
         os.mkdir(name, 0o777, dir_fd=dir_fd)
         if self.durability is Durability.FULL:
             fsutil.sync_directory(dir_fd)
@@ -405,7 +415,7 @@ class ChangeSetRunner:
             planned.type = entry_type(st)
             await self._check_sha(planned, target, st)
             if not dry_run:
-                planned.backup = self._backup(target)
+                planned.backup = self._backup(target, "del")
             return
         if op == "move":
             source = planned.source
@@ -428,7 +438,7 @@ class ChangeSetRunner:
             planned.type = entry_type(src_st)
             await self._check_sha(planned, source, src_st)
             if not dry_run and st is not None:
-                planned.backup = self._backup(target)
+                planned.backup = self._backup(target, "dst")
             planned.sha256 = None
             return
         # write, edit, copy: new content staged next to the target
@@ -450,7 +460,15 @@ class ChangeSetRunner:
         if dry_run:
             return
         # The single-file writer's pending file, published by this protocol's apply step.
-        staged = PendingFile(target, durability=self.durability, replace=True)
+        self._claim(target)
+        staged = PendingFile(
+            target,
+            durability=self.durability,
+            replace=True,
+            name_for=functools.partial(
+                member_name_for, target.name, self.txid, "new", planned.sha256
+            ),
+        )
         planned.staged = staged
         staged.create(st or (planned.source.lstat() if planned.source is not None else None))
         for start in range(0, len(content), self.limits.chunk_bytes):
@@ -459,7 +477,9 @@ class ChangeSetRunner:
             await step("changeset.chunk")
         await anyio.to_thread.run_sync(staged.sync)
         if st is not None:
-            planned.backup = self._backup(target)
+            planned.backup = self._backup(target, "old", planned.sha256)
+        else:
+            planned.created_link = self._link(target, staged.temp_name, "crt", planned.sha256)
 
     async def _check_sha(
         self, planned: _Planned, location: Location, st: os.stat_result | None
@@ -505,99 +525,160 @@ class ChangeSetRunner:
         planned.previous_sha256 = before
         return new
 
-    def _backup(self, target: Location) -> _Backup:
-        """A hard link to the current version, under a temp name, locked while in flight.
+    def _backup(self, target: Location, role: Role, new_sha256: str | None = None) -> _Backup:
+        """A hard link to the current version, under a member name, locked while in flight.
 
         A symlink cannot be opened to lock it; its backup is a link to the link (fd -1).
         """
+        self._claim(target)
         fd = -1 if _is_link(target) else open_entry(target)
+        try:
+            backup = self._link(target, target.name, role, new_sha256)
+        except BaseException:
+            _close(fd)
+            raise
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        backup.fd = fd
+        return backup
+
+    def _link(self, target: Location, existing: str, role: Role, new_sha256: str | None) -> _Backup:
+        """A member that is a hard link to ``existing`` in the target's directory."""
         for _ in range(100):
-            name = temp_name_for(target.name)
+            name = member_name_for(target.name, self.txid, role, new_sha256)
             try:
                 os.link(
-                    target.name,
+                    existing,
                     name,
                     src_dir_fd=target.dir_fd,
                     dst_dir_fd=target.dir_fd,
                     follow_symlinks=False,
                 )
-                break
             except FileExistsError:
                 continue
             except OSError as err:
-                _close(fd)
                 raise from_os_error(err, target.display, "back up") from err
-        else:
-            _close(fd)
-            raise ConcurrentChangeError(f"no free backup name next to {target.display}")
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return _Backup(target, name, fd)
+            return _Backup(target, name, -1)
+        raise ConcurrentChangeError(f"no free backup name next to {target.display}")
 
-    def _body(self, state: str) -> dict[str, Any]:
-        body = {
-            "version": RECORD_VERSION,
-            "txid": self.txid,
-            "state": state,
-            "pid": os.getpid(),
-            "created": time.time(),
-            "durability": self.durability.value,
-            "ops": [p.record() for p in self.planned if p.change.op != "mkdir"],
-            "created_dirs": [list(made) for made in self.created_dirs],
-        }
+    def _claim(self, location: Location) -> None:
+        """Before the first member in a directory: a symlink there to the journal record.
+
+        A recovery run with another state directory reads it to learn where the set's journal
+        lives, and leaves the set's files alone instead of deleting them.
+        """
+        st = os.fstat(location.dir_fd)
+        key = (st.st_dev, st.st_ino)
+        if key in self._claimed:
+            return
+        if not self._claimed:  # where the claim points must exist for a sweep to read it
+            try:
+                self.journal_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise _state_dir_error(err, self.journal_dir, "create") from err
+        name = claim_name_for(self.txid)
+        try:
+            os.symlink(self.record_path, name, dir_fd=location.dir_fd)
+        except OSError as err:
+            raise from_os_error(err, location.display, "stage a change to") from err
+        self._claimed[key] = location
+
+    def _drop_claims(self) -> None:
+        """Remove the claims (every member is gone by now); never raises."""
+        name = claim_name_for(self.txid)
+        for location in self._claimed.values():
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=location.dir_fd)
+        self._claimed.clear()
+
+    def _record(self, state: Literal["preparing", "committed"]) -> JournalRecord:
+        keyed = None
         if state == "committed" and self.receipt is not None:
-            body["idempotency"] = self.receipt.as_record(self.outcomes(applied=True).to_json())
-        return body
+            keyed = self.receipt.as_record(self.outcomes(applied=True).to_json())
+        return JournalRecord(
+            txid=self.txid,
+            state=state,
+            pid=os.getpid(),
+            created=time.time(),
+            durability=self.durability.value,
+            ops=tuple(p.record() for p in self.planned if p.change.op != "mkdir"),
+            created_dirs=tuple(self.created_dirs),
+            idempotency=keyed,
+        )
 
     # -- commit and apply ------------------------------------------------------------------
 
     def commit(self) -> None:
-        """Make the committed record durable: from here on the change is rolled forward."""
+        """Make the committed record durable: from here on the change is rolled forward.
+
+        Raises (with nothing applied) when a staged entry or the record cannot be made durable.
+        """
         if self.durability is Durability.FULL:
-            for directory in {p.target.dir_fd for p in self.planned}:
-                fsutil.sync_directory(directory)
+            for planned in self.planned:
+                try:
+                    fsutil.sync_directory(planned.target.dir_fd)
+                except OSError as err:
+                    raise from_os_error(err, planned.target.display, "stage a change to") from err
         crash_point("changeset.prepared")
         if self.journal is None:
             self.journal = JournalFile(self.journal_dir, self.txid, self.durability)
-        self.journal.write(self._body("committed"))
+        self.journal.write(self._record("committed"))
         crash_point("changeset.committed")
 
     def apply(self) -> None:
-        """Perform every rename/unlink in order (inline: nothing can cancel half of it)."""
-        touched: set[int] = set()
+        """Perform every rename/unlink in order (inline: nothing can cancel half of it).
+
+        An OSError here leaves the set committed but not finished (recovery finishes it).
+        """
         for planned in self.planned:
             crash_point("changeset.apply")
             _apply_op(planned)
-            touched.add(planned.target.dir_fd)
-            if planned.source is not None and planned.change.op == "move":
-                touched.add(planned.source.dir_fd)
+
+    def sync_applied(self) -> None:
+        """Make the renames durable; an OSError here means applied, durability unknown."""
         if self.durability is Durability.FULL:
+            touched = {p.target.dir_fd for p in self.planned}
+            touched |= {p.source.dir_fd for p in self.planned if p.source and p.change.op == "move"}
             for directory in touched:
                 fsutil.sync_directory(directory)
         crash_point("changeset.applied")
 
     def finish(self) -> None:
+        """Remove the backups and claims, then the record: the change set is over."""
         for planned in self.planned:
-            if planned.backup is not None:
-                planned.backup.discard()
+            for member in (planned.backup, planned.created_link):
+                if member is not None:
+                    member.discard()
             if planned.staged is not None:
                 planned.staged.committed = True  # renamed into place by apply()
                 planned.staged.discard()  # closes it, releasing the lock
+        self._drop_claims()
         if self.journal is not None:
-            self.journal.remove()
-            self.journal = None
+            journal, self.journal = self.journal, None
+            try:
+                journal.remove()
+            except OSError as err:  # applied and durable: recovery removes the record later
+                logger.warning("change set %s: removing its journal failed: %s", self.txid, err)
         crash_point("changeset.finished")
 
     def undo_prepare(self) -> None:
-        """Before the commit point: remove staged files and backups, and created dirs."""
+        """Before the commit point: remove staged files, backups and claims, and created dirs.
+
+        Never raises: it runs on the way out of a failure that the caller reports.
+        """
         for planned in reversed(self.planned):
+            for member in (planned.created_link, planned.backup):
+                if member is not None:
+                    member.discard()
             if planned.staged is not None:
                 planned.staged.discard()
-            if planned.backup is not None:
-                planned.backup.discard()
+        self._drop_claims()
         for parent, name in reversed(self.created_dirs):
-            with contextlib.suppress(OSError), self.sandbox.resolve(parent) as location:
+            with (
+                contextlib.suppress(OSError, AtomicToolsError),
+                self.sandbox.resolve(parent) as location,
+            ):
                 dir_fd = os.open(
                     location.name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=location.dir_fd
                 )
@@ -606,8 +687,9 @@ class ChangeSetRunner:
                 finally:
                     os.close(dir_fd)
         if self.journal is not None:
-            self.journal.remove()
-            self.journal = None
+            journal, self.journal = self.journal, None
+            with contextlib.suppress(OSError):
+                journal.remove()
 
     def outcomes(self, applied: bool) -> ChangeSetResult:
         return ChangeSetResult(
@@ -708,24 +790,67 @@ async def apply_change_set(
                 runner.undo_prepare()
         try:
             runner.apply()
-            if runner.receipt is not None:  # before the journal goes: it can still record it
-                receipt = runner.receipt
-                IdempotencyStore(Path(receipt.store)).record(
-                    receipt, runner.outcomes(applied=True).to_json()
-                )
-                crash_point("changeset.key_recorded")
-            runner.finish()
-        except (OSError, sqlite3.Error) as err:
+        except OSError as err:
             if runner.journal is not None:
-                runner.journal.close()  # unlocked: `recover` may now finish it
-            reason = err.strerror if isinstance(err, OSError) else str(err)
+                runner.journal.close()  # unlocked: `recover` (or a later call) may finish it
             raise RecoveryNeededError(
-                f"the change set was committed but applying it failed ({reason}); "
-                f"run `atomictools recover` to finish it (journal {runner.txid})"
+                f"the change set was committed but applying it failed ({err.strerror}); its "
+                f"journal {runner.txid} is kept, and the change set is finished by the next "
+                "call that touches its files, by `atomictools recover`, or at the next start"
             ) from err
+        unsynced: OSError | None = None
+        try:
+            runner.sync_applied()
+        except OSError as err:
+            unsynced = err  # applied: the set is finished; the message says what is unknown
+        _record_key(runner)
+        runner.finish()
+        if unsynced is not None:
+            raise DurabilityUnknownError(
+                "the change set was applied, but syncing a directory failed "
+                f"({unsynced.strerror}); the change may not survive a power loss"
+            ) from unsynced
         if progress is not None:
             with anyio.CancelScope(shield=True):
                 await progress(2 * len(runner.planned), 2 * len(runner.planned))
         return runner.outcomes(applied=True)
     finally:
         runner.close_locations()
+
+
+def _record_key(runner: ChangeSetRunner) -> None:
+    """A keyed set records its key before its journal goes (the journal could still do it).
+
+    If the store cannot take it, the journal stays for recovery to record the key, and the
+    error says the change was made.
+    """
+    if runner.receipt is None:
+        return
+    receipt = runner.receipt
+    try:
+        IdempotencyStore(Path(receipt.store)).record(
+            receipt, runner.outcomes(applied=True).to_json()
+        )
+    except (OSError, sqlite3.Error) as err:
+        if runner.journal is not None:
+            runner.journal.close()  # unlocked: recovery records the key and finishes it
+        raise RecoveryNeededError(
+            f"the change set was applied, but its idempotency key could not be recorded in "
+            f"{receipt.store} ({err}); its journal {runner.txid} is kept so that `atomictools "
+            "recover` (or the next start) records it; fix the state directory"
+        ) from err
+    crash_point("changeset.key_recorded")
+
+
+def _state_dir_error(err: OSError, directory: Path, action: str) -> StateDirError:
+    """A state-directory failure, said as such: it is not the user's file that failed."""
+    reason = err.strerror or str(err)
+    fix = {
+        errno.ENOSPC: "free space on it",
+        errno.EDQUOT: "free space on it",
+        errno.EROFS: "it is on a read-only file system; pass --state-dir (or set "
+        "ATOMICTOOLS_STATE_DIR) to a writable directory",
+        errno.EACCES: "this user may not write there; fix its permissions or pass --state-dir",
+        errno.EPERM: "this user may not write there; fix its permissions or pass --state-dir",
+    }.get(err.errno or 0, "check that file system, or pass --state-dir")
+    return StateDirError(f"cannot {action} the state directory {directory} ({reason}); {fix}")

@@ -15,12 +15,17 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Literal, TypeVar
 
+import anyio
+import anyio.to_thread
+
 from . import fileops, listing
 from .config import Durability, Limits, default_state_dir
 from .edits import Edit
 from .errors import (
+    AtomicToolsError,
     InvalidArgumentError,
     NotFoundError,
+    PartlyDoneError,
     ReadOnlyError,
     TooLargeError,
     WrongTypeError,
@@ -45,7 +50,8 @@ from .journal import (
     apply_change_set,
 )
 from .locks import ChangeLocks
-from .recovery import recover_journals
+from .recovery import record_path, recover_journals
+from .recovery_report import RecoveryReport, UnfinishedSet
 from .results import (
     BytesRead,
     CopyResult,
@@ -66,6 +72,7 @@ from .steps import step
 from .writer import AtomicWriter, open_atomic_writer
 
 T = TypeVar("T")
+_RECOVER = "run `atomictools recover` with this server's --state-dir (or restart the server)"
 PathArg = str | os.PathLike[str]
 EditArg = Edit | tuple[str, str]
 
@@ -98,6 +105,9 @@ class Workspace:
         self.idempotency_ttl = idempotency_ttl
         self._locks = ChangeLocks()
         self._unrecovered: dict[Hashable, str] = {}
+        """Lock keys of paths that belong to an unfinished change set, and its txid."""
+        self._unfinished: dict[str, UnfinishedSet] = {}
+        """Change sets that could not be finished, by txid (shared by every view)."""
         self._key_scope = fingerprint(sorted(str(root) for root in self.roots))
         """Keys are per set of configured roots: a relative path means another file elsewhere."""
 
@@ -132,6 +142,7 @@ class Workspace:
         )
         view._locks = self._locks
         view._unrecovered = self._unrecovered
+        view._unfinished = self._unfinished
         view._key_scope = self._key_scope
         return view
 
@@ -157,19 +168,89 @@ class Workspace:
     def _hold(
         self, keys: Sequence[tuple[int, int, str]], locations: Sequence[Location]
     ) -> AbstractAsyncContextManager[None]:
-        self._refuse_unrecovered(keys, locations)
+        if self._unrecovered and any(key in self._unrecovered for key in keys):
+            return self._hold_after_settling(keys, locations)
         return self._locks.hold({key: loc.dir_fd for key, loc in zip(keys, locations, strict=True)})
 
-    def _refuse_unrecovered(self, keys: Sequence[Hashable], locations: Sequence[Location]) -> None:
-        """A path whose change set could not be finished stays off-limits until recovery."""
+    @asynccontextmanager
+    async def _hold_after_settling(
+        self, keys: Sequence[tuple[int, int, str]], locations: Sequence[Location]
+    ) -> AsyncIterator[None]:
+        """A path of an unfinished change set: finish the set first if that can be done now
+        (another process may have finished it already), else refuse with what to run."""
+        for txid in {self._unrecovered[key] for key in keys if key in self._unrecovered}:
+            if await anyio.to_thread.run_sync(self._try_finish, txid):
+                self._unblock(txid)
         for key, location in zip(keys, locations, strict=True):
-            txid = self._unrecovered.get(key)
-            if txid is not None:
+            blocked = self._unrecovered.get(key)
+            if blocked is not None:
+                unfinished = self._unfinished[blocked]
                 raise RecoveryNeededError(
-                    f"{location.display} is part of change set {txid}, which was committed but "
-                    "not finished; run `atomictools recover` (or restart the server) first",
+                    f"{location.display} is part of change set {blocked}, which "
+                    f"{unfinished.reason}; {unfinished.fix or _RECOVER}",
                     changed=False,
                 )
+        async with self._locks.hold(
+            {key: loc.dir_fd for key, loc in zip(keys, locations, strict=True)}
+        ):
+            yield
+
+    # -- unfinished change sets ---------------------------------------------------------------
+
+    def note_unfinished(self, report: RecoveryReport) -> None:
+        """Refuse the paths of the change sets a recovery left unfinished, until they are
+        finished (by a later call, ``finish_unfinished``, or another process)."""
+        for txid in report.handled:
+            self._unblock(txid)
+        for unfinished in report.unfinished.values():
+            keys = []
+            for path in unfinished.paths:
+                try:
+                    with self.sandbox.resolve(path, follow_final=False) as location:
+                        keys.append(self._lock_key(location))
+                except (AtomicToolsError, OSError):
+                    continue  # outside these roots, or its directory is gone
+            self._block(unfinished, keys)
+
+    def _block(self, unfinished: UnfinishedSet, keys: Iterable[Hashable]) -> None:
+        self._unfinished[unfinished.txid] = unfinished
+        self._unrecovered.update(dict.fromkeys(keys, unfinished.txid))
+
+    def _unblock(self, txid: str) -> None:
+        self._unfinished.pop(txid, None)
+        for key in [key for key, blocked in self._unrecovered.items() if blocked == txid]:
+            del self._unrecovered[key]
+
+    @property
+    def unfinished(self) -> list[UnfinishedSet]:
+        """Change sets this workspace knows are unfinished (their paths are refused)."""
+        return list(self._unfinished.values())
+
+    async def finish_unfinished(self) -> list[str]:
+        """Try again to finish every unfinished change set; returns the txids now finished."""
+        finished = []
+        for txid in list(self._unfinished):
+            if await anyio.to_thread.run_sync(self._try_finish, txid):
+                self._unblock(txid)
+                finished.append(txid)
+        return finished
+
+    def _try_finish(self, txid: str) -> bool:
+        """In a worker thread: is the change set finished now (by us, here, or by anyone)?"""
+        unfinished = self._unfinished.get(txid)
+        if unfinished is None:
+            return True
+        ours = record_path(self.journal_dir, txid)
+        if os.path.lexists(ours) and not unfinished.untrusted:
+            report = recover_journals(self.sandbox, self.journal_dir, only=txid)
+            if txid in report.handled:
+                return True
+            if txid in report.unfinished:
+                unfinished.reason = report.unfinished[txid].reason
+            return False
+        if unfinished.journal is not None and os.path.lexists(unfinished.journal):
+            return False
+        return not any(os.path.lexists(member) for member in unfinished.members)
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -461,7 +542,7 @@ class Workspace:
         # One call per key at a time, in this process and across processes: a retry waits for
         # the first call, and a call with other arguments is then refused.
         async with key_locked(self.state_dir / LOCK_NAME, receipt):
-            self._finish_abandoned_change_sets()
+            await self._finish_abandoned_change_sets()
             if (stored := store.lookup(receipt)) is not None:
                 return ChangeSetResult.from_json(stored)
             return await self._apply(changes, dry_run=False, progress=progress, receipt=receipt)
@@ -476,17 +557,14 @@ class Workspace:
         )
         return done.changes[0]
 
-    def _finish_abandoned_change_sets(self) -> None:
+    async def _finish_abandoned_change_sets(self) -> None:
         """Finish change sets whose process died (their records are unlocked).
 
         A keyed change set that died after its commit point records its key when finished, so
         this runs before a keyed call looks its key up. Live records are locked and skipped.
         """
-        report = recover_journals(self.sandbox, self.journal_dir)
-        finished = set(report.rolled_forward) | set(report.rolled_back)
-        for key, txid in list(self._unrecovered.items()):
-            if txid in finished:
-                del self._unrecovered[key]
+        report = await anyio.to_thread.run_sync(recover_journals, self.sandbox, self.journal_dir)
+        self.note_unfinished(report)
 
     async def _apply(
         self,
@@ -513,7 +591,13 @@ class Workspace:
             try:
                 return await apply_change_set(runner, dry_run=dry_run, progress=progress)
             except RecoveryNeededError:
-                self._unrecovered.update(dict.fromkeys(keys, runner.txid))
+                unfinished = UnfinishedSet(
+                    runner.txid,
+                    "was committed but could not be finished in this process",
+                    runner.record_path,
+                    paths=[str(location.abspath) for location in locations],
+                )
+                self._block(unfinished, keys)
                 raise
 
     @asynccontextmanager
@@ -533,7 +617,12 @@ class Workspace:
         if idempotency_key is not None:
             done = await self._once(Change("mkdir", os.fspath(path)), idempotency_key)
             return MkdirResult(done.path, created=done.created)
-        make = fileops.directory_maker(self.durability)
+        maker = fileops.directory_maker(self.durability)
+        made: list[str] = []
+
+        def make(dir_fd: int, name: str, parent: Path) -> None:
+            maker(dir_fd, name, parent)
+            made.append(str(parent / name))
 
         def create() -> MkdirResult:
             with self.sandbox.resolve(path, make_dir=make) as location:
@@ -553,8 +642,21 @@ class Workspace:
                     raise from_os_error(err, location.display, "create directory") from err
                 return MkdirResult(location.display, created=True)
 
+        def create_reporting_parents() -> MkdirResult:
+            try:
+                return create()
+            except AtomicToolsError as err:
+                if made and not err.changed:  # ``mkdir -p`` stopped half-way: say what it made
+                    raise PartlyDoneError(
+                        f"{err.message}; the parent directories {', '.join(made)} were "
+                        "created before that and are kept"
+                    ) from err
+                raise
+
         await step("mkdir.before")
-        return create()  # inline, with no await inside: a cancel never splits a ``mkdir -p``
+        return (
+            create_reporting_parents()
+        )  # inline, with no await inside: a cancel never splits a ``mkdir -p``
 
 
 def _known(value: T | None) -> T:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from contextlib import suppress
 
 import anyio
@@ -39,10 +40,19 @@ DEFAULT_LIMITS = Limits()
 class PendingFile:
     """A locked temp file in the target's directory; synchronous, one system call per method."""
 
-    def __init__(self, location: Location, *, durability: Durability, replace: bool) -> None:
+    def __init__(
+        self,
+        location: Location,
+        *,
+        durability: Durability,
+        replace: bool,
+        name_for: Callable[[], str] | None = None,
+    ) -> None:
         self.location = location
         self.durability = durability
         self.replace = replace
+        self.name_for = name_for
+        """Names the temp (a change set's member); a plain temp name by default."""
         self.committed = False
         self.synced = False
         self.fd = -1
@@ -52,7 +62,9 @@ class PendingFile:
         """Create the temp; copy owner and mode from ``template`` (the file being replaced)."""
         loc = self.location
         try:
-            self.fd, self.temp_name = create_locked_temp(loc.dir_fd, loc.name)
+            self.fd, self.temp_name = create_locked_temp(
+                loc.dir_fd, loc.name, name_for=self.name_for
+            )
             if template is not None:
                 if (template.st_uid, template.st_gid) != (os.getuid(), os.getgid()):
                     with suppress(PermissionError):

@@ -11,6 +11,7 @@ import pytest
 
 from atomictools import Workspace
 from atomictools.config import STATE_DIR_ENV
+from atomictools.record import RECORD_SUFFIX, JournalRecord, UntrustedRecordError, decode
 from atomictools.tempfiles import is_temp_name
 
 
@@ -119,3 +120,13 @@ def tree_snapshot(top: Path, *, exclude: Path | None = None) -> dict[str, TreeEn
 
     record(top)
     return entries
+
+
+def read_record(path: Path) -> JournalRecord | None:
+    """The journal record at ``path``, or None when it is not one that can be trusted."""
+    if not path.name.endswith(RECORD_SUFFIX):
+        return None
+    try:
+        return decode(path.read_bytes())
+    except UntrustedRecordError:
+        return None

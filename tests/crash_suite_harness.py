@@ -68,8 +68,9 @@ from mcp.shared.message import SessionMessage
 from mcp.types import CallToolResult, TextContent
 
 from atomictools.config import STATE_DIR_ENV
-from atomictools.journal import RECORD_SUFFIX, decode_record
+from atomictools.record import RECORD_SUFFIX
 from atomictools.tempfiles import is_temp_name
+from tests.conftest import read_record
 
 MiB = 1024 * 1024
 KINDS = ("write_file", "edit_file", "apply_changes")
@@ -837,8 +838,8 @@ class Lane:
         states = []
         for entry in self._journal_entries():
             if entry.name.endswith(RECORD_SUFFIX):
-                body = decode_record(entry.read_bytes())
-                states.append(body.get("state", "?") if body else "torn")
+                record = read_record(entry)
+                states.append(record.state if record else "torn")
             elif is_temp_name(entry.name):
                 states.append("record temp")
         n = len(self.names)

@@ -56,10 +56,10 @@ from atomictools.idempotency import (
     Receipt,
     key_locked,
 )
-from atomictools.journal import RECORD_SUFFIX, Change, decode_record
+from atomictools.journal import Change
 from atomictools.steps import CRASH_ENV, CRASH_EXIT_CODE, observe_steps
 from atomictools.tempfiles import is_temp_name, temp_owner_pid
-from tests.conftest import temp_files, tree_snapshot
+from tests.conftest import read_record, temp_files, tree_snapshot
 from tests.idempotency_child import changes_from_spec
 
 pytestmark = pytest.mark.anyio
@@ -752,10 +752,11 @@ def committed_txids(state: Path, key: str) -> list[str]:
     """The journals a dead process left committed with ``key`` in them."""
     found = []
     for path in journals(state):
-        body = decode_record(path.read_bytes()) if path.name.endswith(RECORD_SUFFIX) else None
-        if body is not None and body.get("state") == "committed":
-            assert body["idempotency"]["key"] == key
-            found.append(body["txid"])
+        record = read_record(path)
+        if record is not None and record.committed:
+            assert record.idempotency is not None
+            assert record.idempotency["key"] == key
+            found.append(record.txid)
     return found
 
 

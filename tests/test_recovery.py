@@ -25,10 +25,12 @@ import pytest
 from mcp import Client
 
 from atomictools import Workspace
-from atomictools.journal import RECORD_SUFFIX, decode_record, encode_record
-from atomictools.recovery import RecoveryReport, recover, sweep_temps
+from atomictools.record import RECORD_SUFFIX, decode, encode_body
+from atomictools.recovery import recover
+from atomictools.recovery_report import RecoveryReport
 from atomictools.server import ServerOptions, create_server
 from atomictools.steps import CRASH_ENV, CRASH_EXIT_CODE
+from atomictools.sweep import sweep_temps
 from tests.changeset_child import Tree, install, scenario, snapshot
 from tests.conftest import temp_files
 
@@ -48,8 +50,11 @@ def child_env(state: Path, crash_at: str | None = None) -> dict[str, str]:
     return env
 
 
-def crash_child(name: str, roots: list[Path], state: Path, crash_at: str) -> None:
-    """Run the child on scenario ``name`` and check it died at ``crash_at``."""
+def crash_child(
+    name: str, roots: list[Path], state: Path, crash_at: str, *, expect: int = CRASH_EXIT_CODE
+) -> None:
+    """Run the child on scenario ``name`` and check it died at ``crash_at`` (``expect``: its
+    exit status, ``-SIGKILL`` when ``ATOMICTOOLS_TEST_CRASH_SIGNAL=KILL``)."""
     done = subprocess.run(
         [sys.executable, str(CHILD), "apply", name, *map(str, roots)],
         env=child_env(state, crash_at),
@@ -58,7 +63,7 @@ def crash_child(name: str, roots: list[Path], state: Path, crash_at: str) -> Non
         timeout=60,
         check=False,
     )
-    assert done.returncode == CRASH_EXIT_CODE, (done.returncode, done.stderr)
+    assert done.returncode == expect, (done.returncode, done.stderr)
     assert "done" not in done.stdout
 
 
@@ -101,10 +106,15 @@ def dead_pid() -> int:
 
 
 def run_recovery(
-    roots: list[Path], state: Path, *, rollback: bool = False, dry_run: bool = False
+    roots: list[Path],
+    state: Path,
+    *,
+    rollback: bool = False,
+    forward: bool = False,
+    dry_run: bool = False,
 ) -> RecoveryReport:
     ws = Workspace(roots, state_dir=state)
-    return recover(ws.sandbox, ws.journal_dir, rollback=rollback, dry_run=dry_run)
+    return recover(ws.sandbox, ws.journal_dir, rollback=rollback, forward=forward, dry_run=dry_run)
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -403,10 +413,10 @@ def test_sweep_dry_run_removes_nothing(tmp_path: Path, private_state_dir: Path) 
     orphan.write_bytes(b"orphan\n")
     backdate(orphan)
     ws = Workspace([root], state_dir=private_state_dir)
-    report = sweep_temps(ws.sandbox, dry_run=True)
+    report = sweep_temps(ws.sandbox, journal_dir=ws.journal_dir, dry_run=True)
     assert orphan.exists()
     assert report.removed == [orphan.name]
-    assert sweep_temps(ws.sandbox).removed == [orphan.name]
+    assert sweep_temps(ws.sandbox, journal_dir=ws.journal_dir).removed == [orphan.name]
     assert not orphan.exists()
 
 
@@ -449,30 +459,155 @@ def test_record_of_a_live_writer_is_left_alone(tmp_path: Path, private_state_dir
     assert records(private_state_dir) == []
 
 
-def _corrupt(kind: str, data: bytes) -> bytes:
+def corrupt(kind: str, record: Path) -> None:
+    """Damage a record the ways a disk, a person or a bug can."""
+    data = record.read_bytes()
     if kind == "truncated":
-        return data[: len(data) // 2]
-    if kind == "empty":
-        return b""
-    if kind == "garbage":
-        return b"\x00\xff not json \x17" * 10
-    if kind == "not-an-object":
-        return b'["committed"]'
-    body = json.loads(data)
-    if kind == "bad-checksum":
+        record.write_bytes(data[: len(data) // 2])
+    elif kind == "empty":
+        record.write_bytes(b"")
+    elif kind == "garbage":
+        record.write_bytes(b"\x00\xff not json \x17" * 10)
+    elif kind == "not-an-object":
+        record.write_bytes(b'["committed"]')
+    elif kind == "bit-flip":
+        middle = len(data) // 2
+        record.write_bytes(data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1 :])
+    elif kind == "bad-checksum":
+        body = json.loads(data)
         body["pid"] = body["pid"] + 1  # a field changed, the checksum not recomputed
-        return json.dumps(body).encode()
-    if kind == "no-checksum":
+        record.write_bytes(json.dumps(body).encode())
+    elif kind == "no-checksum":
+        body = json.loads(data)
         body.pop("checksum")
-        return json.dumps(body).encode()
-    raise ValueError(kind)
+        record.write_bytes(json.dumps(body).encode())
+    elif kind == "wrong-type":
+        body = json.loads(data)
+        body.pop("checksum")
+        body["ops"][0]["name"] = 42  # verifies, but is not a record we could have written
+        record.write_bytes(encode_body(body))
+    elif kind == "missing-field":
+        body = json.loads(data)
+        body.pop("checksum")
+        del body["ops"][0]["dir"]
+        record.write_bytes(encode_body(body))
+    elif kind == "directory":
+        record.unlink()
+        record.mkdir()
+        (record / "inside").write_bytes(data)
+    elif kind == "symlink":
+        kept = record.with_name("elsewhere.json")
+        record.rename(kept)
+        record.symlink_to(kept)
+    else:
+        raise ValueError(kind)
 
 
-@pytest.mark.parametrize(
-    "kind", ["truncated", "empty", "garbage", "not-an-object", "bad-checksum", "no-checksum"]
-)
-def test_torn_or_corrupt_record_counts_as_uncommitted(
+CORRUPTIONS = [
+    "truncated",
+    "empty",
+    "garbage",
+    "not-an-object",
+    "bit-flip",
+    "bad-checksum",
+    "no-checksum",
+    "wrong-type",
+    "missing-field",
+    "directory",
+    "symlink",
+]
+
+
+def tree_with_ours(root: Path) -> dict[str, bytes]:
+    """Every file below ``root``, ours included (what must not disappear)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        if not p.is_symlink()
+        else b"->" + bytes(p.readlink())
+        for p in sorted(root.rglob("*"))
+        if not p.is_dir() or p.is_symlink()
+    }
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_untrusted_record_deletes_nothing_and_needs_a_person(
     tmp_path: Path, private_state_dir: Path, kind: str
+) -> None:
+    """Defect 2 and 3 of issue 11: a record recovery cannot trust was taken as "rolled back",
+    and its staged files and backups were deleted: a half-applied set became permanent."""
+    root = tmp_path / "root"
+    root.mkdir()
+    case = scenario("no-mkdir", [root])
+    install(root, case.old[0])
+    crash_child("no-mkdir", [root], private_state_dir, "changeset.apply:3")  # 2 of 4 applied
+    [record] = records(private_state_dir)
+    corrupt(kind, record)
+    backdate(*temp_files(root))
+    before = tree_with_ours(root)
+
+    report = run_recovery([root], private_state_dir)
+
+    assert tree_with_ours(root) == before, "recovery changed files of an untrusted change set"
+    assert record.exists() or record.is_symlink()
+    assert report.exit_code == 2
+    [unfinished] = report.unfinished.values()
+    assert unfinished.untrusted
+    assert "cannot be trusted" in unfinished.reason
+    message = unfinished.describe()
+    for name in ("b.txt", "fresh.txt", "gone.txt"):  # the files still to be changed
+        assert str(root / name) in message, message
+    assert "--forward" in message
+    assert "--rollback" in message
+    done = run_cli(root, "--state-dir", private_state_dir)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "needs a person" in done.stdout
+    assert "Traceback" not in done.stderr
+    assert tree_with_ours(root) == before
+
+
+@pytest.mark.parametrize("kind", ["garbage", "bit-flip", "directory"])
+@pytest.mark.parametrize(
+    "step",
+    [
+        "changeset.committed",
+        "changeset.apply:2",
+        "changeset.apply:3",
+        "changeset.apply:4",
+        "changeset.applied",
+    ],
+)
+@pytest.mark.parametrize("direction", ["--forward", "--rollback"])
+def test_operator_decides_an_untrusted_set_from_its_files(
+    tmp_path: Path, private_state_dir: Path, kind: str, step: str, direction: str
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    case = scenario("no-mkdir", [root])
+    install(root, case.old[0])
+    crash_child("no-mkdir", [root], private_state_dir, step)
+    [record] = records(private_state_dir)
+    corrupt(kind, record)
+
+    done = run_cli(root, "--state-dir", private_state_dir, direction, "--json")
+
+    report = json.loads(done.stdout)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert report["problems"] == []
+    expected = case.new[0] if direction == "--forward" else case.old[0]
+    state = snapshot(root)
+    assert state == expected, f"after {step}, a damaged record and {direction}:\n" + describe(
+        state, case.old[0], case.new[0]
+    )
+    assert temp_files(tmp_path) == []
+    assert not record.exists()
+    assert not record.is_symlink()
+    aside = record.with_name(record.name + ".damaged")
+    assert aside.exists() or aside.is_symlink(), "the damaged record is kept for a person"
+    assert run_recovery([root], private_state_dir).exit_code == 0
+
+
+def test_resolving_an_untrusted_set_refuses_a_damaged_staged_file(
+    tmp_path: Path, private_state_dir: Path
 ) -> None:
     root = tmp_path / "root"
     root.mkdir()
@@ -480,18 +615,17 @@ def test_torn_or_corrupt_record_counts_as_uncommitted(
     install(root, case.old[0])
     crash_child("no-mkdir", [root], private_state_dir, "changeset.committed")
     [record] = records(private_state_dir)
-    assert decode_record(record.read_bytes()) is not None
-    record.write_bytes(_corrupt(kind, record.read_bytes()))
-    assert decode_record(record.read_bytes()) is None
+    corrupt("garbage", record)
+    [staged] = [p for p in temp_files(root) if ".new." in p.name and p.name.startswith(".a.txt")]
+    staged.write_bytes(b"alpha new, but damaged\n")
 
-    report = run_recovery([root], private_state_dir)
+    report = run_recovery([root], private_state_dir, forward=True)
 
-    assert report.rolled_back == [record.name.removesuffix(RECORD_SUFFIX)]
-    assert report.rolled_forward == []
-    assert report.problems == []
-    assert snapshot(root) == case.old[0]
-    assert temp_files(tmp_path) == []
-    assert records(private_state_dir) == []
+    assert report.exit_code == 2
+    assert staged.exists()
+    assert (root / "a.txt").read_bytes() == b"alpha old\n"
+    assert "damaged" in report.problems[0]
+    assert record.exists()
 
 
 def test_record_touching_other_roots_is_left_alone(tmp_path: Path, private_state_dir: Path) -> None:
@@ -535,7 +669,7 @@ def test_record_naming_a_directory_through_a_symlink_out_of_the_roots(
     (outside / "f.txt").write_bytes(b"outside\n")
     (root / "link").symlink_to(outside)
     body = {
-        "version": 1,
+        "version": 2,
         "txid": "20000101T000000-aaaaaaaaaaaa",
         "state": "committed",
         "pid": dead_pid(),
@@ -556,7 +690,7 @@ def test_record_naming_a_directory_through_a_symlink_out_of_the_roots(
     journal_dir = private_state_dir / "journals"
     journal_dir.mkdir()
     record = journal_dir / f"{body['txid']}{RECORD_SUFFIX}"
-    record.write_bytes(encode_record(body))
+    record.write_bytes(encode_body(body))
     report = run_recovery([root], private_state_dir)
     assert report.other_roots == [body["txid"]]
     assert (outside / "f.txt").read_bytes() == b"outside\n"
@@ -645,10 +779,10 @@ def test_cli_exits_2_when_a_person_is_needed(tmp_path: Path, private_state_dir: 
     install(root, case.old[0])
     crash_child("no-mkdir", [root], private_state_dir, "changeset.committed")
     [record] = records(private_state_dir)
-    body = decode_record(record.read_bytes())
-    assert body is not None
-    [op] = [op for op in body["ops"] if op["name"] == "a.txt"]
-    (root / op["staged"]).unlink()
+    body = decode(record.read_bytes())
+    [op] = [op for op in body.ops if op.name == "a.txt"]
+    assert op.staged is not None
+    (root / op.staged).unlink()
     (root / "a.txt").write_bytes(b"someone else's content\n")
 
     done = run_cli(root, "--state-dir", private_state_dir)

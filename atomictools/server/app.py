@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import threading
-import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,7 +26,9 @@ from pydantic import ValidationError
 
 from .. import __version__
 from ..catalog import DatabaseCatalog
-from ..recovery import RecoveryReport, recover_journals, sweep_temps
+from ..recovery import recover_journals
+from ..recovery_report import RecoveryReport
+from ..sweep import sweep_temps
 from ..workspace import Workspace
 from .db_tools import register_db_tools
 from .file_tools import register_change_set_tool, register_file_tools
@@ -97,17 +98,17 @@ def create_server(
 
     @asynccontextmanager
     async def lifespan(_server: MCPServer[Any]) -> AsyncIterator[None]:
-        if options.recover_on_start:
-            # Before the first call is served: no tool may see a half-applied change set.
-            report = await anyio.to_thread.run_sync(
-                recover_journals, workspace.sandbox, workspace.journal_dir
-            )
-            if report.fixed_something or report.problems:
-                logger.warning("startup recovery: %s", report.as_dict())
-            # Temps named by journals left alone (live, other roots) stay protected.
-            start_background_sweep(workspace, options.sweep_delay, report.protected)
         try:
-            yield
+            async with anyio.create_task_group() as background:
+                if options.recover_on_start:
+                    # Before the first call is served: no tool may see a half-applied change set.
+                    report = await startup_recovery(workspace)
+                    background.start_soon(sweep_later, workspace, options.sweep_delay, report)
+                background.start_soon(retry_unfinished, workspace, options.retry_interval)
+                try:
+                    yield
+                finally:
+                    background.cancel_scope.cancel()
         finally:
             await catalog.close()
 
@@ -127,28 +128,66 @@ def create_server(
     return server
 
 
-def start_background_sweep(
-    workspace: Workspace, delay: float, protected: set[str] | None = None
-) -> threading.Thread:
-    """Sweep orphaned temp files in a daemon thread, after ``delay`` seconds.
+async def startup_recovery(workspace: Workspace) -> RecoveryReport:
+    """Finish or undo interrupted change sets; what cannot be done is refused, not fatal.
 
-    A large tree takes a while to walk; doing it after the server is already serving keeps
-    the start fast. The sweep only removes temps no live writer holds (see ``recovery``).
+    A server always starts: a change set left for a person only makes its own paths refused
+    (with what to run), and every other path is served.
     """
+    try:
+        report = await anyio.to_thread.run_sync(
+            recover_journals, workspace.sandbox, workspace.journal_dir
+        )
+    except Exception:  # recover_journals reports per record; this is a last resort
+        logger.exception("startup recovery failed; serving anyway")
+        return RecoveryReport()
+    if report.journals_unreadable:
+        logger.warning("startup recovery: %s", report.journals_unreadable)
+    if report.fixed_something or report.problems:
+        logger.warning("startup recovery: %s", report.as_dict())
+    workspace.note_unfinished(report)
+    return report
 
-    def run() -> None:
-        time.sleep(delay)
+
+async def sweep_later(workspace: Workspace, delay: float, startup: RecoveryReport) -> None:
+    """Sweep orphaned files of ours in a worker thread, ``delay`` seconds after the start.
+
+    A large tree takes a while to walk; doing it after the server is already serving keeps the
+    start fast. The sweep removes only what no live writer holds and no change set needs (see
+    ``sweep``); change sets it has to leave for a person get their paths refused.
+    """
+    await anyio.sleep(delay)
+    try:
+        report = await anyio.to_thread.run_sync(
+            functools.partial(
+                sweep_temps, workspace.sandbox, startup, journal_dir=workspace.journal_dir
+            ),
+            abandon_on_cancel=True,
+        )
+    except Exception:
+        logger.warning("the temp-file sweep failed", exc_info=True)
+        return
+    if report.removed:
+        logger.warning("removed %d orphaned temp file(s)", len(report.removed))
+    for unfinished in report.unfinished.values():
+        logger.warning("needs a person: %s", unfinished.describe())
+    workspace.note_unfinished(report)
+
+
+async def retry_unfinished(workspace: Workspace, interval: float) -> None:
+    """Now and then, try again to finish change sets this server could not finish (a disk
+    that was full, a directory that was not writable); another process may finish them too."""
+    while True:
+        await anyio.sleep(interval)
+        if not workspace.unfinished:
+            continue
         try:
-            report = sweep_temps(workspace.sandbox, RecoveryReport(protected=set(protected or ())))
+            finished = await workspace.finish_unfinished()
         except Exception:
-            logger.warning("the temp-file sweep failed", exc_info=True)
-            return
-        if report.removed:
-            logger.warning("removed %d orphaned temp file(s)", len(report.removed))
-
-    thread = threading.Thread(target=run, name="atomictools-sweep", daemon=True)
-    thread.start()
-    return thread
+            logger.warning("retrying unfinished change sets failed", exc_info=True)
+            continue
+        for txid in finished:
+            logger.warning("change set %s is finished now", txid)
 
 
 def _answer_protocol_extras(server: MCPServer[Any], runtime: ToolRuntime) -> None:

@@ -43,6 +43,8 @@ class ServerOptions:
     """Finish or undo interrupted change sets before serving, then sweep orphaned temps."""
     sweep_delay: float = 2.0
     """Seconds after start before the temp sweep begins (so it never delays the first call)."""
+    retry_interval: float = 5.0
+    """Seconds between attempts to finish change sets that could not be finished."""
 
 
 class ClientRoots:

@@ -42,7 +42,6 @@ from pydantic import BaseModel
 
 from atomictools import Limits, Workspace
 from atomictools.config import STATE_DIR_ENV
-from atomictools.journal import RECORD_SUFFIX, decode_record
 from atomictools.server import ServerOptions, create_server
 from atomictools.server.models import (
     ApplyChangesOutput,
@@ -57,7 +56,7 @@ from atomictools.server.models import (
 )
 from atomictools.steps import CRASH_ENV, CRASH_EXIT_CODE, observe_steps
 from atomictools.tempfiles import is_temp_name
-from tests.conftest import temp_files, tree_snapshot
+from tests.conftest import read_record, temp_files, tree_snapshot
 from tests.crash_suite_harness import pipe_transport
 
 from .helpers import TRACEBACK_MARKERS, Env, text_of
@@ -115,10 +114,11 @@ def journals(state: Path) -> list[Path]:
 def committed_txids(state: Path) -> list[str]:
     found = []
     for path in journals(state):
-        body = decode_record(path.read_bytes()) if path.name.endswith(RECORD_SUFFIX) else None
-        if body is not None and body.get("state") == "committed":
-            assert body["idempotency"]["key"] == KEY
-            found.append(body["txid"])
+        record = read_record(path)
+        if record is not None and record.committed:
+            assert record.idempotency is not None
+            assert record.idempotency["key"] == KEY
+            found.append(record.txid)
     return found
 
 
