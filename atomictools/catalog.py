@@ -61,18 +61,23 @@ class DatabaseCatalog:
             raise ValueError(f"--db takes NAME=PATH, not {value!r}")
         return name, path
 
-    async def entries(self) -> list[DatabaseEntry]:
+    async def entries(self, workspace: Workspace | None = None) -> list[DatabaseEntry]:
+        """The named databases, and the database files inside ``workspace``'s roots (a client's
+        narrowed view; the catalog's own workspace by default)."""
+        workspace = workspace or self.workspace
         found = [DatabaseEntry(n, str(p), configured=True) for n, p in sorted(self._named.items())]
-        for root in self.workspace.roots:
-            result = await self.workspace.search(root, _DISCOVERY_PATTERN)
+        for root in workspace.roots:
+            result = await workspace.search(root, _DISCOVERY_PATTERN)
             found.extend(DatabaseEntry(m, m, configured=False) for m in result.matches)
         return found
 
-    async def get(self, name: str) -> Database:
-        """The open database called ``name`` (a configured name or a path inside the roots)."""
+    async def get(self, name: str, workspace: Workspace | None = None) -> Database:
+        """The open database called ``name``: a configured name (the operator's choice, always
+        available), or a path inside ``workspace``'s roots (a client's narrowed view; the
+        catalog's own workspace by default)."""
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError("database is empty; give a name from db_list")
-        path, display, configured = self._locate(name)
+        path, display, configured = self._locate(name, workspace or self.workspace)
         async with self._lock:
             database = self._open.get(path)
             if database is None:
@@ -87,10 +92,10 @@ class DatabaseCatalog:
                 self._open[path] = database
         return database
 
-    def _locate(self, name: str) -> tuple[Path, str, bool]:
+    def _locate(self, name: str, workspace: Workspace) -> tuple[Path, str, bool]:
         if name in self._named:
             return self._named[name], name, True
-        with self.workspace.sandbox.resolve(name) as location:
+        with workspace.sandbox.resolve(name) as location:
             st = location.lstat()
             display, path = location.display, location.abspath
         if not path.name.endswith(DB_SUFFIXES):

@@ -31,6 +31,14 @@ import anyio
 
 from . import idempotency
 from .config import Durability
+from .dberrors import (
+    DatabaseBusyError,
+    DatabaseError,
+    StatementError,
+    commit_failed,
+    primary_code,
+    translate,
+)
 from .errors import AtomicToolsError, InvalidArgumentError, ReadOnlyError, TooLargeError
 from .results import Progress
 from .sqlguard import SqlGuard
@@ -43,27 +51,12 @@ Params = Sequence[Any] | Mapping[str, Any] | None
 PROGRESS_STEPS = 1000
 """SQLite VM steps between checks of the abort flag: small enough to stop a query at once."""
 CLEANUP_SECONDS = 5.0
+__all__ = ["DatabaseError", "StatementError"]  # defined in dberrors, documented here too
 STATEMENT_ERRORS = (sqlite3.Error, OverflowError, ValueError)
 """What a bad statement or parameter raises (an int beyond 64 bits is an OverflowError)."""
 BATCH_SECONDS = 0.02
 """How long one worker call runs statements before progress is reported."""
 MAX_READERS = 4
-
-
-class DatabaseError(AtomicToolsError):
-    code = "database"
-    outcome = "nothing was committed"
-
-
-class StatementError(DatabaseError):
-    """A statement failed; the transaction it was part of was rolled back."""
-
-    code = "statement_failed"
-
-    def __init__(self, message: str, *, index: int | None, sql: str) -> None:
-        self.index = index
-        self.sql = sql
-        super().__init__(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +327,19 @@ async def _fetch(cursor: aiosqlite.Cursor, max_rows: int) -> QueryResult:
     return QueryResult(columns, tuple(tuple(r) for r in rows[:max_rows]), truncated)
 
 
+_ENVIRONMENT_CODES = {
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_CORRUPT,
+    sqlite3.SQLITE_NOTADB,
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+}
+"""Failures of the disk or of another process, not of the statement: said with their fix."""
+
+
 class Database:
     """One SQLite database file: one writer at a time, concurrent readers.
 
@@ -389,9 +395,12 @@ class Database:
         if self._writer is None:
             self._check_exists()
             sync = "FULL" if self.durability is Durability.FULL else "NORMAL"
-            self._writer = await _Connection.open(
-                self.path, read_only=False, synchronous=sync, busy_timeout=self.busy_timeout
-            )
+            try:
+                self._writer = await _Connection.open(
+                    self.path, read_only=False, synchronous=sync, busy_timeout=self.busy_timeout
+                )
+            except sqlite3.Error as err:
+                raise translate(err, self.name, self.path, "open") from err
         return self._writer
 
     @asynccontextmanager
@@ -404,9 +413,15 @@ class Database:
                     if self.read_only or not self.create:
                         raise DatabaseError(f"database {self.name} ({self.path}) does not exist")
                     await self._writer_connection()  # creates it
-                reader = await _Connection.open(
-                    self.path, read_only=True, synchronous="FULL", busy_timeout=self.busy_timeout
-                )
+                try:
+                    reader = await _Connection.open(
+                        self.path,
+                        read_only=True,
+                        synchronous="FULL",
+                        busy_timeout=self.busy_timeout,
+                    )
+                except sqlite3.Error as err:
+                    raise translate(err, self.name, self.path, "open (to read)") from err
             healthy = False
             try:
                 yield reader
@@ -444,6 +459,8 @@ class Database:
             reason = f"{message}; give one parameter per placeholder"
         elif "interrupted" in message:
             reason = "it was interrupted (the call was cancelled or timed out)"
+        elif isinstance(err, sqlite3.Error) and primary_code(err) in _ENVIRONMENT_CODES:
+            reason = translate(err, self.name, self.path, "change").message
         else:
             reason = message
         return StatementError(f"{where} ({_short(sql)}) failed: {reason}", index=index, sql=sql)
@@ -458,22 +475,31 @@ class Database:
         async with self._write_lock:
             c = await self._writer_connection()
             committed = False
+            reusable = True
             try:
                 await self._begin(c)
                 tx = Transaction(self, c)
                 yield tx
                 tx.ensure_open()
                 with anyio.CancelScope(shield=True):
-                    await c.internal("COMMIT")
+                    try:
+                        await c.internal("COMMIT")
+                    except sqlite3.Error as err:
+                        reusable = False  # its state after a failed COMMIT is not known
+                        if primary_code(err) == sqlite3.SQLITE_FULL:  # the WAL append failed
+                            raise translate(err, self.name, self.path, "commit to") from err
+                        raise commit_failed(err, self.name, self.path) from err
                 committed = True
                 crash_point("db.committed")
+            except sqlite3.Error as err:  # our own SAVEPOINT/RELEASE, or the key table
+                raise translate(err, self.name, self.path, "change") from err
             finally:
-                if not committed and not await c.settle():
-                    logger.warning(
-                        "database %s: connection replaced after a failed cleanup", self.name
-                    )
-                    await c.close()
-                    self._writer = None
+                if not committed:
+                    clean = await c.settle()  # stop, drain, roll back: shielded, time-bounded
+                    if not (clean and reusable):
+                        logger.warning("database %s: connection replaced", self.name)
+                        await c.close()
+                        self._writer = None
 
     async def _begin(self, c: _Connection) -> None:
         """``BEGIN IMMEDIATE``, waiting up to ``busy_timeout`` for another process's writer.
@@ -491,8 +517,10 @@ class Database:
                     sqlite3.SQLITE_BUSY,
                     sqlite3.SQLITE_LOCKED,
                 )
-                if not busy or anyio.current_time() >= deadline:
-                    raise DatabaseError(
+                if not busy:
+                    raise translate(err, self.name, self.path, "start a transaction on") from err
+                if anyio.current_time() >= deadline:
+                    raise DatabaseBusyError(
                         f"cannot start a transaction on {self.name}: {err} (another process "
                         f"held the write lock for {self.busy_timeout:g} s); retry"
                     ) from err

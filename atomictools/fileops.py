@@ -24,6 +24,7 @@ from .config import Durability, Limits
 from .edits import Edit, apply_edits, unified_diff
 from .errors import (
     AlreadyExistsError,
+    ConcurrentChangeError,
     InvalidArgumentError,
     NotFoundError,
     PartlyDoneError,
@@ -61,8 +62,12 @@ def _open_regular(location: Location, action: str) -> tuple[int, os.stat_result]
     return fd, st
 
 
-async def read_whole(location: Location, limits: Limits) -> bytes:
-    """Read a whole regular file, refusing one larger than the limit before reading it."""
+async def read_whole(location: Location, limits: Limits, *, stable: bool = False) -> bytes:
+    """Read a whole regular file, refusing one larger than the limit before reading it.
+
+    ``stable``: refuse a file that another process changes (truncates, appends to) while it is
+    read, judged by its size before and after (a copy must not be short).
+    """
     limit = limits.max_read_bytes
     fd, st = _open_regular(location, "read")
     try:
@@ -80,9 +85,22 @@ async def read_whole(location: Location, limits: Limits) -> bytes:
                 raise TooLargeError(f"{location.display} grew past the {limit}-byte limit")
             parts.append(chunk)
             await step("read.chunk")
+        if stable:
+            refuse_if_resized(location, st, os.fstat(fd), size)
         return b"".join(parts)
     finally:
         os.close(fd)
+
+
+def refuse_if_resized(
+    location: Location, before: os.stat_result, after: os.stat_result, read: int
+) -> None:
+    """The file was changed by someone else while we read it: what we read is not a version."""
+    if read != before.st_size or after.st_size != before.st_size:
+        raise ConcurrentChangeError(
+            f"{location.display} changed while it was being read ({read} bytes read, "
+            f"{before.st_size} at the start, {after.st_size} now); retry"
+        )
 
 
 async def read_bytes(location: Location, limits: Limits) -> BytesRead:
@@ -439,6 +457,7 @@ async def copy(
         ) as writer:
             while chunk := await run_blocking(inline, os.read, fd, limits.chunk_bytes):
                 await writer.write(chunk)
+            refuse_if_resized(source, src_st, os.fstat(fd), writer.size)
             if expected_sha256 is not None and writer.sha256 != expected_sha256.lower():
                 raise PreconditionFailedError(
                     f"cannot copy {source.display}: it changed since it was read "

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import AtomicToolsError, InvalidArgumentError
+from .errors import AtomicToolsError, InvalidArgumentError, StateDirError
 from .locks import KeyedLocks, poll_until
 
 DEFAULT_TTL_SECONDS = 24 * 3600.0
@@ -171,8 +171,15 @@ POSIX record lock the process holds on it, so the file is opened once and kept o
 def _lock_fd(path: Path) -> int:
     fd = _lock_fds.get(str(path))
     if fd is None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise StateDirError(
+                f"cannot open the idempotency lock file {path} ({err.strerror}); the state "
+                f"directory {path.parent} must be writable: fix it, or pass --state-dir (or set "
+                "ATOMICTOOLS_STATE_DIR); nothing was changed"
+            ) from err
         _lock_fds[str(path)] = fd
     return fd
 
@@ -227,21 +234,48 @@ class IdempotencyStore:
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+        except (OSError, sqlite3.Error) as err:
+            raise self._failure(err) from err
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             ensure_table(conn)
             yield conn
+        except sqlite3.Error as err:
+            raise self._failure(err) from err
         finally:
             conn.close()
+
+    def _failure(self, err: OSError | sqlite3.Error) -> StateDirError:
+        """The store failed: name the file, and what to do about it."""
+        code = (getattr(err, "sqlite_errorcode", 0) or 0) & 0xFF
+        if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            fix = (
+                "it is damaged: move it aside (the keys it held are forgotten, so a retry of an "
+                "earlier keyed call would be made again), or pass --state-dir"
+            )
+        elif code == sqlite3.SQLITE_FULL:
+            fix = "the disk is full: free space on it"
+        elif code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+            fix = (
+                "its directory must be writable (not a read-only file system): fix it, or pass "
+                "--state-dir (or set ATOMICTOOLS_STATE_DIR)"
+            )
+        else:
+            fix = "check that file system, or pass --state-dir"
+        return StateDirError(f"the idempotency key store {self.path} failed ({err}); {fix}")
 
     def lookup(self, receipt: Receipt) -> str | None:
         if not self.path.exists():
             return None
         with self._connect() as conn:
-            return lookup(conn, receipt)
+            try:
+                return lookup(conn, receipt)
+            except sqlite3.Error as err:
+                raise self._failure(err) from err
 
     def record(self, receipt: Receipt, result: str) -> None:
         with self._connect() as conn:

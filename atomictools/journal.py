@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import secrets
-import sqlite3
 import stat
 import time
 from collections.abc import Sequence
@@ -507,7 +506,7 @@ class ChangeSetRunner:
             return change.content
         if change.op == "copy":
             assert planned.source is not None
-            data = await read_whole(planned.source, self.limits)
+            data = await read_whole(planned.source, self.limits, stable=True)
             _refuse_changed(planned, planned.source, data)  # the very bytes copied
             return data
         if st is None:
@@ -831,13 +830,13 @@ def _record_key(runner: ChangeSetRunner) -> None:
         IdempotencyStore(Path(receipt.store)).record(
             receipt, runner.outcomes(applied=True).to_json()
         )
-    except (OSError, sqlite3.Error) as err:
+    except StateDirError as err:
         if runner.journal is not None:
             runner.journal.close()  # unlocked: recovery records the key and finishes it
         raise RecoveryNeededError(
-            f"the change set was applied, but its idempotency key could not be recorded in "
-            f"{receipt.store} ({err}); its journal {runner.txid} is kept so that `atomictools "
-            "recover` (or the next start) records it; fix the state directory"
+            f"the change set was applied, but its idempotency key could not be recorded: "
+            f"{err.message}; its journal {runner.txid} is kept so that `atomictools recover` "
+            "(or the next start) records it once that is fixed"
         ) from err
     crash_point("changeset.key_recorded")
 

@@ -393,7 +393,7 @@ def _record_key(record: JournalRecord, report: RecoveryReport, conflicts: list[s
                 "the files, then make what is still needed with a new key"
             )
         IdempotencyStore(Path(receipt.store)).record(receipt, result)
-    except (OSError, sqlite3.Error, KeyError, TypeError, ValueError) as err:
+    except (OSError, sqlite3.Error, AtomicToolsError, KeyError, TypeError, ValueError) as err:
         report.leave(
             UnfinishedSet(
                 record.txid,

@@ -105,8 +105,8 @@ def register_db_tools(
         annotations=READ_ONLY,
     )
     async def db_list(ctx: Context[Any, Any]) -> Annotated[CallToolResult, DbListOutput]:
-        async def listing(_ws: Workspace) -> list[DbEntry]:
-            entries = await catalog.entries()
+        async def listing(ws: Workspace) -> list[DbEntry]:
+            entries = await catalog.entries(ws)
             return [DbEntry(name=e.name, path=e.path, configured=e.configured) for e in entries]
 
         entries = await runtime.call(ctx, listing)
@@ -126,8 +126,8 @@ def register_db_tools(
         database: DatabaseParam,
         table: Annotated[str | None, Field(description="One table or view to describe.")] = None,
     ) -> Annotated[CallToolResult, DbSchemaOutput]:
-        async def describe(_ws: Workspace) -> list[DbObject]:
-            db = await catalog.get(database)
+        async def describe(ws: Workspace) -> list[DbObject]:
+            db = await catalog.get(database, ws)
             return [
                 DbObject(
                     name=t.name,
@@ -169,8 +169,8 @@ def register_db_tools(
         params: JsonParams = None,
         maxRows: Annotated[int, Field(ge=1, le=100_000, description="Row limit.")] = 1000,
     ) -> Annotated[CallToolResult, DbQueryOutput]:
-        async def run(_ws: Workspace) -> QueryResult:
-            db = await catalog.get(database)
+        async def run(ws: Workspace) -> QueryResult:
+            db = await catalog.get(database, ws)
             return await db.query(sql, decode_params(params), max_rows=maxRows)
 
         result = await runtime.call(ctx, run)
@@ -199,8 +199,8 @@ def register_db_tools(
         params: JsonParams = None,
         idempotencyKey: IdempotencyKey = None,
     ) -> Annotated[CallToolResult, DbExecuteOutput]:
-        async def run(_ws: Workspace) -> DbExecuteOutput:
-            db = await catalog.get(database)
+        async def run(ws: Workspace) -> DbExecuteOutput:
+            db = await catalog.get(database, ws)
             done = await db.execute(sql, decode_params(params), idempotency_key=idempotencyKey)
             return DbExecuteOutput(rowcount=done.rowcount, lastrowid=done.lastrowid, committed=True)
 
@@ -226,8 +226,8 @@ def register_db_tools(
     ) -> Annotated[CallToolResult, DbTransactionOutput]:
         progress = runtime.reporter(ctx)
 
-        async def run(_ws: Workspace) -> list[StatementResult]:
-            db = await catalog.get(database)
+        async def run(ws: Workspace) -> list[StatementResult]:
+            db = await catalog.get(database, ws)
             batch = [Statement(s.sql, decode_params(s.params)) for s in statements]
             return await db.run_statements(batch, progress=progress, idempotency_key=idempotencyKey)
 

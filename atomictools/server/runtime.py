@@ -55,8 +55,12 @@ class ClientRoots:
     configured roots. ``notifications/roots/list_changed`` drops the cached answer.
     """
 
-    def __init__(self, base: Workspace) -> None:
+    ANSWER_SECONDS = 5.0
+    """How long a client gets to answer ``roots/list`` (some declare roots and never answer)."""
+
+    def __init__(self, base: Workspace, *, answer_seconds: float = ANSWER_SECONDS) -> None:
         self.base = base
+        self.answer_seconds = answer_seconds
         self._views: weakref.WeakKeyDictionary[Any, Workspace | None] = weakref.WeakKeyDictionary()
 
     @staticmethod
@@ -71,14 +75,15 @@ class ClientRoots:
     def forget(self, session: Any) -> None:
         self._views.pop(self.client_key(session), None)
 
-    async def workspace_for(self, ctx: Context[Any, Any]) -> Workspace:
+    async def workspace_for(self, ctx: Context[Any, Any], wait: float | None = None) -> Workspace:
+        """The workspace for this client's calls; asks its roots once (``wait``: how long)."""
         session = ctx.session
         capabilities = session.client_capabilities
         if capabilities is None or capabilities.roots is None:
             return self.base
         key = self.client_key(session)
         if key not in self._views:
-            self._views[key] = await self._ask(session)
+            self._views[key] = await self._ask(session, wait or self.answer_seconds)
         view = self._views[key]
         if view is None:
             raise OutsideRootsError(
@@ -87,13 +92,21 @@ class ClientRoots:
             )
         return view
 
-    async def _ask(self, session: Any) -> Workspace | None:
+    async def _ask(self, session: Any, wait: float) -> Workspace | None:
+        listed = None
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), anyio.move_on_after(wait):
                 warnings.simplefilter("ignore", MCPDeprecationWarning)
                 listed = await session.list_roots()
         except MCPError as err:  # no back-channel (2026 era) or the client refused
             logger.info("client roots unavailable (%s); using the configured roots", err)
+            return self.base
+        if listed is None:  # it declared the capability but did not answer in time
+            logger.warning(
+                "the client did not answer roots/list within %g s; using the configured roots "
+                "(until it sends roots/list_changed)",
+                wait,
+            )
             return self.base
         paths = [self._path_of(str(root.uri)) for root in listed.roots]
         return self.narrow([p for p in paths if p is not None])
@@ -196,11 +209,11 @@ class ToolRuntime:
             _mark_cancelled(ctx)
             raise ToolError("cancelled by the client before it started; nothing was changed")
         try:
-            workspace = await self.roots.workspace_for(ctx)
             if timeout is None:
-                return await operation(workspace)
-            with anyio.fail_after(timeout):
-                return await operation(workspace)
+                return await operation(await self.roots.workspace_for(ctx))
+            with anyio.fail_after(timeout):  # the roots question counts against the deadline
+                wait = min(self.roots.answer_seconds, timeout / 2)
+                return await operation(await self.roots.workspace_for(ctx, wait))
         except TimeoutError as err:
             if isinstance(err, OSError) and err.errno is not None:
                 raise ToolError(str(from_os_error(err, "the file", "finish"))) from err
