@@ -45,6 +45,9 @@ class ServerOptions:
     """Seconds after start before the temp sweep begins (so it never delays the first call)."""
     retry_interval: float = 5.0
     """Seconds between attempts to finish change sets that could not be finished."""
+    roots_wait: float = 5.0
+    """How long a client gets to answer ``roots/list`` (some declare roots and never answer);
+    with ``tool_timeout``, at most half of it."""
 
 
 class ClientRoots:
@@ -55,10 +58,7 @@ class ClientRoots:
     configured roots. ``notifications/roots/list_changed`` drops the cached answer.
     """
 
-    ANSWER_SECONDS = 5.0
-    """How long a client gets to answer ``roots/list`` (some declare roots and never answer)."""
-
-    def __init__(self, base: Workspace, *, answer_seconds: float = ANSWER_SECONDS) -> None:
+    def __init__(self, base: Workspace, *, answer_seconds: float) -> None:
         self.base = base
         self.answer_seconds = answer_seconds
         self._views: weakref.WeakKeyDictionary[Any, Workspace | None] = weakref.WeakKeyDictionary()
@@ -192,7 +192,7 @@ class ToolRuntime:
 
     def __init__(self, workspace: Workspace, options: ServerOptions) -> None:
         self.options = options
-        self.roots = ClientRoots(workspace)
+        self.roots = ClientRoots(workspace, answer_seconds=options.roots_wait)
         self.early_cancels = EarlyCancels()
 
     @property
