@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+import stat
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import anyio
 
 from .config import Durability
 from .database import Database, DatabaseError
-from .errors import InvalidArgumentError, NotFoundError
+from .errors import InvalidArgumentError, NotFoundError, WrongTypeError
+from .pinned import PinnedDirectory
 from .workspace import Workspace
 
 DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
@@ -50,7 +52,9 @@ class DatabaseCatalog:
         self._named = {
             name: Path(os.path.abspath(os.fspath(p))) for name, p in (named or {}).items()
         }
-        self._open: dict[Path, Database] = {}
+        self._open: dict[Hashable, Database] = {}
+        """Open databases: by name for configured ones, by (device, inode of directory,
+        name) for files in the roots, so a directory moved or replaced means a new one."""
         self._lock = anyio.Lock()
 
     @staticmethod
@@ -74,38 +78,49 @@ class DatabaseCatalog:
     async def get(self, name: str, workspace: Workspace | None = None) -> Database:
         """The open database called ``name``: a configured name (the operator's choice, always
         available), or a path inside ``workspace``'s roots (a client's narrowed view; the
-        catalog's own workspace by default)."""
+        catalog's own workspace by default), opened through its pinned directory."""
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError("database is empty; give a name from db_list")
-        path, display, configured = self._locate(name, workspace or self.workspace)
+        if name in self._named:
+            return await self._database(("named", name), self._named[name], name, None)
+        with (workspace or self.workspace).sandbox.resolve(name) as location:
+            display = location.display
+            if not location.name.endswith(DB_SUFFIXES):
+                raise InvalidArgumentError(
+                    f"{display} is not a database: give a name from db_list, or a file ending "
+                    f"in {', '.join(DB_SUFFIXES)} inside the allowed directories"
+                )
+            st = location.lstat()
+            if st is None:
+                raise NotFoundError(f"database file {display} does not exist; db_list shows them")
+            if not stat.S_ISREG(st.st_mode):
+                raise WrongTypeError(f"{display} is not a regular file, so not a database")
+            directory = os.fstat(location.dir_fd)
+            key = (directory.st_dev, directory.st_ino, location.name)
+            if key in self._open:
+                return self._open[key]
+            pinned = PinnedDirectory(os.dup(location.dir_fd), location.name, display)
+            return await self._database(key, location.abspath, display, pinned)
+
+    async def _database(
+        self, key: Hashable, path: Path, display: str, pinned: PinnedDirectory | None
+    ) -> Database:
         async with self._lock:
-            database = self._open.get(path)
+            database = self._open.get(key)
             if database is None:
                 database = Database(
                     path,
                     name=display,
                     durability=self.durability,
                     read_only=self.read_only,
-                    create=configured,
+                    create=pinned is None,
                     idempotency_ttl=self.workspace.idempotency_ttl,
+                    pinned=pinned,
                 )
-                self._open[path] = database
+                self._open[key] = database
+            elif pinned is not None:
+                pinned.close()  # another call opened it meanwhile
         return database
-
-    def _locate(self, name: str, workspace: Workspace) -> tuple[Path, str, bool]:
-        if name in self._named:
-            return self._named[name], name, True
-        with workspace.sandbox.resolve(name) as location:
-            st = location.lstat()
-            display, path = location.display, location.abspath
-        if not path.name.endswith(DB_SUFFIXES):
-            raise InvalidArgumentError(
-                f"{display} is not a database: give a name from db_list, or a file ending in "
-                f"{', '.join(DB_SUFFIXES)} inside the allowed directories"
-            )
-        if st is None:
-            raise NotFoundError(f"database file {display} does not exist; db_list shows them")
-        return path, display, False
 
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):

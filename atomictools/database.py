@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
+from urllib.parse import quote
 
 import aiosqlite
 import anyio
@@ -40,6 +41,7 @@ from .dberrors import (
     translate,
 )
 from .errors import AtomicToolsError, InvalidArgumentError, ReadOnlyError, TooLargeError
+from .pinned import PinnedDirectory, open_descriptors
 from .results import Progress
 from .sqlguard import SqlGuard
 from .steps import crash_point
@@ -125,14 +127,23 @@ class _Connection:
 
     @classmethod
     async def open(
-        cls, path: Path, *, read_only: bool, synchronous: str, busy_timeout: float
+        cls,
+        target: str,
+        *,
+        uri: bool,
+        read_only: bool,
+        synchronous: str,
+        busy_timeout: float,
+        check: Callable[[], None] | None = None,
     ) -> _Connection:
-        target = f"file:{path}?mode=ro" if read_only else str(path)
-        conn = await aiosqlite.connect(
-            target, uri=read_only, isolation_level=None, timeout=busy_timeout
-        )
+        """A configured connection. ``check`` runs right after the database file is opened
+        (before anything is read or written through it) and again once every file the
+        connection needs (``-wal``, ``-shm``) is open; it raises to refuse the connection."""
+        conn = await aiosqlite.connect(target, uri=uri, isolation_level=None, timeout=busy_timeout)
         conn.text_factory = _text_or_bytes
         try:
+            if check is not None:
+                check()
             if not read_only:
                 await conn.execute("PRAGMA journal_mode=WAL")
                 await conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -142,6 +153,9 @@ class _Connection:
             await conn.execute("PRAGMA foreign_keys=ON")
             if read_only:
                 await conn.execute("PRAGMA query_only=ON")
+            if check is not None:
+                await conn.execute("SELECT count(*) FROM sqlite_master")  # opens -wal, -shm
+                check()
             guard = SqlGuard(read_only=read_only)
             await conn.set_authorizer(guard)
             self = cls(conn, guard, secrets.token_hex(16))
@@ -357,8 +371,12 @@ class Database:
         busy_timeout: float = 5.0,
         create: bool = True,
         idempotency_ttl: float = idempotency.DEFAULT_TTL_SECONDS,
+        pinned: PinnedDirectory | None = None,
     ) -> None:
+        """``pinned``: the database's directory, opened by the sandbox (taken over and closed
+        with the database); SQLite then opens the file through it (see ``pinned``)."""
         self.path = Path(os.path.abspath(os.fspath(path)))
+        self._pinned = pinned
         self.name = name or self.path.name
         self.durability = Durability(durability)
         self.read_only = read_only
@@ -384,21 +402,46 @@ class Database:
                 self._writer = None
             while self._readers:
                 await self._readers.pop().close()
+            if self._pinned is not None:
+                self._pinned.close()
 
     # -- connections ------------------------------------------------------------------------
 
+    def _exists(self) -> bool:
+        return self._pinned.exists() if self._pinned is not None else self.path.is_file()
+
     def _check_exists(self) -> None:
-        if not self.create and not self.path.is_file():
+        if not self.create and not self._exists():
             raise DatabaseError(f"database {self.name} ({self.path}) does not exist")
+
+    async def _open(self, *, read_only: bool, synchronous: str) -> _Connection:
+        """A new connection; one that opened a file outside a pinned directory is refused."""
+        pinned = self._pinned
+        if pinned is None:
+            target = f"file:{quote(str(self.path))}?mode=ro" if read_only else str(self.path)
+            return await _Connection.open(
+                target,
+                uri=read_only,
+                read_only=read_only,
+                synchronous=synchronous,
+                busy_timeout=self.busy_timeout,
+            )
+        before = open_descriptors()
+        return await _Connection.open(
+            pinned.uri("ro" if read_only else "rw"),
+            uri=True,
+            read_only=read_only,
+            synchronous=synchronous,
+            busy_timeout=self.busy_timeout,
+            check=lambda: pinned.check(open_descriptors() - before),
+        )
 
     async def _writer_connection(self) -> _Connection:
         if self._writer is None:
             self._check_exists()
             sync = "FULL" if self.durability is Durability.FULL else "NORMAL"
             try:
-                self._writer = await _Connection.open(
-                    self.path, read_only=False, synchronous=sync, busy_timeout=self.busy_timeout
-                )
+                self._writer = await self._open(read_only=False, synchronous=sync)
             except sqlite3.Error as err:
                 raise translate(err, self.name, self.path, "open") from err
         return self._writer
@@ -409,17 +452,12 @@ class Database:
             if self._readers:
                 reader = self._readers.pop()
             else:
-                if not self.path.exists():
+                if not self._exists():
                     if self.read_only or not self.create:
                         raise DatabaseError(f"database {self.name} ({self.path}) does not exist")
                     await self._writer_connection()  # creates it
                 try:
-                    reader = await _Connection.open(
-                        self.path,
-                        read_only=True,
-                        synchronous="FULL",
-                        busy_timeout=self.busy_timeout,
-                    )
+                    reader = await self._open(read_only=True, synchronous="FULL")
                 except sqlite3.Error as err:
                     raise translate(err, self.name, self.path, "open (to read)") from err
             healthy = False

@@ -10,6 +10,7 @@ outside was read into a result, replaced, created (not even a temp file for a mo
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import threading
 import time
@@ -33,6 +34,7 @@ from atomictools import (
     WrongTypeError,
     fileops,
 )
+from atomictools.catalog import DatabaseCatalog
 from atomictools.fsutil import AT_FDCWD, RENAME_EXCHANGE, renameat2
 from atomictools.sandbox import Location
 from atomictools.steps import observe_steps
@@ -1163,3 +1165,75 @@ async def test_race_swapping_final_file_and_outside_link(root: Path, tmp_path: P
     assert log.calls >= RACE_MIN_CALLS, summary
     assert log.ok > 0, summary
     assert log.failed > 0, summary
+
+
+# -- the same race for the database tools (issue 11, defect 10) ------------------------------------
+
+
+def _make_db(path: Path, value: str) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE t (v TEXT)")
+    conn.execute("INSERT INTO t VALUES (?)", (value,))
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the database tools need asyncio
+async def test_race_swapping_the_directory_of_a_database(
+    root: Path, tmp_path: Path, anyio_backend: str
+) -> None:
+    """``swap`` (holding app.db) is exchanged with a symlink to an outside directory holding an
+    app.db of its own, while databases are opened through ``swap/``, queried and written.
+
+    SQLite opens files by path; it gets ``/proc/self/fd/N/app.db`` and every connection is
+    checked against the pinned directory before use (see ``atomictools.pinned``). No query may
+    return the outside row and no write may reach the outside database. (What this cannot
+    stop, and the test prints: SQLite may create an empty ``-wal``/``-shm`` next to the outside
+    file in the microseconds between its own path resolution and its open.)
+    """
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    _make_db(evil / "app.db", "OUTSIDE")
+    (root / "swap").mkdir()
+    _make_db(root / "swap" / "app.db", "IN")
+    (root / "swap.evil").symlink_to(evil)
+    try:
+        exchange(root / "swap", root / "swap.evil")
+        exchange(root / "swap", root / "swap.evil")
+    except OSError as err:
+        pytest.skip(f"RENAME_EXCHANGE is not supported here: {err}")
+    outside_db = (evil / "app.db").read_bytes()
+    ws = Workspace([root], durability="fast")
+    seen: list[str] = []
+    outcomes: dict[str, int] = {}
+    started = time.monotonic()
+    with Racing(lambda n: exchange(root / "swap", root / "swap.evil")) as swapper:
+        while len(seen) + sum(outcomes.values()) < 300 or not (seen and outcomes):
+            if time.monotonic() - started > 20:
+                break
+            catalog = DatabaseCatalog(ws, durability="fast")
+            try:
+                db = await catalog.get("swap/app.db")
+                result = await db.query("SELECT v FROM t ORDER BY rowid LIMIT 1")
+                seen.extend(str(row[0]) for row in result.rows)
+                await db.execute("INSERT INTO t VALUES ('written')")
+            except AtomicToolsError as err:
+                kind = type(err).__name__
+                outcomes[kind] = outcomes.get(kind, 0) + 1
+            finally:
+                await catalog.close()
+            await anyio.sleep(RACE_PAUSE)
+
+    assert swapper.error is None
+    summary = (swapper.flips, len(seen), outcomes)
+    assert swapper.flips >= 2, summary
+    assert seen, summary
+    assert set(seen) == {"IN"}, summary
+    assert outcomes, summary  # the race really happened: some calls were refused
+    assert (evil / "app.db").read_bytes() == outside_db, summary
+    assert not (evil / "app.db-wal").exists() or (evil / "app.db-wal").stat().st_size == 0
+    print(f"race: {summary}; created next to the outside database: {sorted(os.listdir(evil))}")
+    conn = sqlite3.connect(f"file:{evil / 'app.db'}?mode=ro", uri=True)
+    assert conn.execute("SELECT v FROM t").fetchall() == [("OUTSIDE",)], summary
+    conn.close()
