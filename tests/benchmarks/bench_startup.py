@@ -22,7 +22,7 @@ roots have for the ``read_text_file`` call). Then, in the same run:
   calling ``read_text_file``; the orphans must disappear once ``sweep_delay`` has passed. The
   call latencies before, during and after the sweep show what the sweep costs calls it overlaps.
 * diagnostic: the startup rounds again with the sweep delay forced to 0 (the server started
-  through a wrapper that patches ``start_background_sweep`` in the child process only), to show
+  through a wrapper that patches ``sweep_later`` in the child process only), to show
   what the 2 s delay buys: with it, the timed window of the startup rounds never meets the sweep.
 """
 
@@ -45,7 +45,7 @@ from benchstats import percentile
 from mcp import Client, StdioServerParameters
 from mcp.types import CallToolResult, TextContent
 
-from atomictools.recovery import sweep_temps
+from atomictools.sweep import sweep_temps
 from atomictools.sandbox import Sandbox
 from atomictools.server.runtime import ServerOptions
 from atomictools.tempfiles import is_temp_name, temp_name_for
@@ -60,8 +60,8 @@ SWEEP_DELAY = ServerOptions().sweep_delay
 NO_DELAY_WRAPPER = (
     "import sys\n"
     "import atomictools.server.app as app\n"
-    "original = app.start_background_sweep\n"
-    "app.start_background_sweep = lambda workspace, delay: original(workspace, 0.0)\n"
+    "original = app.sweep_later\n"
+    "app.sweep_later = lambda workspace, delay, startup: original(workspace, 0.0, startup)\n"
     "from atomictools.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
@@ -234,7 +234,7 @@ def full_sweep(tree: Tree, state: Path, repeats: int) -> dict[str, object]:
     sandbox = Sandbox([tree.root])
     for _ in range(repeats):
         started = time.perf_counter()
-        sweep_temps(sandbox, dry_run=True)
+        sweep_temps(sandbox, journal_dir=Path(tempfile.mkdtemp()) / "journals", dry_run=True)
         walk.append(time.perf_counter() - started)
     floor = [
         time_command([sys.executable, "-m", "atomictools", "--version"])[0] for _ in range(repeats)
