@@ -45,9 +45,9 @@ from benchstats import percentile
 from mcp import Client, StdioServerParameters
 from mcp.types import CallToolResult, TextContent
 
-from atomictools.sweep import sweep_temps
 from atomictools.sandbox import Sandbox
 from atomictools.server.runtime import ServerOptions
+from atomictools.sweep import sweep_temps
 from atomictools.tempfiles import is_temp_name, temp_name_for
 
 TARGET_RATIO = 1.2
