@@ -111,20 +111,30 @@ def same_file(a: os.stat_result | None, b: os.stat_result | None) -> bool:
     return a is not None and b is not None and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def sha256_at(dir_fd: int, name: str) -> str | None:
-    """The content hash of a regular file (None when missing, a link or not a regular file)."""
+def open_regular_at(dir_fd: int, name: str) -> int | None:
+    """A read-only descriptor of a regular file (None when missing, a link or anything else);
+    never follows a link, never blocks on a FIFO."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(name, flags, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError as err:
-        if err.errno == errno.ELOOP:  # a symlink: no content of its own
+        if err.errno == errno.ELOOP:  # a symlink
             return None
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def sha256_at(dir_fd: int, name: str) -> str | None:
+    """The content hash of a regular file (None when missing, a link or not a regular file)."""
+    fd = open_regular_at(dir_fd, name)
+    if fd is None:
+        return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
         return sha256_of_fd(fd, 1024 * 1024)[0]
     finally:
         os.close(fd)

@@ -66,21 +66,19 @@ def pid_alive(pid: int | None) -> bool:
 
 def _held(dir_fd: int, name: str) -> bool | None:
     """Whether a live process holds this regular file's lock (None: not a regular file)."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(name, flags, dir_fd=dir_fd)
+        fd = fsutil.open_regular_at(dir_fd, name)
     except OSError:
         return None
+    if fd is None:
+        return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
     finally:
         os.close(fd)
+    return False
 
 
 def sweep_one(
@@ -108,10 +106,9 @@ def sweep_one(
                     os.unlink(name, dir_fd=dir_fd)
                 report.removed.append(display)
             return orphan
-        if not stat.S_ISREG(before.st_mode):
+        fd = fsutil.open_regular_at(dir_fd, name) if stat.S_ISREG(before.st_mode) else None
+        if fd is None:
             return False
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        fd = os.open(name, flags, dir_fd=dir_fd)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -309,7 +306,8 @@ class _Sweep:
                 f"to finish it from these files run `atomictools recover --forward "
                 f"--state-dir {self.journal_dir.parent} {self.roots_args}`, or `--rollback` to "
                 "undo it (each file is checked by its hash first; give every root it touched, "
-                "and note that a move, or a file it created, leaves no trace without the journal)"
+                "and note that a move, or a directory it made, leaves no trace without the "
+                "journal)"
             )
 
     # -- an untrusted record: the operator's choice, from the files ------------------------------

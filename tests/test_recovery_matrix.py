@@ -70,12 +70,21 @@ def report(pytestconfig: pytest.Config) -> Iterator[SummaryReport]:
         summary.add(f"{outcome}: {count}")
 
 
-def recover_cli(root: Path, state: Path, *flags: str) -> tuple[int, dict[str, object]]:
+def recover_cli(
+    root: Path, state: Path, *flags: str, user: int | None = None
+) -> tuple[int, dict[str, object]]:
+    """``atomictools recover --json`` in a new process (as ``user``: imports first, as root)."""
+    drop = f"os.setgroups([]); os.setgid({user}); os.setuid({user})\n" if user is not None else ""
+    code = (
+        "import os, sys\n"
+        "import atomictools.cli, atomictools.recovery, atomictools.sweep\n"
+        f"{drop}sys.exit(atomictools.cli.main(sys.argv[1:]))\n"
+    )
     done = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "atomictools",
+            "-c",
+            code,
             "recover",
             str(root),
             "--state-dir",
@@ -83,24 +92,6 @@ def recover_cli(root: Path, state: Path, *flags: str) -> tuple[int, dict[str, ob
             "--json",
             *flags,
         ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert "Traceback" not in done.stderr, done.stderr
-    return done.returncode, json.loads(done.stdout)
-
-
-def recover_as_nobody(root: Path, state: Path) -> tuple[int, dict[str, object]]:
-    code = (
-        "import os, sys\n"
-        "import atomictools.cli, atomictools.recovery, atomictools.sweep\n"
-        f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})\n"
-        "sys.exit(atomictools.cli.main(sys.argv[1:]))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, "recover", str(root), "--state-dir", str(state), "--json"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -171,7 +162,7 @@ def test_matrix(place: Path, name: str, step: str, mode: str) -> None:
             record.chmod(0o000)
             for path in [root, *root.rglob("*")]:
                 os.chown(path, NOBODY, NOBODY, follow_symlinks=False)
-            code, found = recover_as_nobody(root, state_a)
+            code, found = recover_cli(root, state_a, user=NOBODY)
             record.chmod(0o600)
         else:
             corrupt(mode, record)
