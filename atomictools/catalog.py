@@ -35,6 +35,17 @@ class DatabaseEntry:
     configured: bool
 
 
+def _check_named(name: str, path: Path) -> None:
+    """A named database must be creatable or usable now, not at its first use (ValueError)."""
+    if not path.parent.is_dir():
+        raise ValueError(
+            f"--db {name}={path}: the directory {path.parent} does not exist; create it, or "
+            "give another path"
+        )
+    if path.exists() and not path.is_file():
+        raise ValueError(f"--db {name}={path}: that is not a regular file")
+
+
 class DatabaseCatalog:
     """Named databases plus database files inside the workspace, opened on first use."""
 
@@ -52,6 +63,8 @@ class DatabaseCatalog:
         self._named = {
             name: Path(os.path.abspath(os.fspath(p))) for name, p in (named or {}).items()
         }
+        for name, path in self._named.items():
+            _check_named(name, path)
         self._open: dict[Hashable, Database] = {}
         """Open databases: by name for configured ones, by (device, inode of directory,
         name) for files in the roots, so a directory moved or replaced means a new one."""

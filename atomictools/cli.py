@@ -8,6 +8,7 @@ standard error only: under stdio, standard output belongs to the MCP transport.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -31,10 +32,10 @@ LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 TTY_HINT = """\
 atomictools {version}: an MCP server, now waiting for an MCP client on stdin/stdout.
-It is not meant to be typed at. Connect a client instead, for example:
-  - an agent host: add to its MCP servers configuration (see examples/claude_desktop_config.json)
-      {{"command": "atomictools", "args": ["serve", "--root", "{root}"]}}
-  - the MCP Inspector:  npx @modelcontextprotocol/inspector atomictools serve --root {root}
+It is not meant to be typed at. Connect a client instead:
+  - an agent host: paste this into its MCP servers configuration (`atomictools config` prints it):
+{config}
+  - the MCP Inspector:  npx @modelcontextprotocol/inspector {command}
 Press Ctrl-D or Ctrl-C to stop.
 """
 
@@ -150,6 +151,21 @@ def _build_parser() -> argparse.ArgumentParser:
         "use the --state-dir of the server that was interrupted",
     )
 
+    config = commands.add_parser(
+        "config",
+        help="print the JSON an MCP host needs to start this server (absolute paths)",
+        description=(
+            "Print the mcpServers entry for this installation: the absolute path of this "
+            "atomictools command and the serve arguments. Paste it into the host's MCP "
+            "configuration (Claude Desktop, an IDE, ...). Arguments after -- are passed to serve."
+        ),
+    )
+    config.add_argument(
+        "--root", action="append", metavar="DIR", help="an allowed directory (default: .)"
+    )
+    config.add_argument("--name", default="atomictools", help="the server's name in the config")
+    config.add_argument("serve_args", nargs=argparse.REMAINDER, help="-- then more serve flags")
+
     schemas = commands.add_parser(
         "schemas",
         help="write (or --check) schemas/: one JSON file per MCP tool",
@@ -202,7 +218,7 @@ def _configure_logging(level: str) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from .server import ServerOptions, create_server
-    from .server.http import http_app, is_loopback, serve_http
+    from .server.http import bind, http_app, is_loopback, serve_http
     from .server.stdio import run_stdio
 
     _configure_logging(args.log_level)
@@ -219,11 +235,22 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"atomictools: {err}", file=sys.stderr)
         return 2
     options = ServerOptions(tool_timeout=args.tool_timeout)
-    server = create_server(workspace, options, databases=databases)
+    try:
+        server = create_server(workspace, options, databases=databases)
+    except ValueError as err:  # a --db that cannot work: say so now, not at its first use
+        print(f"atomictools: {err}", file=sys.stderr)
+        return 2
     logging.getLogger().setLevel(args.log_level)
     if args.transport == "stdio":
         if sys.stdin.isatty():
-            print(TTY_HINT.format(version=__version__, root=workspace.roots[0]), file=sys.stderr)
+            config = host_config(workspace.roots)
+            entry = next(iter(config["mcpServers"].values()))  # type: ignore[attr-defined]
+            shown = "\n".join(f"      {line}" for line in json.dumps(config, indent=2).splitlines())
+            command = " ".join([entry["command"], *entry["args"]])
+            print(
+                TTY_HINT.format(version=__version__, config=shown, command=command),
+                file=sys.stderr,
+            )
         anyio.run(run_stdio, server)
         return 0
     token = os.environ.get(args.auth_token_env) if args.auth_token_env else None
@@ -237,8 +264,61 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        listener = bind(args.host, args.port)
+    except OSError as err:
+        hint = (
+            "another program is using that port: stop it, or choose another with --port"
+            if err.errno == errno.EADDRINUSE
+            else "check --host and --port"
+        )
+        print(
+            f"atomictools: cannot listen on {args.host}:{args.port} ({err.strerror}); {hint}",
+            file=sys.stderr,
+        )
+        return 2
     app = http_app(server, host=args.host, allowed_hosts=args.allowed_host, auth_token=token)
-    anyio.run(lambda: serve_http(app, host=args.host, port=args.port, log_level=args.log_level))
+    print(http_banner(args.host, listener.getsockname()[1], args.auth_token_env), file=sys.stderr)
+    anyio.run(lambda: serve_http(app, listener=listener, log_level=args.log_level))
+    return 0
+
+
+def http_banner(host: str, port: int, token_env: str | None) -> str:
+    """The one line an HTTP server prints at start: where, and how to authenticate."""
+    shown = f"[{host}]" if ":" in host else host
+    access = (
+        f"clients must send 'Authorization: Bearer <the token in ${token_env}>'"
+        if token_env
+        else "no token required (loopback only)"
+    )
+    url = f"http://{shown}:{port}/mcp"
+    return f"atomictools {__version__}: MCP over streamable HTTP at {url}; {access}"
+
+
+def _command() -> list[str]:
+    """How to start this installation: its console script by absolute path, or the module."""
+    script = Path(sys.argv[0])
+    if script.name == "atomictools" and script.is_file() and os.access(script, os.X_OK):
+        return [str(script.absolute())]
+    beside = Path(sys.executable).parent / "atomictools"
+    if beside.is_file():
+        return [str(beside)]
+    return [sys.executable, "-m", "atomictools"]
+
+
+def host_config(
+    roots: Sequence[str | os.PathLike[str]], extra: Sequence[str] = (), *, name: str = "atomictools"
+) -> dict[str, object]:
+    """The ``mcpServers`` entry that starts ``atomictools serve`` on ``roots``, as pasted."""
+    command, *prefix = _command()
+    flags = [arg for root in roots for arg in ("--root", os.path.abspath(os.fspath(root)))]
+    return {"mcpServers": {name: {"command": command, "args": [*prefix, "serve", *flags, *extra]}}}
+
+
+def _config(args: argparse.Namespace) -> int:
+    extra = [arg for arg in args.serve_args if arg != "--"]
+    config = host_config(args.root or ["."], extra, name=args.name)
+    print(json.dumps(config, indent=2))
     return 0
 
 
@@ -288,7 +368,9 @@ def _recovery_table(report: RecoveryReport, dry_run: bool) -> str:
     lines.append(f"{'entries scanned':<48} {report.scanned:>6}")
     for label, items in rows:
         lines += [f"  {label}: {item}" for item in items]
-    verdict = {0: "clean", 1: "fixed", 2: "needs attention"}[report.exit_code]
+    verdict = {0: "clean", 1: "would fix" if dry_run else "fixed", 2: "needs attention"}[
+        report.exit_code
+    ]
     lines.append(f"result: {verdict}")
     return "\n".join(lines)
 
@@ -340,6 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _schemas(args)
         if args.command == "recover":
             return _recover(args)
+        if args.command == "config":
+            return _config(args)
         if args.command == "demo":
             from .demo import run
 

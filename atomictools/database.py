@@ -638,39 +638,41 @@ class Database:
             return await _fetch(cursor, max_rows)
 
     async def schema(self, table: str | None = None) -> list[TableInfo]:
-        """Tables, views, indexes and triggers; with ``table``, that table with its columns."""
+        """Tables, views, indexes and triggers, tables and views with their columns; with
+        ``table``, that table or view alone. Our own bookkeeping (the idempotency key table) is
+        not listed."""
         async with self._reader() as reader:
             if table is None:
                 listing = await self._run(
                     reader,
-                    "SELECT type, name, sql FROM sqlite_master "
-                    "WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name",
-                    (),
+                    "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' "
+                    "AND name NOT LIKE ? ORDER BY type, name",
+                    (f"{idempotency.KEY_TABLE}%",),
                 )
-                found = await _fetch(listing, 100_000)
-                return [TableInfo(name=r[1], type=r[0], sql=r[2]) for r in found.rows]
-            described = await self._run(
-                reader,
-                "SELECT type, name, sql FROM sqlite_master WHERE name = ? AND type IN "
-                "('table', 'view')",
-                (table,),
-            )
-            rows = (await _fetch(described, 1)).rows
-            if not rows:
-                raise DatabaseError(f"no table or view named {table!r} in {self.name}")
-            columns_cursor = await self._run(
-                reader,
-                'SELECT name, type, "notnull", dflt_value, pk FROM pragma_table_info(?)',
-                (table,),
-            )
-            columns = (await _fetch(columns_cursor, 100_000)).rows
-            return [
-                TableInfo(
-                    name=rows[0][1],
-                    type=rows[0][0],
-                    sql=rows[0][2],
-                    columns=tuple(
-                        ColumnInfo(c[0], c[1], bool(c[2]), c[3], int(c[4])) for c in columns
-                    ),
+                found = (await _fetch(listing, 100_000)).rows
+            else:
+                described = await self._run(
+                    reader,
+                    "SELECT type, name, sql FROM sqlite_master WHERE name = ? AND type IN "
+                    "('table', 'view')",
+                    (table,),
                 )
-            ]
+                found = (await _fetch(described, 1)).rows
+                if not found:
+                    raise DatabaseError(f"no table or view named {table!r} in {self.name}")
+            objects = []
+            for kind, name, sql in found:
+                columns: tuple[ColumnInfo, ...] = ()
+                if kind in ("table", "view"):
+                    columns = await self._columns(reader, name)
+                objects.append(TableInfo(name=name, type=kind, sql=sql, columns=columns))
+            return objects
+
+    async def _columns(self, reader: _Connection, table: str) -> tuple[ColumnInfo, ...]:
+        cursor = await self._run(
+            reader,
+            'SELECT name, type, "notnull", dflt_value, pk FROM pragma_table_info(?)',
+            (table,),
+        )
+        rows = (await _fetch(cursor, 100_000)).rows
+        return tuple(ColumnInfo(c[0], c[1], bool(c[2]), c[3], int(c[4])) for c in rows)

@@ -323,8 +323,20 @@ def _recover_trusted(
             for parent, _name in record.created_dirs:
                 dirs.fd(parent)
         except AtomicToolsError:
+            outside = sorted(_outside_dirs(record, dirs))
             report.other_roots.append(txid)
             report.protected |= _named_files(record)
+            report.leave(
+                UnfinishedSet(
+                    txid,
+                    "touches directories outside the roots given ("
+                    + ", ".join(outside)
+                    + "); it was left as it is",
+                    str(path),
+                    paths=targets,
+                    fix="run `atomictools recover` with every root it touches",
+                )
+            )
             return
         forward = record.committed and not rollback
         if dry_run:
@@ -374,6 +386,20 @@ def _recover_trusted(
     path.unlink()
     report.handled.add(txid)
     (report.rolled_forward if forward else report.rolled_back).append(txid)
+
+
+def _outside_dirs(record: JournalRecord, dirs: _Dirs) -> set[str]:
+    """The directories of a record that the sandbox refuses (outside the roots)."""
+    named = [op.dir for op in record.ops]
+    named += [op.source_dir for op in record.ops if op.source_dir is not None]
+    named += [parent for parent, _name in record.created_dirs]
+    outside = set()
+    for directory in named:
+        try:
+            dirs.fd(directory)
+        except (AtomicToolsError, OSError):
+            outside.add(directory)
+    return outside
 
 
 def _record_key(record: JournalRecord, report: RecoveryReport, conflicts: list[str]) -> bool:

@@ -334,7 +334,10 @@ class Sandbox:
     def _os_error(err: OSError, stack: list[tuple[int, str]], name: str) -> Exception:
         rel = "/".join([*(n for _, n in stack[1:]), name])
         if err.errno == errno.ENOENT:
-            return NotFoundError(f"{rel} does not exist; check the path (list_directory helps)")
+            return NotFoundError(
+                f"the directory {rel} does not exist; check the path (list_directory helps), "
+                "or create it first with create_directory"
+            )
         if err.errno in (errno.ENOTDIR, errno.ELOOP):
             if _is_symlink(stack[-1][0], name):  # a directory swapped for a link after readlink
                 return ConcurrentChangeError(f"{rel} changed while it was resolved; retry")

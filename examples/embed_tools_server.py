@@ -2,7 +2,8 @@
 
 Run it over stdio with ``python examples/embed_tools_server.py /path/to/project`` (or point an
 MCP client at that command). Your server gets every atomictools file tool (write_file,
-edit_file, ...) with the same guarantees, confined to the directory given.
+edit_file, ...) and apply_changes, with the same guarantees, confined to the directory given;
+pass ``databases=DatabaseCatalog(workspace)`` to ``register_tools`` for the SQLite tools too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from mcp.server.mcpserver import MCPServer
 
 from atomictools import Workspace
-from atomictools.server import ServerOptions, ToolRuntime, register_file_tools
+from atomictools.server import ServerOptions, ToolRuntime, register_tools
 
 
 def build_server(root: Path) -> MCPServer[Any]:
@@ -26,7 +27,7 @@ def build_server(root: Path) -> MCPServer[Any]:
         return read.content.count("\n")
 
     workspace = Workspace([root])
-    register_file_tools(server, ToolRuntime(workspace, ServerOptions(tool_timeout=30)))
+    register_tools(server, ToolRuntime(workspace, ServerOptions(tool_timeout=30)))
     return server
 
 

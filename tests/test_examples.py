@@ -57,7 +57,7 @@ async def test_embedded_tools_server(tmp_path: Path) -> None:
     server = module.build_server(tmp_path)
     async with Client(server, mode="legacy") as client:
         names = {tool.name for tool in (await client.list_tools()).tools}
-        assert {"count_lines", "write_file", "edit_file", "delete_file"} <= names
+        assert {"count_lines", "write_file", "edit_file", "delete_file", "apply_changes"} <= names
         written = await client.call_tool("write_file", {"path": "a.txt", "content": "1\n2\n"})
         assert not written.is_error
         counted = await client.call_tool("count_lines", {"path": "a.txt"})

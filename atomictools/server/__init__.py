@@ -1,7 +1,19 @@
 """The MCP layer: a thin mapping of the engine onto MCP tools (no engine logic lives here)."""
 
+from ..catalog import DatabaseCatalog
 from .app import INSTRUCTIONS, create_server
 from .file_tools import register_file_tools
+from .registry import HIDDEN_WHEN_READ_ONLY, MUTATING_TOOLS, register_tools
 from .runtime import ServerOptions, ToolRuntime
 
-__all__ = ["INSTRUCTIONS", "ServerOptions", "ToolRuntime", "create_server", "register_file_tools"]
+__all__ = [
+    "HIDDEN_WHEN_READ_ONLY",
+    "INSTRUCTIONS",
+    "MUTATING_TOOLS",
+    "DatabaseCatalog",
+    "ServerOptions",
+    "ToolRuntime",
+    "create_server",
+    "register_file_tools",
+    "register_tools",
+]

@@ -30,8 +30,7 @@ from ..recovery import recover_journals
 from ..recovery_report import RecoveryReport
 from ..sweep import sweep_temps
 from ..workspace import Workspace
-from .db_tools import register_db_tools
-from .file_tools import register_change_set_tool, register_file_tools
+from .registry import HIDDEN_WHEN_READ_ONLY, register_tools
 from .runtime import ClientRoots, ServerOptions, ToolRuntime
 
 INSTRUCTIONS = """\
@@ -60,9 +59,18 @@ class AtomicToolsServer(MCPServer[Any]):
     documentation link); a model is better served by the field and the problem.
     """
 
+    read_only = False
+    """Set for ``--read-only``: the mutating tools are not listed; a call to one (a client with
+    an old tool list) is told why."""
+
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
     ) -> CallToolResult | InputRequiredResult:
+        if self.read_only and name in HIDDEN_WHEN_READ_ONLY:
+            raise ToolError(
+                f"Error executing tool {name}: this server is read-only (--read-only): it can "
+                "read, list and query, not change anything; nothing was changed"
+            )
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as err:
@@ -112,7 +120,7 @@ def create_server(
         finally:
             await catalog.close()
 
-    server: MCPServer[Any] = AtomicToolsServer(
+    server = AtomicToolsServer(
         "atomictools",
         title="atomictools",
         description="Atomic, cancellation-safe and crash-safe file and SQLite changes for agents.",
@@ -120,10 +128,9 @@ def create_server(
         version=__version__,
         lifespan=lifespan,
     )
+    server.read_only = workspace.read_only
     runtime = ToolRuntime(workspace, options)
-    register_file_tools(server, runtime)
-    register_change_set_tool(server, runtime)
-    register_db_tools(server, runtime, catalog)
+    register_tools(server, runtime, databases=catalog)
     _answer_protocol_extras(server, runtime)
     return server
 

@@ -116,8 +116,8 @@ def register_db_tools(
     @server.tool(
         name="db_schema",
         description=(
-            "The schema of a database: its tables, views, indexes and triggers with their SQL; "
-            "with `table`, that table's columns."
+            "The schema of a database: its tables, views, indexes and triggers with their SQL, "
+            "tables and views with their columns; with `table`, that table or view alone."
         ),
         annotations=READ_ONLY,
     )
@@ -143,7 +143,8 @@ def register_db_tools(
                         )
                         for c in t.columns
                     ]
-                    or None,
+                    if t.type in ("table", "view")
+                    else None,
                 )
                 for t in await db.schema(table)
             ]
@@ -206,7 +207,10 @@ def register_db_tools(
 
         out = await runtime.call(ctx, run)
         return tool_result(
-            out, f"Committed: {out.rowcount} row(s) changed, lastrowid {out.lastrowid}"
+            out,
+            f"Committed: {out.rowcount} row(s) changed, lastrowid {out.lastrowid}"
+            if out.rowcount >= 0
+            else "Committed (this kind of statement changes no rows)",
         )
 
     @server.tool(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import socket
 from typing import Any
 
 import uvicorn
@@ -81,6 +82,22 @@ def http_app(
     return BearerTokenGate(app, auth_token) if auth_token else app
 
 
-async def serve_http(app: ASGIApp, *, host: str, port: int, log_level: str) -> None:
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), lifespan="on")
-    await uvicorn.Server(config).serve()
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before serving: a port in use is a clear error at start,
+    and ``--port 0`` gets a free port the start-up line can name."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(128)
+    except OSError:
+        listener.close()
+        raise
+    listener.set_inheritable(True)
+    return listener
+
+
+async def serve_http(app: ASGIApp, *, listener: socket.socket, log_level: str) -> None:
+    config = uvicorn.Config(app, log_level=log_level.lower(), lifespan="on")
+    await uvicorn.Server(config).serve(sockets=[listener])

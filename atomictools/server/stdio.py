@@ -23,6 +23,9 @@ from typing import Any, cast
 import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
+from mcp.shared.message import SessionMessage
+from mcp.types import INVALID_REQUEST, PARSE_ERROR, ErrorData, JSONRPCError
+from pydantic import ValidationError
 
 logger = logging.getLogger(__name__)
 MAX_LINE_BYTES = 1 << 30
@@ -135,19 +138,18 @@ async def run_stdio(server: MCPServer[Any]) -> None:
     """Serve ``server`` on stdin/stdout until the client closes stdin."""
     session = anyio.CancelScope()
     wire = await _open_wire(session.cancel) if _on_asyncio() else None
-    if wire is None:
-        await server.run_stdio_async()
+    if wire is None:  # the SDK's own transport (trio, or stdin from a regular file)
+        async with stdio_server() as (read_stream, write_stream):
+            await _serve(server, read_stream, write_stream)
         return
     stdin, stdout, transports = wire
-    lowlevel = server._lowlevel_server
     try:
         with _std_fds_diverted(), session:
             async with stdio_server(stdin=cast(Any, stdin), stdout=cast(Any, stdout)) as (
                 read_stream,
                 write_stream,
             ):
-                options = lowlevel.create_initialization_options()
-                await lowlevel.run(read_stream, write_stream, options)
+                await _serve(server, read_stream, write_stream)
         if session.cancelled_caught:
             logger.info("the client closed its end of stdout; calls in flight were cancelled")
     finally:
@@ -155,3 +157,40 @@ async def run_stdio(server: MCPServer[Any]) -> None:
             await stdout.flush()  # what is queued still reaches the client
         for transport in transports:
             transport.close()
+
+
+async def _serve(server: MCPServer[Any], read_stream: Any, write_stream: Any) -> None:
+    """The low-level server on the wire, with unreadable lines answered (not dropped)."""
+    lowlevel = server._lowlevel_server
+    to_server, inbound = anyio.create_memory_object_stream[Any](0)
+    async with anyio.create_task_group() as tasks:
+
+        async def forward() -> None:
+            async with to_server, read_stream:
+                async for item in read_stream:
+                    if isinstance(item, Exception):
+                        await _answer_unreadable(write_stream, item)
+                    else:
+                        await to_server.send(item)
+
+        tasks.start_soon(forward)
+        options = lowlevel.create_initialization_options()
+        await lowlevel.run(inbound, write_stream, options)
+        tasks.cancel_scope.cancel()
+
+
+async def _answer_unreadable(write_stream: Any, err: Exception) -> None:
+    """JSON-RPC 2.0: a line that is not JSON gets a parse error, JSON that is not a message an
+    invalid-request error, both with a null id (the id could not be read)."""
+    parse = isinstance(err, ValidationError) and any(
+        e.get("type") == "json_invalid" for e in err.errors()
+    )
+    code, what = (PARSE_ERROR, "Parse error") if parse else (INVALID_REQUEST, "Invalid Request")
+    logger.info("answered an unreadable line with %s", what)
+    reply = JSONRPCError(
+        jsonrpc="2.0",
+        id=None,
+        error=ErrorData(code=code, message=f"{what}: the line is not a JSON-RPC 2.0 message"),
+    )
+    with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+        await write_stream.send(SessionMessage(reply))

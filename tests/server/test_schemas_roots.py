@@ -20,7 +20,7 @@ from mcp import Client, StdioServerParameters
 from mcp.types import ListRootsResult, Root, TextContent
 
 from atomictools import Workspace
-from atomictools.server import create_server
+from atomictools.server import HIDDEN_WHEN_READ_ONLY, create_server
 from atomictools.server.schemas import drift, tool_schemas
 
 pytestmark = pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")
@@ -68,8 +68,21 @@ async def test_schemas_do_not_depend_on_the_root(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     one = await tool_schemas(create_server(Workspace([tmp_path / "a"])))
-    other = await tool_schemas(create_server(Workspace([tmp_path / "b"], read_only=True)))
+    other = await tool_schemas(create_server(Workspace([tmp_path / "b"])))
     assert one == other
+
+
+@pytest.mark.anyio
+async def test_read_only_server_lists_only_tools_that_can_succeed(tmp_path: Path) -> None:
+    """Issue 12: ``--read-only`` advertised all 22 tools, eight of which could only refuse."""
+    every = await tool_schemas(create_server(Workspace([tmp_path])))
+    reading = await tool_schemas(create_server(Workspace([tmp_path], read_only=True)))
+    assert set(reading) == set(every) - {f"{name}.json" for name in HIDDEN_WHEN_READ_ONLY}
+    assert len(reading) == len(every) - 8
+    for text in reading.values():
+        document = json.loads(text)
+        if document["name"] != "edit_file":  # kept for its dryRun preview
+            assert document["annotations"]["readOnlyHint"] is True, document["name"]
 
 
 def test_cli_schemas_check_passes_in_the_repo() -> None:

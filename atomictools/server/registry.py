@@ -1,0 +1,68 @@
+"""One call that puts atomictools' tools on any MCPServer: files, change sets, databases.
+
+``register_tools(server, runtime, databases=catalog)`` is what ``create_server`` does and what an
+embedder calls to put our tools next to their own. Parts can be left out (``files=False``,
+``change_sets=False``, no catalog). A read-only workspace gets only the tools that can succeed:
+advertising ``write_file`` to a model that can only be refused wastes its turns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mcp.server.mcpserver import MCPServer
+
+from ..catalog import DatabaseCatalog
+from .db_tools import register_db_tools
+from .file_tools import register_change_set_tool, register_file_tools
+from .runtime import ToolRuntime
+
+MUTATING_TOOLS = frozenset(
+    {
+        "write_file",
+        "edit_file",
+        "create_directory",
+        "move_file",
+        "copy_file",
+        "delete_file",
+        "apply_changes",
+        "db_execute",
+        "db_transaction",
+    }
+)
+"""The tools that change something (``readOnlyHint`` false)."""
+HIDDEN_WHEN_READ_ONLY = MUTATING_TOOLS - {"edit_file"}
+"""Left out in read-only mode: all of them but ``edit_file``, whose ``dryRun`` preview works."""
+
+
+def register_tools(
+    server: MCPServer[Any],
+    runtime: ToolRuntime,
+    *,
+    files: bool = True,
+    change_sets: bool = True,
+    databases: DatabaseCatalog | None = None,
+) -> list[str]:
+    """Add atomictools' tools to ``server``; returns the names added.
+
+    ``files``: the 17 file tools (reads, listings, write/edit/move/copy/delete/mkdir);
+    ``change_sets``: ``apply_changes``; ``databases``: the five SQLite tools over that catalog
+    (close it when your server stops: ``await catalog.close()``).
+    """
+    before = set(_names(server))
+    if files:
+        register_file_tools(server, runtime)
+    if change_sets:
+        register_change_set_tool(server, runtime)
+    if databases is not None:
+        register_db_tools(server, runtime, databases)
+    added = [name for name in _names(server) if name not in before]
+    if runtime.roots.base.read_only:
+        for name in [name for name in added if name in HIDDEN_WHEN_READ_ONLY]:
+            server.remove_tool(name)
+            added.remove(name)
+    return added
+
+
+def _names(server: MCPServer[Any]) -> list[str]:
+    return [tool.name for tool in server._tool_manager.list_tools()]
