@@ -643,6 +643,9 @@ def test_record_touching_other_roots_is_left_alone(tmp_path: Path, private_state
     report = run_recovery([here], private_state_dir)
 
     assert report.other_roots == [record.name.removesuffix(RECORD_SUFFIX)]
+    assert report.exit_code == 2  # issue 12: it said "clean", exit 0
+    assert "touches directories outside the roots given" in report.problems[0]
+    assert str(there) in report.problems[0]
     assert report.rolled_forward == report.rolled_back == []
     assert record.read_bytes() == record_bytes
     assert snapshot(there) == before_there

@@ -142,14 +142,26 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         tail: Annotated[int | None, Field(ge=0, description="Only the last N lines.")] = None,
     ) -> Annotated[CallToolResult, ReadTextOutput]:
         read = await runtime.call(ctx, lambda ws: ws.read_text(path, head=head, tail=tail))
-        return tool_result(ReadTextOutput.model_validate(read), read.content)
+        # The content alone in the first block (what a model reads must not be altered); the
+        # hash in a second one, for hosts that forward only text to the model.
+        partial = "; only the lines asked for" if read.partial else ""
+        about = (
+            f"[{read.path}: sha256 {read.sha256}, {read.size} bytes, {read.encoding}, "
+            f"{read.newline} line endings{partial}. To change this file, pass this sha256 as "
+            "expectedSha256.]"
+        )
+        return tool_result(
+            ReadTextOutput.model_validate(read),
+            read.content,
+            [TextContent(type="text", text=about)],
+        )
 
     read_text_doc = (
         "Read a text file (or only its first `head` / last `tail` lines). Detects the encoding "
-        "(UTF-8, a BOM, else Latin-1) and line endings. Returns the content plus `sha256` of the "
-        "whole file: pass it as `expectedSha256` to write_file/edit_file/delete_file so the "
-        "change is refused if someone changed the file since. Binary files are refused; use "
-        "read_media_file."
+        "(UTF-8, a BOM, else Latin-1) and line endings. Returns the content (first text block) "
+        "plus `sha256` of the whole file (in the result, and in a second text block): pass it "
+        "as `expectedSha256` to write_file/edit_file/delete_file so the change is refused if "
+        "someone changed the file since. Binary files are refused; use read_media_file."
     )
     server.add_tool(
         read_text_file, name="read_text_file", description=read_text_doc, annotations=READ_ONLY
@@ -221,7 +233,9 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
 
         results = await runtime.call(ctx, read_all)
         text = "\n---\n".join(
-            f"{r.path}:\n{r.content}" if r.error is None else f"{r.path}: Error - {r.error}"
+            f"{r.path} (sha256 {r.sha256}):\n{r.content}"
+            if r.error is None
+            else f"{r.path}: Error - {r.error}"
             for r in results
         )
         return tool_result(ReadMultipleOutput(files=results), text)
@@ -510,7 +524,9 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         )
         out = CopyOutput.model_validate(copied)
         return tool_result(
-            out, f"Copied {copied.source} to {copied.destination} ({copied.size} bytes)"
+            out,
+            f"Copied {copied.source} to {copied.destination} ({copied.size} bytes, "
+            f"sha256 {copied.sha256})",
         )
 
     @server.tool(
@@ -598,7 +614,7 @@ def register_change_set_tool(server: MCPServer[Any], runtime: ToolRuntime) -> No
         lines = [f"{verb} {len(out.changes)} change(s) atomically:"]
         for c in out.changes:
             arrow = f"{c.source} -> {c.path}" if c.source else c.path
-            lines.append(f"- {c.op} {arrow}")
+            lines.append(f"- {c.op} {arrow}" + (f" (sha256 {c.sha256})" if c.sha256 else ""))
             if c.diff:
                 lines.append(f"```diff\n{c.diff}```")
         return tool_result(out, "\n".join(lines))

@@ -155,7 +155,14 @@ async def check_read_text_file(env: Env) -> None:
         "partial": False,
     }
     result = await env.call("read_text_file", {"path": env.p("notes.txt")})
-    assert text_of(result) == data.decode()
+    # The content alone in the first text block; the sha256 (for hosts that forward only
+    # text to the model) in a second one.
+    first, second = result.content
+    assert isinstance(first, TextContent)
+    assert isinstance(second, TextContent)
+    assert first.text == data.decode()
+    assert f"sha256 {sha(data)}" in second.text
+    assert "expectedSha256" in second.text
 
     head = await env.ok("read_text_file", {"path": env.p("notes.txt"), "head": 2}, ReadTextOutput)
     assert (head["content"], head["partial"]) == ("one\ntwo\n", True)
