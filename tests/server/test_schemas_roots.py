@@ -433,6 +433,11 @@ def test_tty_hint_goes_to_stderr_and_stdout_stays_silent(root: Path) -> None:
         assert "MCP server" in err
         assert "Inspector" in err
         assert f"--root {root}" in err
+        # Issue 12: the hint shows the host JSON for this install, with absolute paths.
+        pasted = err[err.index("{") : err.rindex("}") + 1]
+        entry = json.loads(pasted)["mcpServers"]["atomictools"]
+        assert os.path.isabs(entry["command"])
+        assert entry["args"] == ["serve", "--root", str(root)]
         time.sleep(0.3)  # leave time for anything stray to reach stdout
         ready, _, _ = select.select([proc.stdout], [], [], 0)
         assert not ready, "the server wrote to stdout before any client spoke"
