@@ -386,8 +386,8 @@ async def move(
     else:
         if durability is Durability.FULL:
             try:
-                fsutil.sync_directory(destination.dir_fd)
-                fsutil.sync_directory(source.dir_fd)
+                for directory in fsutil.distinct_directories((destination.dir_fd, source.dir_fd)):
+                    fsutil.sync_directory(directory)
             except OSError as err:
                 raise not_synced(
                     f"{source.display} was moved to {destination.display}", err

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import os
 import stat
+from collections.abc import Iterable
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -145,3 +146,39 @@ def unlink_at(dir_fd: int, name: str | None) -> None:
     if name:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=dir_fd)
+
+
+def make_dirs_durably(path: str | os.PathLike[str]) -> None:
+    """``mkdir -p`` whose every new directory survives a power loss (its parent is fsynced).
+
+    A directory entry is durable only once its parent directory is synced: a journal written
+    into a directory whose own creation was not would vanish with it.
+    """
+    missing = []
+    here = os.path.abspath(os.fspath(path))
+    while not os.path.isdir(here):
+        missing.append(here)
+        parent = os.path.dirname(here)
+        if parent == here:
+            break
+        here = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+        parent_fd = os.open(os.path.dirname(directory), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            sync_directory(parent_fd)
+        finally:
+            os.close(parent_fd)
+
+
+def distinct_directories(dir_fds: Iterable[int]) -> list[int]:
+    """One descriptor per directory (several may be open on the same one): one fsync each."""
+    seen: dict[tuple[int, int], int] = {}
+    for fd in dir_fds:
+        st = os.fstat(fd)
+        seen.setdefault((st.st_dev, st.st_ino), fd)
+    return list(seen.values())

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import fsutil
 from .errors import AtomicToolsError, InvalidArgumentError, StateDirError
 from .locks import KeyedLocks, poll_until
 
@@ -172,7 +173,7 @@ def _lock_fd(path: Path) -> int:
     fd = _lock_fds.get(str(path))
     if fd is None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            fsutil.make_dirs_durably(path.parent)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as err:
             raise StateDirError(
@@ -235,7 +236,7 @@ class IdempotencyStore:
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fsutil.make_dirs_durably(self.path.parent)
             conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
         except (OSError, sqlite3.Error) as err:
             raise self._failure(err) from err

@@ -139,7 +139,7 @@ class JournalFile:
 
     def __init__(self, directory: Path, txid: str, durability: Durability) -> None:
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            fsutil.make_dirs_durably(directory)
             self.dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as err:
             raise _state_dir_error(err, directory, "open the journal directory") from err
@@ -573,7 +573,7 @@ class ChangeSetRunner:
             return
         if not self._claimed:  # where the claim points must exist for a sweep to read it
             try:
-                self.journal_dir.mkdir(parents=True, exist_ok=True)
+                fsutil.make_dirs_durably(self.journal_dir)
             except OSError as err:
                 raise _state_dir_error(err, self.journal_dir, "create") from err
         name = claim_name_for(self.txid)
@@ -614,11 +614,13 @@ class ChangeSetRunner:
         Raises (with nothing applied) when a staged entry or the record cannot be made durable.
         """
         if self.durability is Durability.FULL:
-            for planned in self.planned:
+            directories = {p.target.dir_fd: p.target.display for p in self.planned}
+            for directory in fsutil.distinct_directories(directories):
                 try:
-                    fsutil.sync_directory(planned.target.dir_fd)
+                    fsutil.sync_directory(directory)
                 except OSError as err:
-                    raise from_os_error(err, planned.target.display, "stage a change to") from err
+                    where = directories[directory]
+                    raise from_os_error(err, where, "stage a change to") from err
         crash_point("changeset.prepared")
         if self.journal is None:
             self.journal = JournalFile(self.journal_dir, self.txid, self.durability)
@@ -637,9 +639,9 @@ class ChangeSetRunner:
     def sync_applied(self) -> None:
         """Make the renames durable; an OSError here means applied, durability unknown."""
         if self.durability is Durability.FULL:
-            touched = {p.target.dir_fd for p in self.planned}
-            touched |= {p.source.dir_fd for p in self.planned if p.source and p.change.op == "move"}
-            for directory in touched:
+            touched = [p.target.dir_fd for p in self.planned]
+            touched += [p.source.dir_fd for p in self.planned if p.source and p.change.op == "move"]
+            for directory in fsutil.distinct_directories(touched):
                 fsutil.sync_directory(directory)
         crash_point("changeset.applied")
 

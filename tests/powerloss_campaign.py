@@ -1,21 +1,26 @@
 """Power-cut campaigns: changes through atomictools on the power-loss file system, the power cut at
 a random moment or at a named step, then recovery on what the disk kept, then the checks.
 
-A round plans a seeded sequence of operations (writes, edits, change sets, moves, copies,
-deletes, SQLite transactions) and the state of the tree after each one. A worker applies them one
-at a time (each awaited: at most one is in flight) and reports every acknowledged one; the round
-kills it and cuts the power at the chosen moment, mounts the disk again, recovers (the server's
-own start-up recovery and sweep, as ``atomictools recover`` does), and checks:
+A round has two phases. Each plans a seeded sequence of operations (writes, edits, keyed edits,
+change sets with and without a new directory, directories, moves, copies, deletes, SQLite
+transactions) and the state of the tree after each one. A worker process applies them one at a
+time (each awaited: at most one is in flight) and reports every acknowledged one; the round kills
+it and cuts the power at the chosen moment, mounts the disk again, and runs ``atomictools
+recover`` in a new process, as a restarted machine would. The second phase starts from what the
+first left and cuts again, so that what recovery itself did must have been made durable too.
+After each phase:
 
 - with ``durability="full"``: the tree is exactly the state after the last acknowledged operation
   or after the one in flight (an acknowledged change is there in full, nothing torn, no change
-  set mixed), and so is the database; SQLite passes ``integrity_check``;
-- with ``durability="fast"``: acknowledged changes may be lost, so only that every file holds
-  one whole version written to it and the database is consistent;
+  set mixed), and so is the database; SQLite passes ``integrity_check``; retrying the last
+  acknowledged keyed edit with its key changes nothing (its key survived);
+- with ``durability="fast"``: acknowledged changes may be lost, so only that every file holds a
+  whole version once written to it and SQLite passes ``integrity_check``;
 - always: recovery needs no person, and nothing of ours is left in the roots or the journal.
 
-The worker is the embedding API in a child process (``python tests/powerloss_campaign.py
-worker ...``) or the real MCP server over stdio driven by the SDK client.
+Workers are the embedding API in a child process, or the real MCP server over stdio driven by
+the SDK client (``via="server"``). ``env`` reaches every process of the round (the mutation check
+points ``PYTHONPATH`` at a copy of the package with one sync call removed).
 """
 
 from __future__ import annotations
@@ -32,13 +37,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
+# After PYTHONPATH, so that a mutated copy of the package (the mutation check) comes first.
+sys.path.append(str(Path(__file__).parents[1]))
 
-from tests.powerloss import PowerLossMount  # noqa: E402
+from tests.powerloss import PowerLossMount
 
 FILES = [f"f{i}.txt" for i in range(4)]
 DB = "app.db"
+DIR = b"<dir>"
 BIG = 96 * 1024  # past the engine's inline threshold: the worker-thread path too
+KINDS = [
+    "write",
+    "write",
+    "edit",
+    "kedit",
+    "apply",
+    "apply-mkdir",
+    "mkdir",
+    "sql",
+    "new",
+    "move",
+    "copy",
+    "delete",
+]
 Tree = dict[str, bytes]
 
 
@@ -46,6 +67,7 @@ Tree = dict[str, bytes]
 class Op:
     kind: str
     args: tuple[Any, ...]
+    key: str | None = None
 
 
 @dataclass
@@ -53,63 +75,81 @@ class State:
     files: Tree
     rows: frozenset[int]
 
+    def to_json(self) -> str:
+        files = {path: content.decode("latin-1") for path, content in self.files.items()}
+        return json.dumps({"files": files, "rows": sorted(self.rows)})
+
+    @classmethod
+    def from_json(cls, text: str) -> State:
+        data = json.loads(text)
+        files = {path: content.encode("latin-1") for path, content in data["files"].items()}
+        return cls(files, frozenset(data["rows"]))
+
 
 def initial() -> State:
     return State({name: f"{name} v0\n".encode() for name in FILES}, frozenset())
 
 
-def _content(path: str, version: int, rng: random.Random) -> bytes:
-    body = f"{path} v{version}\n".encode()
+def _content(path: str, tag: str, rng: random.Random) -> bytes:
+    body = f"{path} {tag}\n".encode()
     return body + (b"x" * BIG + b"\n" if rng.random() < 0.2 else b"")
 
 
-def plan(seed: int, count: int) -> tuple[list[Op], list[State]]:
-    """The operations of a round and the state after each (``states[0]``: before any)."""
+def plan(seed: int, count: int, start: State) -> tuple[list[Op], list[State]]:
+    """The operations of a phase and the state after each (``states[0]``: ``start``)."""
     rng = random.Random(seed)
-    state = initial()
+    state = start
     ops: list[Op] = []
     states = [state]
-    extra = 0
     for n in range(1, count + 1):
+        tag = f"s{seed}n{n}"
         files = dict(state.files)
         rows = set(state.rows)
-        movable = sorted(p for p in files if p.startswith("n"))
-        choice = rng.choice(["write", "write", "edit", "apply", "sql", "new", "move", "copy", "delete"])
-        if choice in ("move", "delete") and not movable:
-            choice = "new"
-        if choice == "write":
+        movable = sorted(
+            p for p in files if p.rsplit("/", 1)[-1].startswith("n") and files[p] != DIR
+        )
+        places = ["", "", *sorted(p + "/" for p in files if files[p] == DIR)]
+        kind = rng.choice(KINDS)
+        if kind in ("move", "delete") and not movable:
+            kind = "new"
+        if kind == "write":
             path = rng.choice(FILES)
-            files[path] = _content(path, n, rng)
+            files[path] = _content(path, tag, rng)
             op = Op("write", (path, files[path]))
-        elif choice == "edit":
+        elif kind in ("edit", "kedit"):
             path = rng.choice(FILES)
             old = files[path].split(b"\n", 1)[0].decode()
-            new = f"{path} e{n}"
+            new = f"{path} e{tag}"
             files[path] = files[path].replace(old.encode(), new.encode(), 1)
-            op = Op("edit", (path, old, new))
-        elif choice == "apply":
-            chosen = rng.sample(FILES, k=rng.randint(2, 3))
+            op = Op("edit", (path, old, new), key=f"key-{tag}" if kind == "kedit" else None)
+        elif kind == "apply":
             writes = []
-            for path in chosen:
-                files[path] = _content(path, n, rng)
+            for path in rng.sample(FILES, k=rng.randint(2, 3)):
+                files[path] = _content(path, tag, rng)
                 writes.append((path, files[path]))
             op = Op("apply", tuple(writes))
-        elif choice == "sql":
-            rows.add(n)
-            op = Op("sql", (n,))
-        elif choice == "new":
-            extra += 1
-            path = f"n{extra}.txt"
-            files[path] = _content(path, n, rng)
+        elif kind == "apply-mkdir":
+            directory, path = f"d{tag}", rng.choice(FILES)
+            files[directory] = DIR
+            files[f"{directory}/x.txt"] = _content("x", tag, rng)
+            files[path] = _content(path, tag, rng)
+            op = Op("apply-mkdir", (directory, files[f"{directory}/x.txt"], path, files[path]))
+        elif kind == "mkdir":
+            files[f"m{tag}"] = DIR
+            op = Op("mkdir", (f"m{tag}",))
+        elif kind == "sql":
+            rows.add(seed * 1000 + n)
+            op = Op("sql", (seed * 1000 + n,))
+        elif kind == "new":
+            path = f"{rng.choice(places)}n{tag}.txt"
+            files[path] = _content(path, tag, rng)
             op = Op("write", (path, files[path]))
-        elif choice == "move":
-            extra += 1
-            source, target = rng.choice(movable), f"n{extra}.txt"
+        elif kind == "move":  # within a directory, or from one to another
+            source, target = rng.choice(movable), f"{rng.choice(places)}n{tag}.txt"
             files[target] = files.pop(source)
             op = Op("move", (source, target))
-        elif choice == "copy":
-            extra += 1
-            source, target = rng.choice(FILES), f"n{extra}.txt"
+        elif kind == "copy":
+            source, target = rng.choice(FILES), f"{rng.choice(places)}n{tag}.txt"
             files[target] = files[source]
             op = Op("copy", (source, target))
         else:
@@ -135,121 +175,151 @@ def prepare_disk(disk: Path) -> None:
     conn.close()
 
 
-# -- the worker: the embedding API in a child process ---------------------------------------
+# -- the workers --------------------------------------------------------------------------------
 
 
-async def _apply_engine(ws: Any, db: Any, op: Op) -> None:
+async def apply_engine(ws: Any, db: Any, op: Op) -> None:
     from atomictools.database import Statement
     from atomictools.journal import Change
 
+    a = op.args
     if op.kind == "write":
-        await ws.write(op.args[0], op.args[1])
+        await ws.write(a[0], a[1])
     elif op.kind == "edit":
-        await ws.edit(op.args[0], [(op.args[1], op.args[2])])
+        await ws.edit(a[0], [(a[1], a[2])], idempotency_key=op.key)
     elif op.kind == "apply":
-        await ws.apply_changes([Change("write", p, content=c) for p, c in op.args])
-    elif op.kind == "sql":
-        await db.run_statements(
-            [Statement("INSERT INTO t VALUES (?)", [op.args[0]]), Statement("SELECT 1")]
+        await ws.apply_changes([Change("write", p, content=c) for p, c in a])
+    elif op.kind == "apply-mkdir":
+        await ws.apply_changes(
+            [
+                Change("mkdir", a[0]),
+                Change("write", f"{a[0]}/x.txt", content=a[1]),
+                Change("write", a[2], content=a[3]),
+            ]
         )
+    elif op.kind == "mkdir":
+        await ws.mkdir(a[0])
+    elif op.kind == "sql":
+        await db.run_statements([Statement("INSERT INTO t VALUES (?)", [a[0]])])
     elif op.kind == "move":
-        await ws.move(op.args[0], op.args[1])
+        await ws.move(a[0], a[1])
     elif op.kind == "copy":
-        await ws.copy(op.args[0], op.args[1])
+        await ws.copy(a[0], a[1])
     else:
-        await ws.delete(op.args[0])
+        await ws.delete(a[0])
 
 
-def worker(mnt: str, seed: int, count: int, durability: str) -> None:
-    import anyio
-
-    from atomictools import Workspace
-    from atomictools.database import Database
-
-    ops, _ = plan(seed, count)
-
-    async def main() -> None:
-        ws = Workspace([Path(mnt) / "root"], state_dir=Path(mnt) / "state", durability=durability)
-        async with Database(Path(mnt) / "root" / DB, durability=durability) as db:
-            for index, op in enumerate(ops, start=1):
-                sys.stdin.readline()  # one operation at a time, when the round says so
-                await _apply_engine(ws, db, op)
-                print(f"ack {index}", flush=True)
-
-    anyio.run(main)
-
-
-# -- the worker: the real server ------------------------------------------------------------------
-
-
-def _tool_call(op: Op) -> tuple[str, dict[str, Any]]:
+def tool_call(op: Op) -> tuple[str, dict[str, Any]]:
+    a = op.args
     if op.kind == "write":
-        return "write_file", {"path": op.args[0], "content": op.args[1].decode()}
+        return "write_file", {"path": a[0], "content": a[1].decode()}
     if op.kind == "edit":
-        return "edit_file", {"path": op.args[0], "edits": [{"oldText": op.args[1], "newText": op.args[2]}]}
+        call: dict[str, Any] = {"path": a[0], "edits": [{"oldText": a[1], "newText": a[2]}]}
+        return "edit_file", {**call, **({"idempotencyKey": op.key} if op.key else {})}
     if op.kind == "apply":
-        changes = [{"op": "write", "path": p, "content": c.decode()} for p, c in op.args]
+        return "apply_changes", {
+            "changes": [{"op": "write", "path": p, "content": c.decode()} for p, c in a]
+        }
+    if op.kind == "apply-mkdir":
+        changes = [
+            {"op": "mkdir", "path": a[0]},
+            {"op": "write", "path": f"{a[0]}/x.txt", "content": a[1].decode()},
+            {"op": "write", "path": a[2], "content": a[3].decode()},
+        ]
         return "apply_changes", {"changes": changes}
+    if op.kind == "mkdir":
+        return "create_directory", {"path": a[0]}
     if op.kind == "sql":
-        statements = [{"sql": "INSERT INTO t VALUES (?)", "params": [op.args[0]]}]
+        statements = [{"sql": "INSERT INTO t VALUES (?)", "params": [a[0]]}]
         return "db_transaction", {"database": DB, "statements": statements}
     if op.kind in ("move", "copy"):
-        return f"{op.kind}_file", {"source": op.args[0], "destination": op.args[1]}
-    return "delete_file", {"path": op.args[0]}
+        return f"{op.kind}_file", {"source": a[0], "destination": a[1]}
+    return "delete_file", {"path": a[0]}
 
 
-def server_worker(mnt: str, seed: int, count: int, durability: str) -> None:
-    """Drive ``atomictools serve`` over stdio with the SDK client; print each acknowledgement."""
+def worker(via: str, mnt: str, seed: int, count: int, durability: str, start: str) -> None:
+    """Apply the phase's operations one at a time, each when stdin says ``go``."""
     import anyio
-    from mcp import Client, StdioServerParameters
 
-    ops, _ = plan(seed, count)
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "atomictools", "serve", "--root", f"{mnt}/root", "--state-dir",
-              f"{mnt}/state", "--durability", durability],
-        env=dict(os.environ),
-    )
+    ops, _ = plan(seed, count, State.from_json(Path(start).read_text()))
+    root, state = Path(mnt) / "root", Path(mnt) / "state"
 
-    async def main() -> None:
-        async with Client(params) as client:
+    async def engine() -> None:
+        from atomictools import Workspace
+        from atomictools.database import Database
+
+        ws = Workspace([root], state_dir=state, durability=durability)
+        async with Database(root / DB, durability=durability) as db:
             for index, op in enumerate(ops, start=1):
-                sys.stdin.readline()  # one operation at a time, when the round says so
-                tool, arguments = _tool_call(op)
-                result = await client.call_tool(tool, arguments)
-                if result.is_error:
-                    raise SystemExit(f"op {index} {tool} failed: {result.content}")
+                sys.stdin.readline()
+                await apply_engine(ws, db, op)
                 print(f"ack {index}", flush=True)
 
-    anyio.run(main)
+    async def server() -> None:
+        from mcp import Client, StdioServerParameters
+
+        serve = [
+            "-m",
+            "atomictools",
+            "serve",
+            "--root",
+            str(root),
+            "--state-dir",
+            str(state),
+            "--durability",
+            durability,
+        ]
+        params = StdioServerParameters(
+            command=sys.executable, args=serve, env=dict(os.environ), cwd=Path(mnt).parent
+        )
+        async with Client(params) as client:
+            for index, op in enumerate(ops, start=1):
+                sys.stdin.readline()
+                tool, arguments = tool_call(op)
+                result = await client.call_tool(tool, arguments)
+                if result.is_error:
+                    raise SystemExit(f"operation {index} ({tool}) failed: {result.content}")
+                print(f"ack {index}", flush=True)
+
+    anyio.run(engine if via == "engine" else server)
 
 
-# -- a round ----------------------------------------------------------------------------------------
+# -- a round ----------------------------------------------------------------------------------
 
 
 @dataclass
 class RoundResult:
     seed: int
-    cut: str
-    acked: int
+    cuts: list[str] = field(default_factory=list)
+    acked: int = 0
+    """Acknowledged operations, over both phases."""
+    checked: int = 0
+    """Acknowledged changes whose presence was checked (full durability)."""
     violations: list[str] = field(default_factory=list)
+
+
+def _tree(top: Path, here: Path | None = None) -> Tree:
+    """Every directory and file below ``top`` but the database and our own files."""
+    from atomictools.tempfiles import is_temp_name
+
+    here = here or top
+    found: Tree = {}
+    for path in sorted(here.iterdir()):
+        if path.name.startswith(DB) or is_temp_name(path.name):
+            continue
+        key = str(path.relative_to(top))
+        if path.is_dir() and not path.is_symlink():
+            found[key] = DIR
+            found.update(_tree(top, path))
+        else:
+            found[key] = path.read_bytes()
+    return found
 
 
 def _ours(top: Path) -> list[str]:
     from atomictools.tempfiles import is_temp_name
 
     return [str(p.relative_to(top)) for p in top.rglob("*") if is_temp_name(p.name)]
-
-
-def _tree(root: Path) -> Tree:
-    from atomictools.tempfiles import is_temp_name
-
-    found = {}
-    for path in root.iterdir():
-        if path.name.startswith(DB) or is_temp_name(path.name):
-            continue
-        found[path.name] = path.read_bytes()
-    return found
 
 
 def _rows(root: Path) -> tuple[frozenset[int], str]:
@@ -262,40 +332,51 @@ def _rows(root: Path) -> tuple[frozenset[int], str]:
     return rows, check
 
 
-def run_round(
-    base: Path,
+def _run_phase(
+    fs: PowerLossMount,
     seed: int,
+    count: int,
+    start: State,
     *,
-    count: int = 12,
-    step: str | None = None,
-    durability: str = "full",
-    via: str = "engine",
-) -> RoundResult:
-    """One round: plan, work until the cut (at ``step`` or at a random moment), recover, check."""
+    step: str | None,
+    durability: str,
+    via: str,
+    env: dict[str, str],
+    result: RoundResult,
+) -> tuple[list[Op], list[State], int]:
+    """Work until the cut; returns the plan, its states and how many were acknowledged."""
     rng = random.Random(seed * 7919 + 1)
-    fs = PowerLossMount(base)
-    prepare_disk(fs.disk)
-    fs.mount()
-    ops, states = plan(seed, count)
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    ops, states = plan(seed, count, start)
+    start_file = fs.disk.parent / f"start-{seed}.json"
+    start_file.write_text(start.to_json())
+    phase_env = dict(env)
     if step is not None:
-        env["ATOMICTOOLS_TEST_CRASH_AT"] = step
-        env["ATOMICTOOLS_TEST_CRASH_SIGNAL"] = "KILL"
-    mode = "worker" if via == "engine" else "server-worker"
+        phase_env["ATOMICTOOLS_TEST_CRASH_AT"] = step
+        phase_env["ATOMICTOOLS_TEST_CRASH_SIGNAL"] = "KILL"
     proc = subprocess.Popen(
-        [sys.executable, __file__, mode, str(fs.mnt), str(seed), str(count), durability],
+        [
+            sys.executable,
+            __file__,
+            via,
+            str(fs.mnt),
+            str(seed),
+            str(count),
+            durability,
+            str(start_file),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=phase_env,
+        cwd=fs.disk.parent,  # not the repository: ``-m atomictools`` would import it first
         start_new_session=True,
     )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     acked = 0
     target = rng.randint(0, count - 1) if step is None else count
     delay = rng.random() * 0.05
-    assert proc.stdin is not None
-    assert proc.stdout is not None
     while acked < count:
         try:
             proc.stdin.write("go\n")  # the next operation starts
@@ -315,66 +396,180 @@ def run_round(
     for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
-    fs.cut()
-    fs.mount()  # the machine comes back up on what the disk kept
-    result = RoundResult(seed, step or f"random after {target} + {delay * 1000:.0f} ms", acked)
-    try:
-        _recover_and_check(fs, states, acked, durability, result)
-    finally:
-        fs.unmount()
     if "Traceback" in stderr and "SystemExit" not in stderr:
         result.violations.append(f"the worker failed before the cut: {stderr[-800:]}")
-    return result
+    fs.cut()
+    result.cuts.append(step or f"random after {target} + {delay * 1000:.0f} ms")
+    result.acked += acked
+    return ops, states, acked
 
 
-def _recover_and_check(
-    fs: PowerLossMount, states: list[State], acked: int, durability: str, result: RoundResult
-) -> None:
-    from atomictools import Workspace, recover
+def _recover(fs: PowerLossMount, env: dict[str, str], result: RoundResult) -> None:
+    """Power back on: mount the disk again and run ``atomictools recover`` in a new process."""
+    fs.mount()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "atomictools",
+            "recover",
+            str(fs.mnt / "root"),
+            "--state-dir",
+            str(fs.mnt / "state"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=fs.disk.parent,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode not in (0, 1):
+        result.violations.append(
+            f"recover exited {done.returncode}: {done.stdout[-1500:]}{done.stderr[-800:]}"
+        )
 
+
+def _check(
+    fs: PowerLossMount,
+    ops: list[Op],
+    states: list[State],
+    acked: int,
+    durability: str,
+    env: dict[str, str],
+    result: RoundResult,
+) -> State:
+    """The checks after a recovery; returns the state found (where the next phase starts)."""
     root = fs.mnt / "root"
-    ws = Workspace([root], state_dir=fs.mnt / "state")
-    report = recover(ws.sandbox, ws.journal_dir)
-    if report.exit_code == 2:
-        result.violations.append(f"recovery needs a person: {report.problems}")
     tree = _tree(root)
     rows, check = _rows(root)
     if check != "ok":
         result.violations.append(f"SQLite integrity_check: {check}")
     candidates = states[acked : acked + 2]  # the last acknowledged, or the one in flight
+    found = next((s for s in candidates if s.files == tree and s.rows == rows), None)
     if durability == "full":
-        if not any(tree == s.files for s in candidates):
-            result.violations.append(_diff("files", tree, candidates))
-        if not any(rows == s.rows for s in candidates):
-            result.violations.append(f"rows {sorted(rows)} not in {[sorted(s.rows) for s in candidates]}")
+        if found is None:
+            result.violations.append(_diff(tree, rows, candidates))
+        else:
+            result.checked += acked
+            _retry_last_key(fs, ops[:acked], tree, env, result)
     else:
-        written = {}
+        written: dict[str, set[bytes]] = {}
         for state in states:
             for path, content in state.files.items():
                 written.setdefault(path, set()).add(content)
         for path, content in tree.items():
             if content not in written.get(path, set()):
-                result.violations.append(f"{path} holds a version never written ({len(content)} bytes)")
-    left = _ours(root) + [str(p) for p in (fs.mnt / "state" / "journals").glob("*")] if (
-        fs.mnt / "state" / "journals"
-    ).exists() else _ours(root)
+                result.violations.append(f"{path}: holds no version written to it")
+    journals = fs.mnt / "state" / "journals"
+    left = _ours(root) + ([p.name for p in journals.iterdir()] if journals.is_dir() else [])
     if left:
         result.violations.append(f"left after recovery: {left}")
+    return found or State(tree, rows)
 
 
-def _diff(what: str, tree: Tree, candidates: list[State]) -> str:
-    lines = [f"{what} match neither the last acknowledged state nor the next:"]
-    for path in sorted(set(tree) | {p for s in candidates for p in s.files}):
-        now = tree.get(path)
-        wanted = [s.files.get(path) for s in candidates]
-        if now not in wanted:
-            lines.append(f"  {path}: {(now or b'<absent>')[:40]!r} vs {[(w or b'<absent>')[:40] for w in wanted]}")
+def _retry_last_key(
+    fs: PowerLossMount, done: list[Op], tree: Tree, env: dict[str, str], result: RoundResult
+) -> None:
+    """The last acknowledged keyed edit, retried with its key (in a new process, as a client
+    after a restart would), must change nothing: its key survived the power cut."""
+    keyed = [op for op in done if op.key]
+    if not keyed:
+        return
+    op = keyed[-1]
+    retry = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "retry",
+            str(fs.mnt),
+            op.args[0],
+            op.args[1],
+            op.args[2],
+            str(op.key),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=fs.disk.parent,
+        timeout=60,
+        check=False,
+    )
+    if retry.returncode != 0:
+        result.violations.append(
+            f"retrying acknowledged key {op.key} failed: {retry.stderr[-500:]}"
+        )
+    if _tree(fs.mnt / "root") != tree:
+        result.violations.append(f"retrying acknowledged key {op.key} changed the tree")
+
+
+def retry(mnt: str, path: str, old: str, new: str, key: str) -> None:
+    import anyio
+
+    from atomictools import Workspace
+
+    ws = Workspace([Path(mnt) / "root"], state_dir=Path(mnt) / "state")
+    anyio.run(lambda: ws.edit(path, [(old, new)], idempotency_key=key))
+
+
+def _diff(tree: Tree, rows: frozenset[int], candidates: list[State]) -> str:
+    """How the tree differs from each candidate state (a mixed set matches neither whole)."""
+    lines = ["the tree is neither the last acknowledged state nor the next:"]
+    for label, state in zip(("acknowledged", "in flight"), candidates, strict=False):
+        for path in sorted(set(tree) | set(state.files)):
+            now, wanted = tree.get(path), state.files.get(path)
+            if now != wanted:
+                shown = (now or b"<absent>")[:30], (wanted or b"<absent>")[:30]
+                lines.append(f"  vs {label}: {path}: {shown[0]!r}, expected {shown[1]!r}")
+        if rows != state.rows:
+            lines.append(f"  vs {label}: rows {sorted(rows)}, expected {sorted(state.rows)}")
     return "\n".join(lines)
 
 
+def run_round(
+    base: Path,
+    seed: int,
+    *,
+    count: int = 10,
+    step: str | None = None,
+    durability: str = "full",
+    via: str = "engine",
+    env: dict[str, str] | None = None,
+) -> RoundResult:
+    """Two phases: the first cut at ``step`` (or a random moment), the second at random."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
+    result = RoundResult(seed)
+    fs = PowerLossMount(base)
+    prepare_disk(fs.disk)
+    fs.mount()
+    try:
+        start = initial()
+        for phase, cut_at in enumerate((step, None)):
+            phase_seed = seed * 2 + phase
+            ops, states, acked = _run_phase(
+                fs,
+                phase_seed,
+                count,
+                start,
+                step=cut_at,
+                durability=durability,
+                via=via,
+                env=env,
+                result=result,
+            )
+            _recover(fs, env, result)
+            start = _check(fs, ops, states, acked, durability, env, result)
+            if result.violations:
+                break
+    finally:
+        fs.unmount()
+    return result
+
+
 if __name__ == "__main__":
-    kind, mnt, seed, count, durability = sys.argv[1:6]
-    if kind == "worker":
-        worker(mnt, int(seed), int(count), durability)
+    if sys.argv[1] == "retry":
+        retry(*sys.argv[2:7])
     else:
-        server_worker(mnt, int(seed), int(count), durability)
+        via, mnt, seed, count, durability, start = sys.argv[1:7]
+        worker(via, mnt, int(seed), int(count), durability, start)

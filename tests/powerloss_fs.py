@@ -367,7 +367,14 @@ class _Fuse(mfusepy.FUSE):
 
 
 def main(backing: str, mountpoint: str) -> None:
-    _Fuse(PowerLossFS(backing), mountpoint, foreground=True, nothreads=False, use_ino=True)
+    _Fuse(
+        PowerLossFS(backing),
+        mountpoint,
+        foreground=True,
+        nothreads=False,
+        use_ino=True,  # st_ino from the disk: hard links keep one inode number
+        hard_remove=True,  # an unlink is an unlink, not a rename to .fuse_hidden*
+    )
 
 
 if __name__ == "__main__":
