@@ -4,10 +4,11 @@ that the power-cut campaign catches it.
     sudo .venv/bin/python tests/benchmarks/mutate_syncs.py [--rounds 30] [--only writer.py:87]
 
 Every call of ``durable_sync(...)`` or ``sync_directory(...)`` and every ``PRAGMA synchronous=``
-in ``atomictools/`` is a site (the two helpers themselves are the primitives every site uses). For each, a copy of the package with that one call made a no-op
-(or the pragma set to OFF) is put first on ``PYTHONPATH`` for every process of the campaign
-(workers, the server, ``atomictools recover``), and rounds run until one shows a violation or
-the rounds run out. It prints a table: site, the code, rounds run, the first violation.
+in ``atomictools/`` is a site (the two helpers themselves are the primitives every site uses).
+For each, a copy of the package with that one call made a no-op (or the pragma set to OFF) is
+put first on ``PYTHONPATH`` for every process of the campaign (workers, the server, ``atomictools
+recover``), and rounds run until one shows a violation or the rounds run out. It prints a table:
+site, the code, rounds run, the first violation.
 Needs root and FUSE (see ``tests/powerloss.py``).
 """
 
