@@ -74,6 +74,9 @@ class Op:
 class State:
     files: Tree
     rows: frozenset[int]
+    halfway: State | None = None
+    """What a crash inside the operation that led here may leave besides the states before
+    and after: a move across file systems is a copy, then an unlink (both files, briefly)."""
 
     def to_json(self) -> str:
         files = {path: content.decode("latin-1") for path, content in self.files.items()}
@@ -86,8 +89,13 @@ class State:
         return cls(files, frozenset(data["rows"]))
 
 
+ELSEWHERE = "xdev"
+"""A directory the power-loss file system treats as another device (moves in or out: EXDEV)."""
+
+
 def initial() -> State:
-    return State({name: f"{name} v0\n".encode() for name in FILES}, frozenset())
+    files = {name: f"{name} v0\n".encode() for name in FILES}
+    return State({**files, ELSEWHERE: DIR}, frozenset())
 
 
 def _content(path: str, tag: str, rng: random.Random) -> bytes:
@@ -105,6 +113,7 @@ def plan(seed: int, count: int, start: State) -> tuple[list[Op], list[State]]:
         tag = f"s{seed}n{n}"
         files = dict(state.files)
         rows = set(state.rows)
+        copied: State | None = None
         movable = sorted(
             p for p in files if p.rsplit("/", 1)[-1].startswith("n") and files[p] != DIR
         )
@@ -144,8 +153,13 @@ def plan(seed: int, count: int, start: State) -> tuple[list[Op], list[State]]:
             path = f"{rng.choice(places)}n{tag}.txt"
             files[path] = _content(path, tag, rng)
             op = Op("write", (path, files[path]))
-        elif kind == "move":  # within a directory, or from one to another
-            source, target = rng.choice(movable), f"{rng.choice(places)}n{tag}.txt"
+        elif kind == "move":  # within a directory, to another, or to another file system
+            source = rng.choice(movable)
+            elsewhere = source.startswith(ELSEWHERE + "/")
+            place = "" if elsewhere else f"{ELSEWHERE}/" if rng.random() < 0.5 else None
+            target = f"{rng.choice(places) if place is None else place}n{tag}.txt"
+            across = elsewhere != target.startswith(ELSEWHERE + "/")
+            copied = State({**files, target: files[source]}, frozenset(rows)) if across else None
             files[target] = files.pop(source)
             op = Op("move", (source, target))
         elif kind == "copy":
@@ -156,7 +170,7 @@ def plan(seed: int, count: int, start: State) -> tuple[list[Op], list[State]]:
             path = rng.choice(movable)
             del files[path]
             op = Op("delete", (path,))
-        state = State(files, frozenset(rows))
+        state = State(files, frozenset(rows), copied if kind == "move" else None)
         ops.append(op)
         states.append(state)
     return ops, states
@@ -167,7 +181,10 @@ def prepare_disk(disk: Path) -> None:
     root.mkdir(parents=True)
     (disk / "state").mkdir()
     for name, content in initial().files.items():
-        (root / name).write_bytes(content)
+        if content == DIR:
+            (root / name).mkdir()
+        else:
+            (root / name).write_bytes(content)
     conn = sqlite3.connect(root / DB)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("CREATE TABLE t (v INTEGER PRIMARY KEY)")
@@ -446,7 +463,10 @@ def _check(
     rows, check = _rows(root)
     if check != "ok":
         result.violations.append(f"SQLite integrity_check: {check}")
-    candidates = states[acked : acked + 2]  # the last acknowledged, or the one in flight
+    # The last acknowledged state, or the one in flight (or what a crash inside it may leave).
+    candidates = states[acked : acked + 2]
+    if len(candidates) == 2 and candidates[1].halfway is not None:
+        candidates.append(candidates[1].halfway)
     found = next((s for s in candidates if s.files == tree and s.rows == rows), None)
     if durability == "full":
         if found is None:
@@ -516,7 +536,7 @@ def retry(mnt: str, path: str, old: str, new: str, key: str) -> None:
 def _diff(tree: Tree, rows: frozenset[int], candidates: list[State]) -> str:
     """How the tree differs from each candidate state (a mixed set matches neither whole)."""
     lines = ["the tree is neither the last acknowledged state nor the next:"]
-    for label, state in zip(("acknowledged", "in flight"), candidates, strict=False):
+    for label, state in zip(("acknowledged", "in flight", "halfway"), candidates, strict=False):
         for path in sorted(set(tree) | set(state.files)):
             now, wanted = tree.get(path), state.files.get(path)
             if now != wanted:

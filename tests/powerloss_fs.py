@@ -38,6 +38,9 @@ from typing import Any
 import mfusepy
 
 CONTROL = "/.powercut"
+ELSEWHERE = "xdev"
+"""A directory named so, anywhere, acts as another file system: a rename into or out of it
+fails with EXDEV (so cross-device moves can be tested on one mount)."""
 
 
 @dataclass
@@ -280,6 +283,8 @@ class PowerLossFS(mfusepy.Operations):
     def rename(self, old: str, new: str, flags: int = 0) -> int:
         with self._mutex:
             self._check()
+            if (ELSEWHERE in old.split("/")[:-1]) != (ELSEWHERE in new.split("/")[:-1]):
+                raise mfusepy.FuseOSError(errno.EXDEV)
             if flags:
                 from atomictools.fsutil import AT_FDCWD, renameat2
 
