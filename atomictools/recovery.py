@@ -339,6 +339,7 @@ def _recover_trusted(
             )
             return
         forward = record.committed and not rollback
+        durable = record.durability != "fast"
         if dry_run:
             report.protected |= _named_files(record)  # the real run uses or removes them
             (report.rolled_forward if forward else report.rolled_back).append(txid)
@@ -358,7 +359,12 @@ def _recover_trusted(
                         unlink_at(d, member)
             if not forward:
                 conflicts += _remove_created_dirs(record, dirs, report)
-            if record.durability != "fast":
+            keyed = not forward or _record_key(record, report, conflicts)
+            if keyed:  # the set is over: its claims go, in the same directory syncs
+                for directory in record.member_dirs():
+                    with contextlib.suppress(FileNotFoundError):
+                        unlink_at(dirs.fd(directory), claim_name_for(txid))
+            if durable:
                 dirs.sync_all()
         except (OSError, AtomicToolsError) as err:
             report.protected |= _named_files(record)
@@ -375,15 +381,20 @@ def _recover_trusted(
             )
             return
         report.conflicts.extend(f"change set {txid}: {c}" for c in conflicts)
-        if forward and not _record_key(record, report, conflicts):
+        if not keyed:
             report.protected |= _named_files(record)
             return  # the record stays: the next recovery records the key
-        for directory in record.member_dirs():
-            with contextlib.suppress(OSError, AtomicToolsError):
-                unlink_at(dirs.fd(directory), claim_name_for(txid))
     finally:
         dirs.close()
+    # Only once what it did is durable: a record that came back after a power loss would be
+    # finished again, over files changed since.
     path.unlink()
+    if durable:
+        journal_fd = os.open(path.parent, _DIR_FLAGS)
+        try:
+            fsutil.sync_directory(journal_fd)
+        finally:
+            os.close(journal_fd)
     report.handled.add(txid)
     (report.rolled_forward if forward else report.rolled_back).append(txid)
 

@@ -14,8 +14,10 @@ After each phase:
   or after the one in flight (an acknowledged change is there in full, nothing torn, no change
   set mixed), and so is the database; SQLite passes ``integrity_check``; retrying the last
   acknowledged keyed edit with its key changes nothing (its key survived);
-- with ``durability="fast"``: acknowledged changes may be lost, so only that every file holds a
-  whole version once written to it and SQLite passes ``integrity_check``;
+- with ``durability="fast"``: no fsync at all, so after a power loss acknowledged changes may be
+  lost and a file whose rename reached the disk (another program's directory fsync persists it)
+  comes back empty; checked: every file that is not empty holds a version once written to it,
+  SQLite passes ``integrity_check``, and the empty files are counted;
 - always: recovery needs no person, and nothing of ours is left in the roots or the journal.
 
 Workers are the embedding API in a child process, or the real MCP server over stdio driven by
@@ -103,8 +105,15 @@ def _content(path: str, tag: str, rng: random.Random) -> bytes:
     return body + (b"x" * BIG + b"\n" if rng.random() < 0.2 else b"")
 
 
-def plan(seed: int, count: int, start: State) -> tuple[list[Op], list[State]]:
-    """The operations of a phase and the state after each (``states[0]``: ``start``)."""
+def plan(
+    seed: int, count: int, start: State, *, elsewhere_first: bool = False
+) -> tuple[list[Op], list[State]]:
+    """The operations of a phase and the state after each (``states[0]``: ``start``).
+
+    ``elsewhere_first``: the first operation is a change set that touches only another
+    directory, so its journal write is the first sync after a recovery that did not sync the
+    directories it finished (what the check of recovery's own durability needs).
+    """
     rng = random.Random(seed)
     state = start
     ops: list[Op] = []
@@ -121,7 +130,11 @@ def plan(seed: int, count: int, start: State) -> tuple[list[Op], list[State]]:
         kind = rng.choice(KINDS)
         if kind in ("move", "delete") and not movable:
             kind = "new"
-        if kind == "write":
+        if elsewhere_first and n == 1:
+            path = f"{ELSEWHERE}/e{tag}.txt"
+            files[path] = _content(path, tag, rng)
+            op = Op("apply", ((path, files[path]),))
+        elif kind == "write":
             path = rng.choice(FILES)
             files[path] = _content(path, tag, rng)
             op = Op("write", (path, files[path]))
@@ -254,11 +267,14 @@ def tool_call(op: Op) -> tuple[str, dict[str, Any]]:
     return "delete_file", {"path": a[0]}
 
 
-def worker(via: str, mnt: str, seed: int, count: int, durability: str, start: str) -> None:
+def worker(
+    via: str, mnt: str, seed: int, count: int, durability: str, start: str, first: str
+) -> None:
     """Apply the phase's operations one at a time, each when stdin says ``go``."""
     import anyio
 
-    ops, _ = plan(seed, count, State.from_json(Path(start).read_text()))
+    begin = State.from_json(Path(start).read_text())
+    ops, _ = plan(seed, count, begin, elsewhere_first=first == "elsewhere")
     root, state = Path(mnt) / "root", Path(mnt) / "state"
 
     async def engine() -> None:
@@ -312,6 +328,8 @@ class RoundResult:
     """Acknowledged operations, over both phases."""
     checked: int = 0
     """Acknowledged changes whose presence was checked (full durability)."""
+    emptied: int = 0
+    """Files that came back empty (fast durability: a rename persisted, its data never was)."""
     violations: list[str] = field(default_factory=list)
 
 
@@ -360,10 +378,11 @@ def _run_phase(
     via: str,
     env: dict[str, str],
     result: RoundResult,
+    elsewhere_first: bool = False,
 ) -> tuple[list[Op], list[State], int]:
     """Work until the cut; returns the plan, its states and how many were acknowledged."""
     rng = random.Random(seed * 7919 + 1)
-    ops, states = plan(seed, count, start)
+    ops, states = plan(seed, count, start, elsewhere_first=elsewhere_first)
     start_file = fs.disk.parent / f"start-{seed}.json"
     start_file.write_text(start.to_json())
     phase_env = dict(env)
@@ -380,6 +399,7 @@ def _run_phase(
             str(count),
             durability,
             str(start_file),
+            "elsewhere" if elsewhere_first else "any",
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -480,7 +500,9 @@ def _check(
             for path, content in state.files.items():
                 written.setdefault(path, set()).add(content)
         for path, content in tree.items():
-            if content not in written.get(path, set()):
+            if content == b"" and b"" not in written.get(path, set()):
+                result.emptied += 1  # renamed into place, never synced: fast mode's power risk
+            elif content not in written.get(path, set()):
                 result.violations.append(f"{path}: holds no version written to it")
     journals = fs.mnt / "state" / "journals"
     left = _ours(root) + ([p.name for p in journals.iterdir()] if journals.is_dir() else [])
@@ -553,11 +575,14 @@ def run_round(
     *,
     count: int = 10,
     step: str | None = None,
+    second_step: str | None = None,
+    elsewhere_first: bool = False,
     durability: str = "full",
     via: str = "engine",
     env: dict[str, str] | None = None,
 ) -> RoundResult:
-    """Two phases: the first cut at ``step`` (or a random moment), the second at random."""
+    """Two phases, each cut at its step (or at a random moment); ``elsewhere_first`` starts the
+    second with a change set in another directory (see ``plan``)."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
     result = RoundResult(seed)
     fs = PowerLossMount(base)
@@ -565,7 +590,7 @@ def run_round(
     fs.mount()
     try:
         start = initial()
-        for phase, cut_at in enumerate((step, None)):
+        for phase, cut_at in enumerate((step, second_step)):
             phase_seed = seed * 2 + phase
             ops, states, acked = _run_phase(
                 fs,
@@ -577,6 +602,7 @@ def run_round(
                 via=via,
                 env=env,
                 result=result,
+                elsewhere_first=elsewhere_first and phase == 1,
             )
             _recover(fs, env, result)
             start = _check(fs, ops, states, acked, durability, env, result)
@@ -591,5 +617,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "retry":
         retry(*sys.argv[2:7])
     else:
-        via, mnt, seed, count, durability, start = sys.argv[1:7]
-        worker(via, mnt, int(seed), int(count), durability, start)
+        via, mnt, seed, count, durability, start, first = sys.argv[1:8]
+        worker(via, mnt, int(seed), int(count), durability, start, first)

@@ -4,8 +4,9 @@
 
 Each round cuts the power twice (at a random moment inside an operation in flight; the first
 cut sometimes at a named step instead), recovers, and checks (see ``tests/powerloss_campaign.py``).
-Prints a table of rounds, cuts, acknowledged changes checked and violations per mode, and the
-first violations in full. Exit 1 on any violation. Needs root and FUSE.
+Prints a table of rounds, cuts, acknowledged changes checked, violations and (fast mode) files
+that came back empty per mode, and the first violations in full. Exit 1 on any violation.
+Needs root and FUSE.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main() -> int:
     for mode in modes:
         via, durability = mode.split("-")
         rounds = args.rounds if via == "engine" else max(1, args.rounds // 5)
-        cuts = checked = violations = 0
+        cuts = checked = violations = emptied = 0
         started = time.monotonic()
         for offset in range(rounds):
             seed = args.seed + offset
@@ -56,9 +57,10 @@ def main() -> int:
             cuts += len(result.cuts)
             checked += result.checked
             violations += len(result.violations)
+            emptied += result.emptied
             if result.violations:
                 failures.append((mode, seed, result.cuts, result.violations))
-        rows.append((mode, rounds, cuts, checked, violations, time.monotonic() - started))
+        rows.append((mode, rounds, cuts, checked, violations, emptied, time.monotonic() - started))
     print(
         f"{'campaign':<14}{'rounds':>8}{'cuts':>8}{'acked checked':>15}{'violations':>12}{'s':>8}"
     )

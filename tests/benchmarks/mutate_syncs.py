@@ -22,12 +22,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).parents[2]
 sys.path.insert(0, str(REPO))
 
 from tests.powerloss import unavailable  # noqa: E402
 from tests.powerloss_campaign import run_round  # noqa: E402
+from tests.test_powerloss_campaign import STEPS  # noqa: E402
 
 PACKAGE = REPO / "atomictools"
 SYNC = re.compile(r"\b(durable_sync|sync_directory)\(|PRAGMA synchronous=")
@@ -71,6 +73,21 @@ def mutated(site: Site, into: Path) -> Path:
     return into
 
 
+def round_kind(seed: int) -> dict[str, Any]:
+    """A third of the rounds cut at random, a third at a named step, and a third check that
+    recovery's own work was durable (cut mid-apply, recover, then a change set elsewhere cut
+    at its commit: the first sync after the recovery is the journal's)."""
+    if seed % 3 == 1:
+        return {"step": STEPS[seed // 3 % len(STEPS)]}
+    if seed % 3 == 2:
+        return {
+            "step": "changeset.apply:1",
+            "second_step": "changeset.committed",
+            "elsewhere_first": True,
+        }
+    return {}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30, help="rounds per site at most")
@@ -93,7 +110,11 @@ def main() -> int:
                 rounds = seed
                 with tempfile.TemporaryDirectory(prefix="round-") as base:
                     result = run_round(
-                        Path(base), seed, via=args.via, env={"PYTHONPATH": str(package)}
+                        Path(base),
+                        seed,
+                        via=args.via,
+                        env={"PYTHONPATH": str(package)},
+                        **round_kind(seed),
                     )
                 if result.violations:
                     caught = result.violations[0].splitlines()[0][:90]
