@@ -31,7 +31,7 @@ from atomictools.recovery_report import RecoveryReport
 from atomictools.server import ServerOptions, create_server
 from atomictools.steps import CRASH_ENV, CRASH_EXIT_CODE
 from atomictools.sweep import sweep_temps
-from tests.changeset_child import Tree, install, scenario, snapshot
+from tests.changeset_child import Scenario, Tree, install, scenario, snapshot
 from tests.conftest import temp_files
 
 CHILD = Path(__file__).with_name("changeset_child.py")
@@ -40,6 +40,15 @@ TOKEN = "0123456789ab"
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def installed(tmp_path: Path, name: str = "no-mkdir") -> tuple[Path, Scenario]:
+    """``tmp_path/root`` holding the old tree of scenario ``name``."""
+    root = tmp_path / "root"
+    root.mkdir()
+    case = scenario(name, [root])
+    install(root, case.old[0])
+    return root, case
 
 
 def child_env(state: Path, crash_at: str | None = None) -> dict[str, str]:
@@ -251,10 +260,7 @@ def test_roll_forward_never_overwrites_a_file_replaced_after_the_crash(
 ) -> None:
     """Another server on the same root may change a file of a dead change set before recovery
     runs: its update must survive (no lost update), and the conflict is reported."""
-    root = tmp_path / "root"
-    root.mkdir()
-    case = scenario("no-mkdir", [root])
-    install(root, case.old[0])
+    root, case = installed(tmp_path)
     crash_child("no-mkdir", [root], private_state_dir, "changeset.committed")
     newer = root / "a.txt.newer"
     newer.write_bytes(b"alpha, written by another process after the crash\n")
@@ -535,10 +541,7 @@ def test_untrusted_record_deletes_nothing_and_needs_a_person(
 ) -> None:
     """Defect 2 and 3 of issue 11: a record recovery cannot trust was taken as "rolled back",
     and its staged files and backups were deleted: a half-applied set became permanent."""
-    root = tmp_path / "root"
-    root.mkdir()
-    case = scenario("no-mkdir", [root])
-    install(root, case.old[0])
+    root, _case = installed(tmp_path)
     crash_child("no-mkdir", [root], private_state_dir, "changeset.apply:3")  # 2 of 4 applied
     [record] = records(private_state_dir)
     corrupt(kind, record)
@@ -580,10 +583,7 @@ def test_untrusted_record_deletes_nothing_and_needs_a_person(
 def test_operator_decides_an_untrusted_set_from_its_files(
     tmp_path: Path, private_state_dir: Path, kind: str, step: str, direction: str
 ) -> None:
-    root = tmp_path / "root"
-    root.mkdir()
-    case = scenario("no-mkdir", [root])
-    install(root, case.old[0])
+    root, case = installed(tmp_path)
     crash_child("no-mkdir", [root], private_state_dir, step)
     [record] = records(private_state_dir)
     corrupt(kind, record)
@@ -609,10 +609,7 @@ def test_operator_decides_an_untrusted_set_from_its_files(
 def test_resolving_an_untrusted_set_refuses_a_damaged_staged_file(
     tmp_path: Path, private_state_dir: Path
 ) -> None:
-    root = tmp_path / "root"
-    root.mkdir()
-    case = scenario("no-mkdir", [root])
-    install(root, case.old[0])
+    root, _case = installed(tmp_path)
     crash_child("no-mkdir", [root], private_state_dir, "changeset.committed")
     [record] = records(private_state_dir)
     corrupt("garbage", record)
@@ -748,10 +745,7 @@ def test_cli_clean_root_exits_0(tmp_path: Path, private_state_dir: Path) -> None
 
 
 def test_cli_exits_1_after_fixing_and_lists_it(tmp_path: Path, private_state_dir: Path) -> None:
-    root = tmp_path / "root"
-    root.mkdir()
-    case = scenario("no-mkdir", [root])
-    install(root, case.old[0])
+    root, case = installed(tmp_path)
     crash_child("no-mkdir", [root], private_state_dir, "changeset.apply:2")
     [record] = records(private_state_dir)
     txid = record.name.removesuffix(RECORD_SUFFIX)
@@ -776,10 +770,7 @@ def test_cli_exits_1_after_fixing_and_lists_it(tmp_path: Path, private_state_dir
 def test_cli_exits_2_when_a_person_is_needed(tmp_path: Path, private_state_dir: Path) -> None:
     """Committed, but the staged file is gone and the target holds a third content: recovery
     must not guess; it reports the file and leaves it as it is."""
-    root = tmp_path / "root"
-    root.mkdir()
-    case = scenario("no-mkdir", [root])
-    install(root, case.old[0])
+    root, case = installed(tmp_path)
     crash_child("no-mkdir", [root], private_state_dir, "changeset.committed")
     [record] = records(private_state_dir)
     body = decode(record.read_bytes())
@@ -818,10 +809,7 @@ def test_cli_json_report(tmp_path: Path, private_state_dir: Path) -> None:
 
 
 def test_cli_dry_run_changes_nothing_but_reports(tmp_path: Path, private_state_dir: Path) -> None:
-    root = tmp_path / "root"
-    root.mkdir()
-    case = scenario("no-mkdir", [root])
-    install(root, case.old[0])
+    root, case = installed(tmp_path)
     crash_child("no-mkdir", [root], private_state_dir, "changeset.apply:2")
     [record] = records(private_state_dir)
     txid = record.name.removesuffix(RECORD_SUFFIX)
@@ -851,10 +839,7 @@ def test_cli_dry_run_reports_what_the_real_run_does(
 ) -> None:
     """The staged files of a committed record are what rolling it forward uses: a dry run
     must not list them as temp files it would remove (the real run does not remove them)."""
-    root = tmp_path / "root"
-    root.mkdir()
-    case = scenario("no-mkdir", [root])
-    install(root, case.old[0])
+    root, case = installed(tmp_path)
     crash_child("no-mkdir", [root], private_state_dir, "changeset.committed")
     dry = json.loads(run_cli(root, "--state-dir", private_state_dir, "--dry-run", "--json").stdout)
     real = json.loads(run_cli(root, "--state-dir", private_state_dir, "--json").stdout)

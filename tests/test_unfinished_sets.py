@@ -31,11 +31,12 @@ from atomictools import journal as journal_module
 from atomictools.record import encode_body
 from atomictools.server import ServerOptions, create_server
 from atomictools.steps import CRASH_SIGNAL_ENV
-from tests.changeset_child import install, scenario, snapshot
+from tests.changeset_child import snapshot
 from tests.conftest import temp_files
 from tests.test_recovery import (
     backdate,
     crash_child,
+    installed,
     records,
     run_cli,
     run_recovery,
@@ -50,10 +51,7 @@ def crashed_in(
     tmp_path: Path, state: Path, step: str, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[Path, Any]:
     """A root on which a process with state directory ``state`` was SIGKILLed at ``step``."""
-    root = tmp_path / "root"
-    root.mkdir()
-    case = scenario("no-mkdir", [root])
-    install(root, case.old[0])
+    root, case = installed(tmp_path)
     monkeypatch.setenv(CRASH_SIGNAL_ENV, "KILL")
     crash_child("no-mkdir", [root], state, step, expect=-signal.SIGKILL)
     monkeypatch.delenv(CRASH_SIGNAL_ENV)
@@ -180,10 +178,7 @@ def odd_journal_dir(state: Path, root: Path) -> None:
 def test_odd_records_are_reported_and_the_others_recovered(
     tmp_path: Path, private_state_dir: Path
 ) -> None:
-    root = tmp_path / "root"
-    root.mkdir()
-    case = scenario("no-mkdir", [root])
-    install(root, case.old[0])
+    root, case = installed(tmp_path)
     crash_child("no-mkdir", [root], private_state_dir, "changeset.apply:3")
     odd_journal_dir(private_state_dir, root)
 
@@ -221,10 +216,7 @@ def test_an_error_while_rolling_forward_keeps_the_record_and_the_rest_goes_on(
 ) -> None:
     """EIO on one rename of one set: that set stays (record and files) for the next run, and
     the report says so; the CLI exits 2 instead of a traceback with exit 1."""
-    root = tmp_path / "root"
-    root.mkdir()
-    case = scenario("no-mkdir", [root])
-    install(root, case.old[0])
+    root, case = installed(tmp_path)
     crash_child("no-mkdir", [root], private_state_dir, "changeset.committed")
     real_replace = os.replace
     calls = 0
@@ -273,10 +265,7 @@ def failing_apply(monkeypatch: pytest.MonkeyPatch, fail_on: int) -> None:
 async def test_next_call_finishes_a_set_that_failed_past_its_commit_point(
     tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = tmp_path / "root"
-    root.mkdir()
-    case = scenario("no-mkdir", [root])
-    install(root, case.old[0])
+    root, case = installed(tmp_path)
     ws = Workspace([root])
     failing_apply(monkeypatch, fail_on=2)
     with pytest.raises(RecoveryNeededError) as excinfo:
@@ -296,10 +285,7 @@ async def test_next_call_finishes_a_set_that_failed_past_its_commit_point(
 async def test_running_server_notices_another_process_finished_the_set(
     tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch, private_state_dir: Path
 ) -> None:
-    root = tmp_path / "root"
-    root.mkdir()
-    case = scenario("no-mkdir", [root])
-    install(root, case.old[0])
+    root, case = installed(tmp_path)
     ws = Workspace([root])
     failing_apply(monkeypatch, fail_on=3)
     with pytest.raises(RecoveryNeededError):
