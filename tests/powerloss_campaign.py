@@ -106,13 +106,17 @@ def _content(path: str, tag: str, rng: random.Random) -> bytes:
 
 
 def plan(
-    seed: int, count: int, start: State, *, elsewhere_first: bool = False
+    seed: int, count: int, start: State, *, first: str = "any"
 ) -> tuple[list[Op], list[State]]:
     """The operations of a phase and the state after each (``states[0]``: ``start``).
 
-    ``elsewhere_first``: the first operation is a change set that touches only another
-    directory, so its journal write is the first sync after a recovery that did not sync the
-    directories it finished (what the check of recovery's own durability needs).
+    ``first="mkdir-set"``: the first operation is a change set that makes two levels of
+    directories (``mkdir -p``) and writes only inside them (the upper level's parent is synced
+    by nobody else); ``first="elsewhere"``: the
+    first operation is a change set that touches only another
+    directory, so its journal write is the first sync after the recovery; ``first="writes"``:
+    the first two are plain writes, which never touch the journal (the checks of recovery's
+    own durability: of the files it finished, and of the record it removed).
     """
     rng = random.Random(seed)
     state = start
@@ -130,11 +134,16 @@ def plan(
         kind = rng.choice(KINDS)
         if kind in ("move", "delete") and not movable:
             kind = "new"
-        if elsewhere_first and n == 1:
+        if first == "mkdir-set" and n == 1:  # all inside two directory levels it makes
+            directory = f"d{tag}/sub"
+            files[f"d{tag}"] = files[directory] = DIR
+            files[f"{directory}/x.txt"] = _content("x", tag, rng)
+            op = Op("apply-mkdir", (directory, files[f"{directory}/x.txt"], None, None))
+        elif first == "elsewhere" and n == 1:
             path = f"{ELSEWHERE}/e{tag}.txt"
             files[path] = _content(path, tag, rng)
             op = Op("apply", ((path, files[path]),))
-        elif kind == "write":
+        elif kind == "write" or (first == "writes" and n <= 2):
             path = rng.choice(FILES)
             files[path] = _content(path, tag, rng)
             op = Op("write", (path, files[path]))
@@ -150,12 +159,17 @@ def plan(
                 files[path] = _content(path, tag, rng)
                 writes.append((path, files[path]))
             op = Op("apply", tuple(writes))
-        elif kind == "apply-mkdir":
-            directory, path = f"d{tag}", rng.choice(FILES)
+        elif kind == "apply-mkdir":  # a new directory, and a file in it; maybe one outside
+            directory = f"d{tag}"
             files[directory] = DIR
             files[f"{directory}/x.txt"] = _content("x", tag, rng)
-            files[path] = _content(path, tag, rng)
-            op = Op("apply-mkdir", (directory, files[f"{directory}/x.txt"], path, files[path]))
+            outside = rng.choice(FILES) if rng.random() < 0.5 else None
+            if outside is not None:
+                files[outside] = _content(outside, tag, rng)
+            op = Op(
+                "apply-mkdir",
+                (directory, files[f"{directory}/x.txt"], outside, files.get(outside or "")),
+            )
         elif kind == "mkdir":
             files[f"m{tag}"] = DIR
             op = Op("mkdir", (f"m{tag}",))
@@ -220,13 +234,10 @@ async def apply_engine(ws: Any, db: Any, op: Op) -> None:
     elif op.kind == "apply":
         await ws.apply_changes([Change("write", p, content=c) for p, c in a])
     elif op.kind == "apply-mkdir":
-        await ws.apply_changes(
-            [
-                Change("mkdir", a[0]),
-                Change("write", f"{a[0]}/x.txt", content=a[1]),
-                Change("write", a[2], content=a[3]),
-            ]
-        )
+        changes = [Change("mkdir", a[0]), Change("write", f"{a[0]}/x.txt", content=a[1])]
+        if a[2] is not None:
+            changes.append(Change("write", a[2], content=a[3]))
+        await ws.apply_changes(changes)
     elif op.kind == "mkdir":
         await ws.mkdir(a[0])
     elif op.kind == "sql":
@@ -254,8 +265,9 @@ def tool_call(op: Op) -> tuple[str, dict[str, Any]]:
         changes = [
             {"op": "mkdir", "path": a[0]},
             {"op": "write", "path": f"{a[0]}/x.txt", "content": a[1].decode()},
-            {"op": "write", "path": a[2], "content": a[3].decode()},
         ]
+        if a[2] is not None:
+            changes.append({"op": "write", "path": a[2], "content": a[3].decode()})
         return "apply_changes", {"changes": changes}
     if op.kind == "mkdir":
         return "create_directory", {"path": a[0]}
@@ -274,7 +286,7 @@ def worker(
     import anyio
 
     begin = State.from_json(Path(start).read_text())
-    ops, _ = plan(seed, count, begin, elsewhere_first=first == "elsewhere")
+    ops, _ = plan(seed, count, begin, first=first)
     root, state = Path(mnt) / "root", Path(mnt) / "state"
 
     async def engine() -> None:
@@ -378,11 +390,11 @@ def _run_phase(
     via: str,
     env: dict[str, str],
     result: RoundResult,
-    elsewhere_first: bool = False,
+    first: str = "any",
 ) -> tuple[list[Op], list[State], int]:
     """Work until the cut; returns the plan, its states and how many were acknowledged."""
     rng = random.Random(seed * 7919 + 1)
-    ops, states = plan(seed, count, start, elsewhere_first=elsewhere_first)
+    ops, states = plan(seed, count, start, first=first)
     start_file = fs.disk.parent / f"start-{seed}.json"
     start_file.write_text(start.to_json())
     phase_env = dict(env)
@@ -399,7 +411,7 @@ def _run_phase(
             str(count),
             durability,
             str(start_file),
-            "elsewhere" if elsewhere_first else "any",
+            first,
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -576,13 +588,14 @@ def run_round(
     count: int = 10,
     step: str | None = None,
     second_step: str | None = None,
-    elsewhere_first: bool = False,
+    first: str = "any",
+    second_first: str = "any",
     durability: str = "full",
     via: str = "engine",
     env: dict[str, str] | None = None,
 ) -> RoundResult:
-    """Two phases, each cut at its step (or at a random moment); ``elsewhere_first`` starts the
-    second with a change set in another directory (see ``plan``)."""
+    """Two phases, each cut at its step (or at a random moment); ``second_first`` says how the
+    second begins (see ``plan``)."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
     result = RoundResult(seed)
     fs = PowerLossMount(base)
@@ -602,7 +615,7 @@ def run_round(
                 via=via,
                 env=env,
                 result=result,
-                elsewhere_first=elsewhere_first and phase == 1,
+                first=second_first if phase == 1 else first,
             )
             _recover(fs, env, result)
             start = _check(fs, ops, states, acked, durability, env, result)

@@ -124,7 +124,11 @@ class Durable:
         obj.mode = stat.S_IMODE(st.st_mode)
 
     def sync_dir(self, path: str) -> None:
-        obj = self.objects[self.id_of(os.lstat(path))]
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:  # removed, and still open: its entries no longer matter
+            return
+        obj = self.objects[self.id_of(st)]
         entries = {}
         for name in os.listdir(path):
             child = os.path.join(path, name)
@@ -293,10 +297,11 @@ class PowerLossFS(mfusepy.Operations):
                 os.rename(self._path(old), self._path(new))
         return 0
 
-    def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
+    def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
         with self._mutex:
             self._check()
-            self.model.sync_dir(self._path(path))
+            if path is not None:  # None: removed while open, its entries no longer matter
+                self.model.sync_dir(self._path(path))
         return 0
 
     def opendir(self, path: str) -> int:

@@ -71,22 +71,35 @@ def test_cut_at_every_named_step(tmp_path: Path, step: str) -> None:
     for seed in (1, 2, 3):
         result = run(tmp_path, 500 + seed, step=step, count=12)
         assert result.violations == [], (step, seed, result.cuts, result.violations)
+    # A change set that makes a directory and writes only inside it: nothing else syncs the
+    # directory's parent, so the set's own mkdir must have.
+    result = run(tmp_path, 600, step=step, first="mkdir-set")
+    assert result.violations == [], (step, "mkdir-set", result.cuts, result.violations)
 
 
 @pytest.mark.usefixtures("report")
 def test_what_recovery_finished_survives_the_next_cut(tmp_path: Path) -> None:
-    """Cut mid-apply; recover; then a change set in another directory is cut at its commit:
-    its journal write is the first sync after the recovery, so the recovery's renames must
-    have been made durable by the recovery itself."""
+    """Cut mid-apply; recover; then either a change set in another directory is cut at its
+    commit (its journal write is the first sync after the recovery: the recovery's renames
+    must be durable by then), or two plain writes follow and the cut lands in the second (the
+    record the recovery removed must not come back over a file changed since)."""
     for seed in range(3001, 3007):
         result = run(
             tmp_path,
             seed,
             step="changeset.apply:1",
             second_step="changeset.committed",
-            elsewhere_first=True,
+            second_first="elsewhere",
         )
         assert result.violations == [], (seed, result.cuts, result.violations)
+        result = run(
+            tmp_path,
+            seed + 100,
+            step="changeset.apply:1",
+            second_step="write.renamed:2",
+            second_first="writes",
+        )
+        assert result.violations == [], (seed + 100, result.cuts, result.violations)
 
 
 @pytest.mark.usefixtures("report")

@@ -74,16 +74,23 @@ def mutated(site: Site, into: Path) -> Path:
 
 
 def round_kind(seed: int) -> dict[str, Any]:
-    """A third of the rounds cut at random, a third at a named step, and a third check that
-    recovery's own work was durable (cut mid-apply, recover, then a change set elsewhere cut
-    at its commit: the first sync after the recovery is the journal's)."""
-    if seed % 3 == 1:
-        return {"step": STEPS[seed // 3 % len(STEPS)]}
-    if seed % 3 == 2:
+    """Rounds cut at random, at a named step, and two kinds that check recovery's own
+    durability (see ``test_what_recovery_finished_survives_the_next_cut``)."""
+    if seed % 4 == 1:
+        if seed % 8 == 1:  # a change set that makes a directory and writes only inside it
+            return {"step": "changeset.committed", "first": "mkdir-set"}
+        return {"step": STEPS[seed // 4 % len(STEPS)]}
+    if seed % 4 == 2:
         return {
             "step": "changeset.apply:1",
             "second_step": "changeset.committed",
-            "elsewhere_first": True,
+            "second_first": "elsewhere",
+        }
+    if seed % 4 == 3:
+        return {
+            "step": "changeset.apply:1",
+            "second_step": "write.renamed:2",
+            "second_first": "writes",
         }
     return {}
 
