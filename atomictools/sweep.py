@@ -53,6 +53,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this pid runs (a zombie does not: it holds no lock, writes
+    nothing, and only waits for its parent to collect it)."""
     if pid is None or pid <= 0:
         return False
     try:
@@ -61,7 +63,12 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as status:
+            state = status.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc: trust kill(0)
+    return state not in (b"Z", b"X")
 
 
 def _held(dir_fd: int, name: str) -> bool | None:

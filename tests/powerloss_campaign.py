@@ -110,7 +110,9 @@ def plan(
 ) -> tuple[list[Op], list[State]]:
     """The operations of a phase and the state after each (``states[0]``: ``start``).
 
-    ``first="mkdir-set"``: the first operation is a change set that makes two levels of
+    ``first="mkdir"``: a directory, then a plain write in its parent (a cut inside that write
+    finds the directory only if its creation synced the parent); ``first="mkdir-set"``: the
+    first operation is a change set that makes two levels of
     directories (``mkdir -p``) and writes only inside them (the upper level's parent is synced
     by nobody else); ``first="elsewhere"``: the
     first operation is a change set that touches only another
@@ -134,11 +136,21 @@ def plan(
         kind = rng.choice(KINDS)
         if kind in ("move", "delete") and not movable:
             kind = "new"
+        if kind in ("edit", "kedit") and not all(files[p].strip() for p in FILES):
+            kind = "write"  # fast mode: a power cut may have emptied the file to edit
         if first == "mkdir-set" and n == 1:  # all inside two directory levels it makes
             directory = f"d{tag}/sub"
             files[f"d{tag}"] = files[directory] = DIR
             files[f"{directory}/x.txt"] = _content("x", tag, rng)
             op = Op("apply-mkdir", (directory, files[f"{directory}/x.txt"], None, None))
+        elif first == "mkdir" and n <= 2:  # a directory, then a write beside it
+            if n == 1:
+                files[f"m{tag}"] = DIR
+                op = Op("mkdir", (f"m{tag}",))
+            else:
+                path = rng.choice(FILES)
+                files[path] = _content(path, tag, rng)
+                op = Op("write", (path, files[path]))
         elif first == "elsewhere" and n == 1:
             path = f"{ELSEWHERE}/e{tag}.txt"
             files[path] = _content(path, tag, rng)
@@ -440,6 +452,8 @@ def _run_phase(
             break  # the worker died (at the crash step)
         acked = int(line.split()[1])
     os.killpg(proc.pid, signal.SIGKILL)  # the whole machine stops at once
+    # The SDK starts the server in a session of its own: it goes by what it serves.
+    subprocess.run(["pkill", "-KILL", "-f", f"serve --root {fs.mnt}/root"], check=False)
     proc.wait()
     stderr = proc.stderr.read() if proc.stderr else ""
     for stream in (proc.stdin, proc.stdout, proc.stderr):

@@ -71,10 +71,11 @@ def test_cut_at_every_named_step(tmp_path: Path, step: str) -> None:
     for seed in (1, 2, 3):
         result = run(tmp_path, 500 + seed, step=step, count=12)
         assert result.violations == [], (step, seed, result.cuts, result.violations)
-    # A change set that makes a directory and writes only inside it: nothing else syncs the
-    # directory's parent, so the set's own mkdir must have.
-    result = run(tmp_path, 600, step=step, first="mkdir-set")
-    assert result.violations == [], (step, "mkdir-set", result.cuts, result.violations)
+    # A change set that makes two directory levels and writes only inside them, and a plain
+    # directory followed by a write: nothing else syncs those parents.
+    for seed, first in ((600, "mkdir-set"), (601, "mkdir")):
+        result = run(tmp_path, seed, step=step, first=first)
+        assert result.violations == [], (step, first, result.cuts, result.violations)
 
 
 @pytest.mark.usefixtures("report")

@@ -880,3 +880,20 @@ def test_server_start_sweep_spares_a_foreign_change_set(
     anyio.run(serve_once)
     assert snapshot(here) == before_here
     assert record.exists()
+
+
+def test_a_zombie_is_not_a_live_writer() -> None:
+    """A process that exited but was not collected yet (a zombie) holds no lock and writes
+    nothing: its files are orphans (a server killed with its parent leaves exactly that)."""
+    from atomictools.sweep import pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    status = Path(f"/proc/{child.pid}/stat")
+    while status.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert os.path.exists(f"/proc/{child.pid}")  # the pid is still there...
+    assert not pid_alive(child.pid)  # ...but nobody lives behind it
+    child.wait()
+    assert pid_alive(os.getpid())

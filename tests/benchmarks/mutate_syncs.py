@@ -77,8 +77,10 @@ def round_kind(seed: int) -> dict[str, Any]:
     """Rounds cut at random, at a named step, and two kinds that check recovery's own
     durability (see ``test_what_recovery_finished_survives_the_next_cut``)."""
     if seed % 4 == 1:
-        if seed % 8 == 1:  # a change set that makes a directory and writes only inside it
+        if seed % 12 == 1:  # a change set that makes directories and writes only inside them
             return {"step": "changeset.committed", "first": "mkdir-set"}
+        if seed % 12 == 5:  # a directory, then a cut inside the write after it
+            return {"step": "write.renamed:1", "first": "mkdir"}
         return {"step": STEPS[seed // 4 % len(STEPS)]}
     if seed % 4 == 2:
         return {
