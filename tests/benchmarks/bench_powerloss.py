@@ -63,7 +63,8 @@ def main() -> int:
         rows.append((mode, rounds, cuts, checked, violations, emptied, time.monotonic() - started))
     header = ("campaign", "rounds", "cuts", "acked checked", "violations", "emptied", "s")
     widths = (8, 8, 15, 12, 9, 8)
-    print(f"{header[0]:<14}" + "".join(f"{h:>{w}}" for h, w in zip(header[1:], widths, strict=True)))
+    titles = "".join(f"{h:>{w}}" for h, w in zip(header[1:], widths, strict=True))
+    print(f"{header[0]:<14}{titles}")
     for mode, *figures, seconds in rows:
         cells = "".join(f"{f:>{w}}" for f, w in zip(figures, widths[:-1], strict=True))
         print(f"{mode:<14}{cells}{seconds:>8.0f}")
