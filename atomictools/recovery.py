@@ -361,8 +361,8 @@ def _recover_trusted(
                 conflicts += _remove_created_dirs(record, dirs, report)
             keyed = not forward or _record_key(record, report, conflicts)
             if keyed:  # the set is over: its claims go, in the same directory syncs
-                for directory in record.member_dirs():
-                    with contextlib.suppress(FileNotFoundError):
+                for directory in record.member_dirs():  # one left behind: the sweep takes it
+                    with contextlib.suppress(OSError, AtomicToolsError):
                         unlink_at(dirs.fd(directory), claim_name_for(txid))
             if durable:
                 dirs.sync_all()
