@@ -469,12 +469,29 @@ def _run_phase(
     return ops, states, acked
 
 
+def _child(
+    fs: PowerLossMount, env: dict[str, str], args: list[str]
+) -> subprocess.CompletedProcess[str]:
+    """A Python process of the round (not in the repository: ``-m atomictools`` would import
+    it before a mutated copy on ``PYTHONPATH``)."""
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=fs.disk.parent,
+        timeout=120,
+        check=False,
+    )
+
+
 def _recover(fs: PowerLossMount, env: dict[str, str], result: RoundResult) -> None:
     """Power back on: mount the disk again and run ``atomictools recover`` in a new process."""
     fs.mount()
-    done = subprocess.run(
+    done = _child(
+        fs,
+        env,
         [
-            sys.executable,
             "-m",
             "atomictools",
             "recover",
@@ -483,12 +500,6 @@ def _recover(fs: PowerLossMount, env: dict[str, str], result: RoundResult) -> No
             str(fs.mnt / "state"),
             "--json",
         ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=fs.disk.parent,
-        timeout=120,
-        check=False,
     )
     if done.returncode not in (0, 1):
         result.violations.append(
@@ -548,23 +559,8 @@ def _retry_last_key(
     if not keyed:
         return
     op = keyed[-1]
-    retry = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "retry",
-            str(fs.mnt),
-            op.args[0],
-            op.args[1],
-            op.args[2],
-            str(op.key),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=fs.disk.parent,
-        timeout=60,
-        check=False,
+    retry = _child(
+        fs, env, [__file__, "retry", str(fs.mnt), op.args[0], op.args[1], op.args[2], str(op.key)]
     )
     if retry.returncode != 0:
         result.violations.append(
