@@ -417,23 +417,24 @@ class Database:
     async def _open(self, *, read_only: bool, synchronous: str) -> _Connection:
         """A new connection; one that opened a file outside a pinned directory is refused."""
         pinned = self._pinned
+        check: Callable[[], None] | None = None
         if pinned is None:
             target = f"file:{quote(str(self.path))}?mode=ro" if read_only else str(self.path)
-            return await _Connection.open(
-                target,
-                uri=read_only,
-                read_only=read_only,
-                synchronous=synchronous,
-                busy_timeout=self.busy_timeout,
-            )
-        before = open_descriptors()
+            uri = read_only
+        else:
+            before = open_descriptors()
+            target, uri = pinned.uri("ro" if read_only else "rw"), True
+
+            def check() -> None:
+                pinned.check(open_descriptors() - before)
+
         return await _Connection.open(
-            pinned.uri("ro" if read_only else "rw"),
-            uri=True,
+            target,
+            uri=uri,
             read_only=read_only,
             synchronous=synchronous,
             busy_timeout=self.busy_timeout,
-            check=lambda: pinned.check(open_descriptors() - before),
+            check=check,
         )
 
     async def _writer_connection(self) -> _Connection:

@@ -180,3 +180,17 @@ def not_synced(done: str, err: OSError) -> DurabilityUnknownError:
         f"{done}, but syncing its directory failed ({err.strerror or err}); the change is "
         "visible but may not survive a power loss"
     )
+
+
+def state_dir_error(err: OSError, directory: object, action: str) -> StateDirError:
+    """A state-directory failure, said as such: it is not the user's file that failed."""
+    reason = err.strerror or str(err)
+    fix = {
+        errno.ENOSPC: "free space on it",
+        errno.EDQUOT: "free space on it",
+        errno.EROFS: "it is on a read-only file system; pass --state-dir (or set "
+        "ATOMICTOOLS_STATE_DIR) to a writable directory",
+        errno.EACCES: "this user may not write there; fix its permissions or pass --state-dir",
+        errno.EPERM: "this user may not write there; fix its permissions or pass --state-dir",
+    }.get(err.errno or 0, "check that file system, or pass --state-dir")
+    return StateDirError(f"cannot {action} the state directory {directory} ({reason}); {fix}")

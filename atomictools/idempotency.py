@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import fsutil
-from .errors import AtomicToolsError, InvalidArgumentError, StateDirError
+from .errors import AtomicToolsError, InvalidArgumentError, StateDirError, state_dir_error
 from .locks import KeyedLocks, poll_until
 
 DEFAULT_TTL_SECONDS = 24 * 3600.0
@@ -176,11 +176,7 @@ def _lock_fd(path: Path) -> int:
             fsutil.make_dirs_durably(path.parent)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as err:
-            raise StateDirError(
-                f"cannot open the idempotency lock file {path} ({err.strerror}); the state "
-                f"directory {path.parent} must be writable: fix it, or pass --state-dir (or set "
-                "ATOMICTOOLS_STATE_DIR); nothing was changed"
-            ) from err
+            raise state_dir_error(err, path.parent, "open the idempotency lock file in") from err
         _lock_fds[str(path)] = fd
     return fd
 
@@ -237,8 +233,11 @@ class IdempotencyStore:
     def _connect(self) -> Iterator[sqlite3.Connection]:
         try:
             fsutil.make_dirs_durably(self.path.parent)
+        except OSError as err:
+            raise state_dir_error(err, self.path.parent, "create") from err
+        try:
             conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
-        except (OSError, sqlite3.Error) as err:
+        except sqlite3.Error as err:
             raise self._failure(err) from err
         try:
             conn.execute("PRAGMA journal_mode=WAL")
@@ -250,7 +249,7 @@ class IdempotencyStore:
         finally:
             conn.close()
 
-    def _failure(self, err: OSError | sqlite3.Error) -> StateDirError:
+    def _failure(self, err: sqlite3.Error) -> StateDirError:
         """The store failed: name the file, and what to do about it."""
         code = (getattr(err, "sqlite_errorcode", 0) or 0) & 0xFF
         if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):

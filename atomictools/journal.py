@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import functools
 import hashlib
@@ -56,6 +55,7 @@ from .errors import (
     TooLargeError,
     WrongTypeError,
     from_os_error,
+    state_dir_error,
 )
 from .fileops import entry_type, plan_edit, read_whole
 from .idempotency import IdempotencyStore, Receipt
@@ -142,7 +142,7 @@ class JournalFile:
             fsutil.make_dirs_durably(directory)
             self.dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as err:
-            raise _state_dir_error(err, directory, "open the journal directory") from err
+            raise state_dir_error(err, directory, "open the journal directory") from err
         self.directory = directory
         self.name = f"{txid}{RECORD_SUFFIX}"
         self.durability = durability
@@ -162,7 +162,7 @@ class JournalFile:
         try:
             temp_fd, temp = create_locked_temp(self.dir_fd, self.name)
         except OSError as err:
-            raise _state_dir_error(err, self.directory, "write a journal record in") from err
+            raise state_dir_error(err, self.directory, "write a journal record in") from err
         try:
             fsutil.write_all(temp_fd, record.encode())
             if self.durability is Durability.FULL:
@@ -173,7 +173,7 @@ class JournalFile:
             with contextlib.suppress(OSError):
                 os.unlink(temp, dir_fd=self.dir_fd)
             if isinstance(err, OSError):
-                raise _state_dir_error(err, self.directory, "write a journal record in") from err
+                raise state_dir_error(err, self.directory, "write a journal record in") from err
             raise
         # The renamed temp keeps its flock: it marks the record as live for recovery.
         if self.fd is not None:
@@ -183,7 +183,7 @@ class JournalFile:
             try:
                 fsutil.sync_directory(self.dir_fd)
             except OSError as err:
-                raise _state_dir_error(err, self.directory, "sync the journal directory") from err
+                raise state_dir_error(err, self.directory, "sync the journal directory") from err
 
     def remove(self) -> None:
         """Delete the record (the change set is over); closes the file."""
@@ -575,7 +575,7 @@ class ChangeSetRunner:
             try:
                 fsutil.make_dirs_durably(self.journal_dir)
             except OSError as err:
-                raise _state_dir_error(err, self.journal_dir, "create") from err
+                raise state_dir_error(err, self.journal_dir, "create") from err
         name = claim_name_for(self.txid)
         try:
             os.symlink(self.record_path, name, dir_fd=location.dir_fd)
@@ -841,17 +841,3 @@ def _record_key(runner: ChangeSetRunner) -> None:
             "(or the next start) records it once that is fixed"
         ) from err
     crash_point("changeset.key_recorded")
-
-
-def _state_dir_error(err: OSError, directory: Path, action: str) -> StateDirError:
-    """A state-directory failure, said as such: it is not the user's file that failed."""
-    reason = err.strerror or str(err)
-    fix = {
-        errno.ENOSPC: "free space on it",
-        errno.EDQUOT: "free space on it",
-        errno.EROFS: "it is on a read-only file system; pass --state-dir (or set "
-        "ATOMICTOOLS_STATE_DIR) to a writable directory",
-        errno.EACCES: "this user may not write there; fix its permissions or pass --state-dir",
-        errno.EPERM: "this user may not write there; fix its permissions or pass --state-dir",
-    }.get(err.errno or 0, "check that file system, or pass --state-dir")
-    return StateDirError(f"cannot {action} the state directory {directory} ({reason}); {fix}")
