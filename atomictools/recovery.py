@@ -175,16 +175,6 @@ def _member_of(name: str, txid: str) -> bool:
     return member is not None and member.txid == txid
 
 
-def _named_files(record: JournalRecord) -> set[str]:
-    """The staged files and backups a record names, as absolute paths."""
-    return {
-        os.path.join(op.dir, name)
-        for op in record.ops
-        for name in (op.staged, op.backup, op.link)
-        if name
-    }
-
-
 def record_path(journal_dir: Path, txid: str) -> Path:
     return journal_dir / f"{txid}{RECORD_SUFFIX}"
 
@@ -282,9 +272,7 @@ def _recover_record(
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            report.live.append(txid)
-            with contextlib.suppress(OSError, UntrustedRecordError):
-                report.protected |= _named_files(decode(_read(fd)))
+            report.live.append(txid)  # its files are kept: its record exists (see sweep)
             return
         try:
             record = decode(_read(fd))
@@ -325,7 +313,6 @@ def _recover_trusted(
         except AtomicToolsError:
             outside = sorted(_outside_dirs(record, dirs))
             report.other_roots.append(txid)
-            report.protected |= _named_files(record)
             report.leave(
                 UnfinishedSet(
                     txid,
@@ -341,7 +328,6 @@ def _recover_trusted(
         forward = record.committed and not rollback
         durable = record.durability != "fast"
         if dry_run:
-            report.protected |= _named_files(record)  # the real run uses or removes them
             (report.rolled_forward if forward else report.rolled_back).append(txid)
             return
         conflicts: list[str] = []
@@ -367,7 +353,6 @@ def _recover_trusted(
             if durable:
                 dirs.sync_all()
         except (OSError, AtomicToolsError) as err:
-            report.protected |= _named_files(record)
             reason = err.strerror if isinstance(err, OSError) else str(err)
             report.leave(
                 UnfinishedSet(
@@ -382,7 +367,6 @@ def _recover_trusted(
             return
         report.conflicts.extend(f"change set {txid}: {c}" for c in conflicts)
         if not keyed:
-            report.protected |= _named_files(record)
             return  # the record stays: the next recovery records the key
     finally:
         dirs.close()

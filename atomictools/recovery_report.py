@@ -74,8 +74,6 @@ class RecoveryReport:
     scanned: int = 0
     handled: set[str] = field(default_factory=set)
     """Change sets whose record this run read and finished: their leftovers are orphans."""
-    protected: set[str] = field(default_factory=set)
-    """Files named by records left alone (absolute paths): the sweep must not take them."""
     journals_unreadable: str | None = None
     """Why the journal directory could not be listed (then no change-set file is swept)."""
 

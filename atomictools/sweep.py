@@ -167,10 +167,9 @@ class _Sweep:
         members: dict[str, list[tuple[str, Member]]] = defaultdict(list)
         claims: dict[str, str] = {}
         for name in names:
-            if is_single_temp_name(name):
+            if is_single_temp_name(name):  # a single write's: no change set needs it
                 shown = os.path.normpath(os.path.join(rel, name))
-                if str(root.path / shown) not in self.report.protected:
-                    sweep_one(dir_fd, name, self.report, self.dry_run, display=shown)
+                sweep_one(dir_fd, name, self.report, self.dry_run, display=shown)
             elif (member := parse_member(name)) is not None:
                 members[member.txid].append((name, member))
             elif (txid := parse_claim(name)) is not None:
