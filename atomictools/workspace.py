@@ -168,13 +168,17 @@ class Workspace:
     def _hold(
         self, keys: Sequence[tuple[int, int, str]], locations: Sequence[Location]
     ) -> AbstractAsyncContextManager[None]:
+        held = {key: loc.dir_fd for key, loc in zip(keys, locations, strict=True)}
         if self._unrecovered and any(key in self._unrecovered for key in keys):
-            return self._hold_after_settling(keys, locations)
-        return self._locks.hold({key: loc.dir_fd for key, loc in zip(keys, locations, strict=True)})
+            return self._hold_after_settling(keys, locations, held)
+        return self._locks.hold(held)
 
     @asynccontextmanager
     async def _hold_after_settling(
-        self, keys: Sequence[tuple[int, int, str]], locations: Sequence[Location]
+        self,
+        keys: Sequence[tuple[int, int, str]],
+        locations: Sequence[Location],
+        held: dict[tuple[int, int, str], int],
     ) -> AsyncIterator[None]:
         """A path of an unfinished change set: finish the set first if that can be done now
         (another process may have finished it already), else refuse with what to run."""
@@ -190,9 +194,7 @@ class Workspace:
                     f"{unfinished.reason}; {unfinished.fix or _RECOVER}",
                     changed=False,
                 )
-        async with self._locks.hold(
-            {key: loc.dir_fd for key, loc in zip(keys, locations, strict=True)}
-        ):
+        async with self._locks.hold(held):
             yield
 
     # -- unfinished change sets ---------------------------------------------------------------
