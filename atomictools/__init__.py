@@ -9,9 +9,17 @@ The embedding API in one import::
     await ws.edit("notes.txt", [("hello", "hello, world")], expected_sha256=result.sha256)
 """
 
-from .config import Durability, Limits
-from .edits import Edit
-from .errors import (
+from atomictools.engine.changes.journaled import (
+    Change,
+    ChangeOutcome,
+    ChangeSetResult,
+    RecoveryNeededError,
+)
+from atomictools.engine.changes.recovery import recover
+from atomictools.engine.changes.recovery_report import RecoveryReport, UnfinishedSet
+from atomictools.engine.config import Durability, Limits
+from atomictools.engine.durable.writer import AtomicWriter
+from atomictools.engine.errors import (
     AlreadyExistsError,
     AtomicToolsError,
     ConcurrentChangeError,
@@ -33,10 +41,7 @@ from .errors import (
     TooLargeError,
     WrongTypeError,
 )
-from .journal import Change, ChangeOutcome, ChangeSetResult, RecoveryNeededError
-from .recovery import recover
-from .recovery_report import RecoveryReport, UnfinishedSet
-from .results import (
+from atomictools.engine.results import (
     BytesRead,
     CopyResult,
     DeleteResult,
@@ -51,8 +56,8 @@ from .results import (
     TreeNode,
     WriteResult,
 )
-from .workspace import ChangeSet, Workspace, atomic_write, atomic_writer
-from .writer import AtomicWriter
+from atomictools.engine.text.edits import Edit
+from atomictools.engine.workspace import ChangeSet, Workspace, atomic_write, atomic_writer
 
 __version__ = "0.1.0"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 
 from atomictools import AtomicToolsError
-from atomictools.database import Database, Statement
+from atomictools.engine.db.database import Database, Statement
 
 
 async def total(db: Database) -> int:

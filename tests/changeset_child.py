@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from atomictools.journal import Change
+    from atomictools.engine.changes.journaled import Change
 
 DIR = "<dir>"
 Tree = dict[str, bytes | str]
@@ -44,8 +44,8 @@ class Scenario:
 
 
 def _mixed(roots: list[Path], *, mkdir_first: bool) -> Scenario:
-    from atomictools.edits import Edit
-    from atomictools.journal import Change
+    from atomictools.engine.changes.journaled import Change
+    from atomictools.engine.text.edits import Edit
 
     old: Tree = {
         "a.txt": b"alpha old\n",
@@ -82,7 +82,7 @@ def _mixed(roots: list[Path], *, mkdir_first: bool) -> Scenario:
 
 
 def _two_roots(roots: list[Path]) -> Scenario:
-    from atomictools.journal import Change
+    from atomictools.engine.changes.journaled import Change
 
     second = roots[1]
     return Scenario(
@@ -96,8 +96,8 @@ def _two_roots(roots: list[Path]) -> Scenario:
 
 
 def _no_mkdir(roots: list[Path]) -> Scenario:
-    from atomictools.edits import Edit
-    from atomictools.journal import Change
+    from atomictools.engine.changes.journaled import Change
+    from atomictools.engine.text.edits import Edit
 
     return Scenario(
         old=[{"a.txt": b"alpha old\n", "b.txt": b"beta old\n", "gone.txt": b"bye\n"}],
@@ -112,7 +112,7 @@ def _no_mkdir(roots: list[Path]) -> Scenario:
 
 
 def _fresh_then_mkdir(roots: list[Path]) -> Scenario:
-    from atomictools.journal import Change
+    from atomictools.engine.changes.journaled import Change
 
     return Scenario(
         old=[{"keep.txt": b"kept\n"}],
@@ -200,7 +200,7 @@ def main(argv: list[str]) -> int:
     elif mode == "hold":
         _apply(args[0], [Path(p) for p in args[2:]], args[1])
     elif mode == "temp":
-        from atomictools.tempfiles import create_locked_temp
+        from atomictools.engine.durable.tempfiles import create_locked_temp
 
         dir_fd = os.open(args[0], os.O_RDONLY | os.O_DIRECTORY)
         _fd, name = create_locked_temp(dir_fd, args[1])

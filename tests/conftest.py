@@ -10,9 +10,14 @@ from pathlib import Path
 import pytest
 
 from atomictools import Workspace
-from atomictools.config import STATE_DIR_ENV
-from atomictools.record import RECORD_SUFFIX, JournalRecord, UntrustedRecordError, decode
-from atomictools.tempfiles import is_temp_name
+from atomictools.engine.changes.record import (
+    RECORD_SUFFIX,
+    JournalRecord,
+    UntrustedRecordError,
+    decode,
+)
+from atomictools.engine.config import STATE_DIR_ENV
+from atomictools.engine.durable.tempfiles import is_temp_name
 
 
 @pytest.fixture(autouse=True)

@@ -46,7 +46,7 @@ PHASES = (
     "not started",
     "prepare",  # building the next version in memory
     "call",  # inside Workspace.write before its first step: resolve, lock, lstat, temp create
-    "write.created",  # the engine's own steps (atomictools.steps), observed in the child
+    "write.created",  # the engine's own steps (engine.durable.steps), observed in the child
     "write.chunk",
     "write.written",  # fsync of the temp (full durability) or nothing (fast)
     "write.synced",  # rename over the target, then the directory fsync
@@ -210,7 +210,7 @@ async def run_atomic(
     directory: Path, nfiles: int, durability: str, versions: Versions, status: Status
 ) -> None:
     from atomictools import Workspace
-    from atomictools.steps import observe_steps
+    from atomictools.engine.durable.steps import observe_steps
 
     workspace = Workspace([directory], durability=durability)
     count = 0

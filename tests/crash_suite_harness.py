@@ -67,9 +67,9 @@ from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.message import SessionMessage
 from mcp.types import CallToolResult, TextContent
 
-from atomictools.config import STATE_DIR_ENV
-from atomictools.record import RECORD_SUFFIX
-from atomictools.tempfiles import is_temp_name
+from atomictools.engine.changes.record import RECORD_SUFFIX
+from atomictools.engine.config import STATE_DIR_ENV
+from atomictools.engine.durable.tempfiles import is_temp_name
 from tests.conftest import read_record
 
 MiB = 1024 * 1024

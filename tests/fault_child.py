@@ -24,8 +24,8 @@ from typing import Any
 import anyio
 
 from atomictools import AtomicToolsError, Workspace
-from atomictools.database import Database
-from atomictools.journal import Change
+from atomictools.engine.changes.journaled import Change
+from atomictools.engine.db.database import Database
 
 OPS = {
     "write": lambda ws: ws.write("a.txt", "new content\n"),
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> None:
 
         print(json.dumps(outcome(execute)))
     elif kind == "recover":
-        from atomictools.cli import main as cli
+        from atomictools.cli.commands import main as cli
 
         root, state, *flags = argv[1:]
         sys.exit(cli(["recover", root, "--state-dir", state, "--json", *flags]))

@@ -21,13 +21,13 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from atomictools.database import Statement
-    from atomictools.journal import Change
+    from atomictools.engine.changes.journaled import Change
+    from atomictools.engine.db.database import Statement
 
 
 def changes_from_spec(specs: list[dict[str, Any]]) -> list[Change]:
-    from atomictools.edits import Edit
-    from atomictools.journal import Change
+    from atomictools.engine.changes.journaled import Change
+    from atomictools.engine.text.edits import Edit
 
     return [
         Change(
@@ -43,7 +43,7 @@ def changes_from_spec(specs: list[dict[str, Any]]) -> list[Change]:
 
 
 def statements_from_spec(specs: list[list[Any]]) -> list[Statement]:
-    from atomictools.database import Statement
+    from atomictools.engine.db.database import Statement
 
     return [Statement(sql, params) for sql, params in specs]
 
@@ -57,7 +57,7 @@ async def _run(spec: dict[str, Any]) -> str:
             changes_from_spec(spec["changes"]), idempotency_key=spec["key"]
         )
         return result.to_json()
-    from atomictools.database import Database
+    from atomictools.engine.db.database import Database
 
     async with Database(spec["path"]) as db:
         done = await db.run_statements(

@@ -235,8 +235,8 @@ def prepare_disk(disk: Path) -> None:
 
 
 async def apply_engine(ws: Any, db: Any, op: Op) -> None:
-    from atomictools.database import Statement
-    from atomictools.journal import Change
+    from atomictools.engine.changes.journaled import Change
+    from atomictools.engine.db.database import Statement
 
     a = op.args
     if op.kind == "write":
@@ -303,7 +303,7 @@ def worker(
 
     async def engine() -> None:
         from atomictools import Workspace
-        from atomictools.database import Database
+        from atomictools.engine.db.database import Database
 
         ws = Workspace([root], state_dir=state, durability=durability)
         async with Database(root / DB, durability=durability) as db:
@@ -359,7 +359,7 @@ class RoundResult:
 
 def _tree(top: Path, here: Path | None = None) -> Tree:
     """Every directory and file below ``top`` but the database and our own files."""
-    from atomictools.tempfiles import is_temp_name
+    from atomictools.engine.durable.tempfiles import is_temp_name
 
     here = here or top
     found: Tree = {}
@@ -376,7 +376,7 @@ def _tree(top: Path, here: Path | None = None) -> Tree:
 
 
 def _ours(top: Path) -> list[str]:
-    from atomictools.tempfiles import is_temp_name
+    from atomictools.engine.durable.tempfiles import is_temp_name
 
     return [str(p.relative_to(top)) for p in top.rglob("*") if is_temp_name(p.name)]
 

@@ -290,7 +290,7 @@ class PowerLossFS(mfusepy.Operations):
             if (ELSEWHERE in old.split("/")[:-1]) != (ELSEWHERE in new.split("/")[:-1]):
                 raise mfusepy.FuseOSError(errno.EXDEV)
             if flags:
-                from atomictools.fsutil import AT_FDCWD, renameat2
+                from atomictools.engine.durable.fsutil import AT_FDCWD, renameat2
 
                 renameat2(AT_FDCWD, self._path(old), AT_FDCWD, self._path(new), flags)
             else:

@@ -28,7 +28,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from atomictools.tempfiles import is_temp_name, temp_owner_pid
+from atomictools.engine.durable.tempfiles import is_temp_name, temp_owner_pid
 from tests.crash_child import (
     PHASES,
     STATUS_FILE,

@@ -2,7 +2,7 @@
 and mkdir: the target holds the old or the new content, no temp file is left, and the workspace
 keeps working.
 
-The injection uses the engine's own protocol steps (``atomictools.steps.observe_steps``): every
+The injection uses the engine's own protocol steps (``engine.durable.steps.observe_steps``): every
 ``step`` is an anyio checkpoint, so cancelling the enclosing scope when the N-th step is reached
 makes exactly that checkpoint raise. N runs 1, 2, 3, ... until the operation completes without
 being cancelled, which proves every step was used as a cancellation point once. ``mkdir`` has no
@@ -34,11 +34,10 @@ from atomictools import (
     PreconditionFailedError,
     Workspace,
     WriteResult,
-    fileops,
-    fsutil,
-    writer,
 )
-from atomictools.steps import observe_steps
+from atomictools.engine.changes import direct as fileops
+from atomictools.engine.durable import fsutil, writer
+from atomictools.engine.durable.steps import observe_steps
 from tests.conftest import temp_files
 
 pytestmark = pytest.mark.anyio

@@ -32,12 +32,12 @@ from atomictools import (
     TextRead,
     Workspace,
     WrongTypeError,
-    fileops,
 )
-from atomictools.catalog import DatabaseCatalog
-from atomictools.fsutil import AT_FDCWD, RENAME_EXCHANGE, renameat2
-from atomictools.sandbox import Location
-from atomictools.steps import observe_steps
+from atomictools.engine.changes import direct as fileops
+from atomictools.engine.db.catalog import DatabaseCatalog
+from atomictools.engine.durable.fsutil import AT_FDCWD, RENAME_EXCHANGE, renameat2
+from atomictools.engine.durable.steps import observe_steps
+from atomictools.engine.sandbox import Location
 from tests.conftest import tree_snapshot as snapshot
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_temps_left")]
@@ -1187,7 +1187,7 @@ async def test_race_swapping_the_directory_of_a_database(
     app.db of its own, while databases are opened through ``swap/``, queried and written.
 
     SQLite opens files by path; it gets ``/proc/self/fd/N/app.db`` and every connection is
-    checked against the pinned directory before use (see ``atomictools.pinned``). No query may
+    checked against the pinned directory before use (see ``engine.db.pinned``). No query may
     return the outside row and no write may reach the outside database. (What this cannot
     stop, and the test prints: SQLite may create an empty ``-wal``/``-shm`` next to the outside
     file in the microseconds between its own path resolution and its open.)

@@ -28,16 +28,16 @@ import anyio.lowlevel
 import pytest
 
 from atomictools import Workspace
-from atomictools import database as database_module
-from atomictools.catalog import DatabaseCatalog
-from atomictools.database import (
+from atomictools.engine.db import database as database_module
+from atomictools.engine.db.catalog import DatabaseCatalog
+from atomictools.engine.db.database import (
     Database,
     DatabaseError,
     Statement,
     StatementError,
     Transaction,
 )
-from atomictools.errors import (
+from atomictools.engine.errors import (
     InvalidArgumentError,
     NotFoundError,
     OutsideRootsError,

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from atomictools.edits import unified_diff
+from atomictools.engine.text.edits import unified_diff
 
 HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@$")
 

@@ -30,10 +30,10 @@ import anyio
 import pytest
 
 from atomictools import StateDirError, Workspace
-from atomictools.database import Database
-from atomictools.dberrors import DatabaseBusyError, DatabaseError
-from atomictools.errors import PermissionDeniedError
-from atomictools.journal import Change
+from atomictools.engine.changes.journaled import Change
+from atomictools.engine.db.database import Database
+from atomictools.engine.db.dberrors import DatabaseBusyError, DatabaseError
+from atomictools.engine.errors import PermissionDeniedError
 from tests.changeset_child import install, scenario, snapshot
 from tests.conftest import temp_files
 from tests.test_recovery import crash_child, records, tree_with_ours
@@ -488,7 +488,8 @@ def _as_nobody(args: list[str], env: dict[str, str]) -> subprocess.CompletedProc
     """``fault_child.py`` run as root until its imports are done, then as nobody."""
     code = (
         "import os, runpy, sys\n"
-        "import atomictools.cli, atomictools.recovery, atomictools.sweep, tests.fault_child\n"
+        "import atomictools.cli.commands, atomictools.engine.changes.recovery\n"
+        "import atomictools.engine.changes.sweep, tests.fault_child\n"
         "import anyio._backends._asyncio\n"
         f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})\n"
         "sys.exit(tests.fault_child.main(sys.argv[1:]))\n"

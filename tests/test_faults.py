@@ -38,11 +38,9 @@ from atomictools import (
     Limits,
     PermissionDeniedError,
     Workspace,
-    fsutil,
-    tempfiles,
-    writer,
 )
-from atomictools.tempfiles import is_temp_name
+from atomictools.engine.durable import fsutil, tempfiles, writer
+from atomictools.engine.durable.tempfiles import is_temp_name
 from tests.conftest import temp_files
 
 pytestmark = pytest.mark.anyio

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from atomictools.globmatch import Glob
+from atomictools.engine.reads.globmatch import Glob
 
 
 @pytest.mark.parametrize(

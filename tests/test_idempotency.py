@@ -45,9 +45,7 @@ from atomictools import (
     PreconditionFailedError,
     Workspace,
 )
-from atomictools.config import STATE_DIR_ENV
-from atomictools.database import Database, Statement, StatementError
-from atomictools.idempotency import (
+from atomictools.engine.changes.idempotency import (
     KEY_TABLE,
     LOCK_NAME,
     STORE_NAME,
@@ -56,9 +54,11 @@ from atomictools.idempotency import (
     Receipt,
     key_locked,
 )
-from atomictools.journal import Change
-from atomictools.steps import CRASH_ENV, CRASH_EXIT_CODE, observe_steps
-from atomictools.tempfiles import is_temp_name, temp_owner_pid
+from atomictools.engine.changes.journaled import Change
+from atomictools.engine.config import STATE_DIR_ENV
+from atomictools.engine.db.database import Database, Statement, StatementError
+from atomictools.engine.durable.steps import CRASH_ENV, CRASH_EXIT_CODE, observe_steps
+from atomictools.engine.durable.tempfiles import is_temp_name, temp_owner_pid
 from tests.conftest import read_record, temp_files, tree_snapshot
 from tests.idempotency_child import changes_from_spec
 
@@ -892,7 +892,7 @@ async def test_the_key_lock_holds_across_processes(tmp_path: Path) -> None:
     script = (
         "import anyio, sys\n"
         "from pathlib import Path\n"
-        "from atomictools.idempotency import Receipt, key_locked\n"
+        "from atomictools.engine.changes.idempotency import Receipt, key_locked\n"
         "async def main():\n"
         "    async with key_locked(Path(sys.argv[1]), Receipt('unused', 'scope', 'k', 'f')):\n"
         "        print('holding', flush=True)\n"

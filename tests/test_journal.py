@@ -3,7 +3,7 @@
 Every test compares whole trees (files with their bytes, directories, symlinks), so a leftover
 directory, temp file or stray change is caught, and checks that the journal directory in the
 state directory is empty afterwards. Cancellation is injected at every protocol step in turn
-(``atomictools.steps.observe_steps``), as in ``test_cancellation``.
+(``atomictools.engine.durable.steps.observe_steps``), as in ``test_cancellation``.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from atomictools import (
     PreconditionFailedError,
     Workspace,
 )
-from atomictools.edits import Edit
-from atomictools.journal import Change, ChangeSetResult
-from atomictools.steps import observe_steps
+from atomictools.engine.changes.journaled import Change, ChangeSetResult
+from atomictools.engine.durable.steps import observe_steps
+from atomictools.engine.text.edits import Edit
 from tests.changeset_child import DIR, Tree, install, snapshot
 from tests.conftest import temp_files
 

@@ -37,7 +37,7 @@ from mcp import Client, StdioServerParameters
 from mcp.types import CallToolResult, TextContent
 
 from atomictools import Workspace
-from atomictools.tempfiles import temp_owner_pid
+from atomictools.engine.durable.tempfiles import temp_owner_pid
 from tests.conftest import SummaryReport, summary_report, temp_files
 
 pytestmark = [

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from atomictools.cli import _build_parser
+from atomictools.cli.commands import _build_parser
 
 README = Path(__file__).parents[1] / "README.md"
 TEXT = README.read_text()

@@ -25,12 +25,12 @@ import pytest
 from mcp import Client
 
 from atomictools import Workspace
-from atomictools.record import RECORD_SUFFIX, decode, encode_body
-from atomictools.recovery import recover
-from atomictools.recovery_report import RecoveryReport
+from atomictools.engine.changes.record import RECORD_SUFFIX, decode, encode_body
+from atomictools.engine.changes.recovery import recover
+from atomictools.engine.changes.recovery_report import RecoveryReport
+from atomictools.engine.changes.sweep import sweep_temps
+from atomictools.engine.durable.steps import CRASH_ENV, CRASH_EXIT_CODE
 from atomictools.server import ServerOptions, create_server
-from atomictools.steps import CRASH_ENV, CRASH_EXIT_CODE
-from atomictools.sweep import sweep_temps
 from tests.changeset_child import Scenario, Tree, install, scenario, snapshot
 from tests.conftest import temp_files
 
@@ -885,7 +885,7 @@ def test_server_start_sweep_spares_a_foreign_change_set(
 def test_a_zombie_is_not_a_live_writer() -> None:
     """A process that exited but was not collected yet (a zombie) holds no lock and writes
     nothing: its files are orphans (a server killed with its parent leaves exactly that)."""
-    from atomictools.sweep import pid_alive
+    from atomictools.engine.changes.sweep import pid_alive
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.monotonic() + 30

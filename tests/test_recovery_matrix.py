@@ -77,8 +77,9 @@ def recover_cli(
     drop = f"os.setgroups([]); os.setgid({user}); os.setuid({user})\n" if user is not None else ""
     code = (
         "import os, sys\n"
-        "import atomictools.cli, atomictools.recovery, atomictools.sweep\n"
-        f"{drop}sys.exit(atomictools.cli.main(sys.argv[1:]))\n"
+        "import atomictools.cli.commands, atomictools.engine.changes.recovery\n"
+        "import atomictools.engine.changes.sweep\n"
+        f"{drop}sys.exit(atomictools.cli.commands.main(sys.argv[1:]))\n"
     )
     done = subprocess.run(
         [

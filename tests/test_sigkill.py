@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from atomictools.tempfiles import is_temp_name
+from atomictools.engine.durable.tempfiles import is_temp_name
 from tests.conftest import SummaryReport, summary_report
 from tests.crash_child import HEADER, make_version, verify_version
 from tests.sigkill_harness import Campaign, run_campaign

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from atomictools import InvalidArgumentError, PreconditionFailedError, Workspace
-from atomictools.journal import Change
+from atomictools.engine.changes.journaled import Change
 from tests.conftest import temp_files
 
 pytestmark = pytest.mark.anyio

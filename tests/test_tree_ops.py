@@ -20,7 +20,7 @@ from atomictools import (
     Workspace,
     WrongTypeError,
 )
-from atomictools.tempfiles import temp_name_for
+from atomictools.engine.durable.tempfiles import temp_name_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_temps_left")]
 

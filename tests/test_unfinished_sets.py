@@ -27,10 +27,10 @@ import pytest
 from mcp import Client
 
 from atomictools import RecoveryNeededError, Workspace
-from atomictools import journal as journal_module
-from atomictools.record import encode_body
+from atomictools.engine.changes import journaled as journal_module
+from atomictools.engine.changes.record import encode_body
+from atomictools.engine.durable.steps import CRASH_SIGNAL_ENV
 from atomictools.server import ServerOptions, create_server
-from atomictools.steps import CRASH_SIGNAL_ENV
 from tests.changeset_child import snapshot
 from tests.conftest import temp_files
 from tests.test_recovery import (
@@ -228,7 +228,7 @@ def test_an_error_while_rolling_forward_keeps_the_record_and_the_rest_goes_on(
             raise OSError(errno.EIO, "Input/output error")
         real_replace(*args, **kwargs)
 
-    monkeypatch.setattr("atomictools.recovery.os.replace", failing_replace)
+    monkeypatch.setattr("atomictools.engine.changes.recovery.os.replace", failing_replace)
     report = run_recovery([root], private_state_dir)
     monkeypatch.undo()
 

@@ -1,10 +1,10 @@
 """The MCP layer: a thin mapping of the engine onto MCP tools (no engine logic lives here)."""
 
-from ..catalog import DatabaseCatalog
-from .app import INSTRUCTIONS, create_server
-from .file_tools import register_file_tools
-from .registry import HIDDEN_WHEN_READ_ONLY, MUTATING_TOOLS, register_tools
-from .runtime import ServerOptions, ToolRuntime
+from atomictools.engine.db.catalog import DatabaseCatalog
+from atomictools.server.app import INSTRUCTIONS, create_server
+from atomictools.server.file_tools import register_file_tools
+from atomictools.server.registry import HIDDEN_WHEN_READ_ONLY, MUTATING_TOOLS, register_tools
+from atomictools.server.runtime import ServerOptions, ToolRuntime
 
 __all__ = [
     "HIDDEN_WHEN_READ_ONLY",

@@ -24,14 +24,14 @@ from mcp.types import (
 )
 from pydantic import ValidationError
 
-from .. import __version__
-from ..catalog import DatabaseCatalog
-from ..recovery import recover_journals
-from ..recovery_report import RecoveryReport
-from ..sweep import sweep_temps
-from ..workspace import Workspace
-from .registry import HIDDEN_WHEN_READ_ONLY, register_tools
-from .runtime import ClientRoots, ServerOptions, ToolRuntime
+from atomictools import __version__
+from atomictools.engine.changes.recovery import recover_journals
+from atomictools.engine.changes.recovery_report import RecoveryReport
+from atomictools.engine.changes.sweep import sweep_temps
+from atomictools.engine.db.catalog import DatabaseCatalog
+from atomictools.engine.workspace import Workspace
+from atomictools.server.registry import HIDDEN_WHEN_READ_ONLY, register_tools
+from atomictools.server.runtime import ClientRoots, ServerOptions, ToolRuntime
 
 INSTRUCTIONS = """\
 atomictools changes files atomically inside the allowed directories (list_allowed_directories).

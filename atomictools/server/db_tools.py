@@ -16,12 +16,12 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult
 from pydantic import Field
 
-from ..catalog import DatabaseCatalog
-from ..database import Params, QueryResult, Statement, StatementResult
-from ..errors import InvalidArgumentError
-from ..workspace import Workspace
-from .file_tools import READ_ONLY, IdempotencyKey, mutating, tool_result
-from .models import (
+from atomictools.engine.db.catalog import DatabaseCatalog
+from atomictools.engine.db.database import Params, QueryResult, Statement, StatementResult
+from atomictools.engine.errors import InvalidArgumentError
+from atomictools.engine.workspace import Workspace
+from atomictools.server.file_tools import READ_ONLY, IdempotencyKey, mutating, tool_result
+from atomictools.server.models import (
     DbColumn,
     DbEntry,
     DbExecuteOutput,
@@ -33,7 +33,7 @@ from .models import (
     DbStatementResult,
     DbTransactionOutput,
 )
-from .runtime import ToolRuntime
+from atomictools.server.runtime import ToolRuntime
 
 BLOB_KEY = "$blob"
 MAX_STATEMENTS = 20_000

@@ -26,13 +26,13 @@ from mcp.types import (
 )
 from pydantic import Field
 
-from ..edits import Edit
-from ..errors import AtomicToolsError, InvalidArgumentError, TooLargeError
-from ..idempotency import MAX_KEY_LENGTH
-from ..journal import MAX_CHANGES, Change
-from ..results import BytesRead, SearchResult, TreeNode
-from ..workspace import Workspace
-from .models import (
+from atomictools.engine.changes.idempotency import MAX_KEY_LENGTH
+from atomictools.engine.changes.journaled import MAX_CHANGES, Change
+from atomictools.engine.errors import AtomicToolsError, InvalidArgumentError, TooLargeError
+from atomictools.engine.results import BytesRead, SearchResult, TreeNode
+from atomictools.engine.text.edits import Edit
+from atomictools.engine.workspace import Workspace
+from atomictools.server.models import (
     AllowedDirectoriesOutput,
     AnyChange,
     ApplyChangesOutput,
@@ -60,7 +60,7 @@ from .models import (
     WriteChange,
     WriteOutput,
 )
-from .runtime import ToolRuntime
+from atomictools.server.runtime import ToolRuntime
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
 

@@ -12,10 +12,10 @@ from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 
-from ..catalog import DatabaseCatalog
-from .db_tools import register_db_tools
-from .file_tools import register_change_set_tool, register_file_tools
-from .runtime import ToolRuntime
+from atomictools.engine.db.catalog import DatabaseCatalog
+from atomictools.server.db_tools import register_db_tools
+from atomictools.server.file_tools import register_change_set_tool, register_file_tools
+from atomictools.server.runtime import ToolRuntime
 
 MUTATING_TOOLS = frozenset(
     {

@@ -24,10 +24,10 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 
-from ..config import Limits
-from ..errors import AtomicToolsError, OutsideRootsError, from_os_error
-from ..results import Progress
-from ..workspace import Workspace
+from atomictools.engine.config import Limits
+from atomictools.engine.errors import AtomicToolsError, OutsideRootsError, from_os_error
+from atomictools.engine.results import Progress
+from atomictools.engine.workspace import Workspace
 
 T = TypeVar("T")
 logger = logging.getLogger("atomictools.server")

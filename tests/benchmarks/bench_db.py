@@ -52,7 +52,7 @@ from benchstats import percentile
 from mcp import Client
 
 from atomictools import Workspace
-from atomictools.database import Database, Statement
+from atomictools.engine.db.database import Database, Statement
 from atomictools.server.app import create_server
 
 COUNTS = (1, 100, 10_000)

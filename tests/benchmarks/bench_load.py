@@ -69,7 +69,7 @@ from mcp.types import CallToolResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: `tests` package
 
-from atomictools.config import STATE_DIR_ENV
+from atomictools.engine.config import STATE_DIR_ENV
 from tests.server.helpers import stdio_params, text_of
 
 KiB = 1024

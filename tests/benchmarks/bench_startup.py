@@ -45,10 +45,10 @@ from benchstats import percentile
 from mcp import Client, StdioServerParameters
 from mcp.types import CallToolResult, TextContent
 
-from atomictools.sandbox import Sandbox
+from atomictools.engine.changes.sweep import sweep_temps
+from atomictools.engine.durable.tempfiles import is_temp_name, temp_name_for
+from atomictools.engine.sandbox import Sandbox
 from atomictools.server.runtime import ServerOptions
-from atomictools.sweep import sweep_temps
-from atomictools.tempfiles import is_temp_name, temp_name_for
 
 TARGET_RATIO = 1.2
 SMALL_NAME = "small.txt"
@@ -62,7 +62,7 @@ NO_DELAY_WRAPPER = (
     "import atomictools.server.app as app\n"
     "original = app.sweep_later\n"
     "app.sweep_later = lambda workspace, delay, startup: original(workspace, 0.0, startup)\n"
-    "from atomictools.cli import main\n"
+    "from atomictools.cli.commands import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
 

@@ -88,7 +88,7 @@ from mcp.shared.message import SessionMessage
 from mcp.types import CallToolResult, TextContent
 
 from atomictools import Workspace
-from atomictools.tempfiles import is_temp_name
+from atomictools.engine.durable.tempfiles import is_temp_name
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -126,9 +126,9 @@ LONG_STATEMENT = (
 # Runs the real CLI with Limits.max_tree_entries raised, in the child process only (diagnostic).
 UNCAPPED_WRAPPER = (
     "import functools, sys\n"
-    "import atomictools.workspace as workspace\n"
+    "import atomictools.engine.workspace as workspace\n"
     "workspace.Limits = functools.partial(workspace.Limits, max_tree_entries=int(sys.argv[1]))\n"
-    "from atomictools.cli import main\n"
+    "from atomictools.cli.commands import main\n"
     "sys.exit(main(sys.argv[2:]))\n"
 )
 

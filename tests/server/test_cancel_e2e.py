@@ -43,9 +43,9 @@ from mcp.server.mcpserver import MCPServer
 from mcp.types import CallToolResult, TextContent
 
 from atomictools import Limits, Workspace
+from atomictools.engine.durable.steps import observe_steps
+from atomictools.engine.durable.tempfiles import is_temp_name
 from atomictools.server import ServerOptions, create_server
-from atomictools.steps import observe_steps
-from atomictools.tempfiles import is_temp_name
 from tests.conftest import temp_files
 
 pytestmark = pytest.mark.anyio

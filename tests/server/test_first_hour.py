@@ -26,7 +26,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from atomictools import Workspace
-from atomictools.idempotency import KEY_TABLE
+from atomictools.engine.changes.idempotency import KEY_TABLE
 from atomictools.server import create_server
 from tests.server.helpers import text_of
 

@@ -41,7 +41,9 @@ from mcp.types import CallToolResult
 from pydantic import BaseModel
 
 from atomictools import Limits, Workspace
-from atomictools.config import STATE_DIR_ENV
+from atomictools.engine.config import STATE_DIR_ENV
+from atomictools.engine.durable.steps import CRASH_ENV, CRASH_EXIT_CODE, observe_steps
+from atomictools.engine.durable.tempfiles import is_temp_name
 from atomictools.server import ServerOptions, create_server
 from atomictools.server.models import (
     ApplyChangesOutput,
@@ -54,8 +56,6 @@ from atomictools.server.models import (
     MoveOutput,
     WriteOutput,
 )
-from atomictools.steps import CRASH_ENV, CRASH_EXIT_CODE, observe_steps
-from atomictools.tempfiles import is_temp_name
 from tests.conftest import read_record, temp_files, tree_snapshot
 from tests.crash_suite_harness import pipe_transport
 

@@ -21,8 +21,8 @@ import pytest
 from mcp import Client
 
 from atomictools import ConcurrentChangeError, Workspace
+from atomictools.engine.durable.steps import observe_steps
 from atomictools.server import ServerOptions, create_server
-from atomictools.steps import observe_steps
 from tests.conftest import temp_files
 from tests.server.helpers import text_of
 from tests.server.test_schemas_roots import roots_callback

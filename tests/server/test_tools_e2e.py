@@ -38,7 +38,7 @@ from mcp.types import (
 )
 
 from atomictools import Workspace
-from atomictools.config import Limits
+from atomictools.engine.config import Limits
 from atomictools.server import create_server
 from atomictools.server.models import (
     AllowedDirectoriesOutput,

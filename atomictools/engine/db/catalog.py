@@ -17,11 +17,11 @@ from pathlib import Path
 
 import anyio
 
-from .config import Durability
-from .database import Database, DatabaseError
-from .errors import InvalidArgumentError, NotFoundError, WrongTypeError
-from .pinned import PinnedDirectory
-from .workspace import Workspace
+from atomictools.engine.config import Durability
+from atomictools.engine.db.database import Database, DatabaseError
+from atomictools.engine.db.pinned import PinnedDirectory
+from atomictools.engine.errors import InvalidArgumentError, NotFoundError, WrongTypeError
+from atomictools.engine.workspace import Workspace
 
 DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _DISCOVERY_PATTERN = "*.{db,sqlite,sqlite3}"

@@ -23,9 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import fsutil
-from .errors import AtomicToolsError, InvalidArgumentError, StateDirError, state_dir_error
-from .locks import KeyedLocks, poll_until
+from atomictools.engine.durable import fsutil
+from atomictools.engine.durable.locks import KeyedLocks, poll_until
+from atomictools.engine.errors import (
+    AtomicToolsError,
+    InvalidArgumentError,
+    StateDirError,
+    state_dir_error,
+)
 
 DEFAULT_TTL_SECONDS = 24 * 3600.0
 MAX_KEY_LENGTH = 200

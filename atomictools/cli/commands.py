@@ -18,14 +18,14 @@ from pathlib import Path
 
 import anyio
 
-from . import __version__
-from .catalog import DatabaseCatalog
-from .config import STATE_DIR_ENV, Durability
-from .errors import AtomicToolsError
-from .idempotency import DEFAULT_TTL_SECONDS
-from .recovery import recover
-from .recovery_report import RecoveryReport
-from .workspace import Workspace, atomic_writer
+from atomictools import __version__
+from atomictools.engine.changes.idempotency import DEFAULT_TTL_SECONDS
+from atomictools.engine.changes.recovery import recover
+from atomictools.engine.changes.recovery_report import RecoveryReport
+from atomictools.engine.config import STATE_DIR_ENV, Durability
+from atomictools.engine.db.catalog import DatabaseCatalog
+from atomictools.engine.errors import AtomicToolsError
+from atomictools.engine.workspace import Workspace, atomic_writer
 
 _STDIN_CHUNK = 1024 * 1024
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -217,9 +217,9 @@ def _configure_logging(level: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import ServerOptions, create_server
-    from .server.http import bind, http_app, is_loopback, serve_http
-    from .server.stdio import run_stdio
+    from atomictools.server import ServerOptions, create_server
+    from atomictools.server.http import bind, http_app, is_loopback, serve_http
+    from atomictools.server.stdio import run_stdio
 
     _configure_logging(args.log_level)
     try:
@@ -376,8 +376,8 @@ def _recovery_table(report: RecoveryReport, dry_run: bool) -> str:
 
 
 def _schemas(args: argparse.Namespace) -> int:
-    from .server import create_server
-    from .server import schemas as schema_files
+    from atomictools.server import create_server
+    from atomictools.server import schemas as schema_files
 
     with_root = Workspace([Path.cwd()])
     generated = anyio.run(schema_files.tool_schemas, create_server(with_root))
@@ -425,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             return _config(args)
         if args.command == "demo":
-            from .demo import run
+            from atomictools.cli.demo import run
 
             return anyio.run(run)
         anyio.run(_write_from_stdin, args)

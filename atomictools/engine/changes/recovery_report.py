@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .tempfiles import ROLE_MEANING, parse_member
+from atomictools.engine.durable.tempfiles import ROLE_MEANING, parse_member
 
 Resolve = Literal["forward", "rollback"]
 """How an operator decides a change set whose journal record cannot be trusted."""

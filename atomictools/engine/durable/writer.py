@@ -21,18 +21,18 @@ from contextlib import suppress
 import anyio
 import anyio.lowlevel
 
-from . import fsutil
-from .blocking import run_blocking
-from .config import Durability, Limits
-from .errors import (
+from atomictools.engine.config import Durability, Limits
+from atomictools.engine.durable import fsutil
+from atomictools.engine.durable.blocking import run_blocking
+from atomictools.engine.durable.steps import crash_point, step
+from atomictools.engine.durable.tempfiles import create_locked_temp
+from atomictools.engine.errors import (
     AlreadyExistsError,
     DurabilityUnknownError,
     PreconditionFailedError,
     from_os_error,
 )
-from .sandbox import Location, require_regular
-from .steps import crash_point, step
-from .tempfiles import create_locked_temp
+from atomictools.engine.sandbox import Location, require_regular
 
 DEFAULT_LIMITS = Limits()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import codecs
 from dataclasses import dataclass
 
-from .errors import TextEncodingError
+from atomictools.engine.errors import TextEncodingError
 
 _BOMS: tuple[tuple[bytes, str], ...] = (
     (codecs.BOM_UTF32_LE, "utf-32-le"),

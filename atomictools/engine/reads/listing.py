@@ -16,14 +16,22 @@ from datetime import UTC, datetime
 
 import anyio.to_thread
 
-from .config import Limits
-from .errors import TooLargeError, WrongTypeError, from_os_error
-from .fileops import entry_type
-from .globmatch import Glob, any_match
-from .results import DirEntry, DirListing, EntryType, FileInfo, Progress, SearchResult, TreeNode
-from .sandbox import Location
-from .steps import step
-from .tempfiles import is_temp_name
+from atomictools.engine.changes.direct import entry_type
+from atomictools.engine.config import Limits
+from atomictools.engine.durable.steps import step
+from atomictools.engine.durable.tempfiles import is_temp_name
+from atomictools.engine.errors import TooLargeError, WrongTypeError, from_os_error
+from atomictools.engine.reads.globmatch import Glob, any_match
+from atomictools.engine.results import (
+    DirEntry,
+    DirListing,
+    EntryType,
+    FileInfo,
+    Progress,
+    SearchResult,
+    TreeNode,
+)
+from atomictools.engine.sandbox import Location
 
 _BATCH = 512
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -12,8 +12,8 @@ import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import EditAmbiguousError, EditNotFoundError, InvalidArgumentError
-from .textcodec import TextFormat
+from atomictools.engine.errors import EditAmbiguousError, EditNotFoundError, InvalidArgumentError
+from atomictools.engine.text.textcodec import TextFormat
 
 _MAX_LINES_LISTED = 5
 

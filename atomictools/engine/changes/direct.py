@@ -18,11 +18,12 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import fsutil
-from .blocking import run_blocking
-from .config import Durability, Limits
-from .edits import Edit, apply_edits, unified_diff
-from .errors import (
+from atomictools.engine.config import Durability, Limits
+from atomictools.engine.durable import fsutil
+from atomictools.engine.durable.blocking import run_blocking
+from atomictools.engine.durable.steps import step
+from atomictools.engine.durable.writer import check_expected_sha256, open_atomic_writer
+from atomictools.engine.errors import (
     AlreadyExistsError,
     ConcurrentChangeError,
     InvalidArgumentError,
@@ -35,7 +36,7 @@ from .errors import (
     from_os_error,
     not_synced,
 )
-from .results import (
+from atomictools.engine.results import (
     BytesRead,
     CopyResult,
     DeleteResult,
@@ -46,10 +47,9 @@ from .results import (
     TextRead,
     WriteResult,
 )
-from .sandbox import Location, MakeDir, open_entry, require_regular
-from .steps import step
-from .textcodec import decode, encode, incremental_decoder, sniff_encoding
-from .writer import check_expected_sha256, open_atomic_writer
+from atomictools.engine.sandbox import Location, MakeDir, open_entry, require_regular
+from atomictools.engine.text.edits import Edit, apply_edits, unified_diff
+from atomictools.engine.text.textcodec import decode, encode, incremental_decoder, sniff_encoding
 
 
 def _open_regular(location: Location, action: str) -> tuple[int, os.stat_result]:

@@ -31,12 +31,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fsutil
-from .fsutil import lstat_at, same_file, sha256_at, unlink_at
-from .record import RECORD_SUFFIX
-from .recovery_report import RecoveryReport, Resolve, UnfinishedSet
-from .sandbox import Root, Sandbox
-from .tempfiles import (
+from atomictools.engine.changes.record import RECORD_SUFFIX
+from atomictools.engine.changes.recovery_report import RecoveryReport, Resolve, UnfinishedSet
+from atomictools.engine.durable import fsutil
+from atomictools.engine.durable.fsutil import lstat_at, same_file, sha256_at, unlink_at
+from atomictools.engine.durable.tempfiles import (
     Member,
     is_single_temp_name,
     is_temp_name,
@@ -44,8 +43,9 @@ from .tempfiles import (
     parse_member,
     temp_owner_pid,
 )
+from atomictools.engine.sandbox import Root, Sandbox
 
-logger = logging.getLogger("atomictools.recovery")
+logger = logging.getLogger("atomictools.engine.changes.recovery")
 GRACE_SECONDS = 5.0
 DAMAGED_SUFFIX = ".damaged"
 """An untrusted record, once the operator resolved its set, is renamed with this suffix."""

@@ -18,20 +18,8 @@ from typing import Literal, TypeVar
 import anyio
 import anyio.to_thread
 
-from . import fileops, listing
-from .config import Durability, Limits, default_state_dir
-from .edits import Edit
-from .errors import (
-    AtomicToolsError,
-    InvalidArgumentError,
-    NotFoundError,
-    PartlyDoneError,
-    ReadOnlyError,
-    TooLargeError,
-    WrongTypeError,
-    from_os_error,
-)
-from .idempotency import (
+from atomictools.engine.changes import direct
+from atomictools.engine.changes.idempotency import (
     DEFAULT_TTL_SECONDS,
     LOCK_NAME,
     STORE_NAME,
@@ -41,7 +29,7 @@ from .idempotency import (
     fingerprint,
     key_locked,
 )
-from .journal import (
+from atomictools.engine.changes.journaled import (
     Change,
     ChangeOutcome,
     ChangeSetResult,
@@ -49,10 +37,24 @@ from .journal import (
     RecoveryNeededError,
     apply_change_set,
 )
-from .locks import ChangeLocks
-from .recovery import record_path, recover_journals
-from .recovery_report import RecoveryReport, UnfinishedSet
-from .results import (
+from atomictools.engine.changes.recovery import record_path, recover_journals
+from atomictools.engine.changes.recovery_report import RecoveryReport, UnfinishedSet
+from atomictools.engine.config import Durability, Limits, default_state_dir
+from atomictools.engine.durable.locks import ChangeLocks
+from atomictools.engine.durable.steps import step
+from atomictools.engine.durable.writer import AtomicWriter, open_atomic_writer
+from atomictools.engine.errors import (
+    AtomicToolsError,
+    InvalidArgumentError,
+    NotFoundError,
+    PartlyDoneError,
+    ReadOnlyError,
+    TooLargeError,
+    WrongTypeError,
+    from_os_error,
+)
+from atomictools.engine.reads import listing
+from atomictools.engine.results import (
     BytesRead,
     CopyResult,
     DeleteResult,
@@ -67,9 +69,8 @@ from .results import (
     TreeNode,
     WriteResult,
 )
-from .sandbox import Location, Sandbox
-from .steps import step
-from .writer import AtomicWriter, open_atomic_writer
+from atomictools.engine.sandbox import Location, Sandbox
+from atomictools.engine.text.edits import Edit
 
 T = TypeVar("T")
 _RECOVER = "run `atomictools recover` with this server's --state-dir (or restart the server)"
@@ -261,11 +262,11 @@ class Workspace:
     ) -> TextRead:
         """Text of a file (or its first/last lines), with its sha256, encoding and newlines."""
         with self.sandbox.resolve(path) as location:
-            return await fileops.read_text(location, self.limits, head=head, tail=tail)
+            return await direct.read_text(location, self.limits, head=head, tail=tail)
 
     async def read_bytes(self, path: PathArg) -> BytesRead:
         with self.sandbox.resolve(path) as location:
-            return await fileops.read_bytes(location, self.limits)
+            return await direct.read_bytes(location, self.limits)
 
     async def info(self, path: PathArg) -> FileInfo:
         with self.sandbox.resolve(path) as location:
@@ -343,7 +344,7 @@ class Workspace:
             return WriteResult(done.path, _known(done.size), _known(done.sha256), done.created)
         with self.sandbox.resolve(path) as location:
             async with self._changing(location):
-                return await fileops.write(
+                return await direct.write(
                     location,
                     data,
                     durability=self.durability,
@@ -404,7 +405,7 @@ class Workspace:
             )
         with self.sandbox.resolve(path) as location:
             async with self._changing(location):
-                return await fileops.edit(
+                return await direct.edit(
                     location,
                     normalized,
                     durability=self.durability,
@@ -442,7 +443,7 @@ class Workspace:
             self.sandbox.resolve(destination, follow_final=False) as dst,
         ):
             async with self._changing(src, dst):
-                return await fileops.move(
+                return await direct.move(
                     src,
                     dst,
                     overwrite=overwrite,
@@ -483,7 +484,7 @@ class Workspace:
             )
         with self.sandbox.resolve(source) as src, self.sandbox.resolve(destination) as dst:
             async with self._changing(dst):
-                return await fileops.copy(
+                return await direct.copy(
                     src,
                     dst,
                     overwrite=overwrite,
@@ -507,7 +508,7 @@ class Workspace:
             return DeleteResult(done.path, _known(done.type))
         with self.sandbox.resolve(path, follow_final=False) as location:
             async with self._changing(location):
-                return await fileops.delete(
+                return await direct.delete(
                     location,
                     durability=self.durability,
                     expected_sha256=expected_sha256,
@@ -619,7 +620,7 @@ class Workspace:
         if idempotency_key is not None:
             done = await self._once(Change("mkdir", os.fspath(path)), idempotency_key)
             return MkdirResult(done.path, created=done.created)
-        maker = fileops.directory_maker(self.durability)
+        maker = direct.directory_maker(self.durability)
         made: list[str] = []
 
         def make(dir_fd: int, name: str, parent: Path) -> None:

@@ -39,11 +39,21 @@ from typing import Literal
 
 import anyio
 
-from . import fsutil
-from .blocking import run_blocking
-from .config import Durability, Limits
-from .edits import Edit
-from .errors import (
+from atomictools.engine.changes.direct import entry_type, plan_edit, read_whole
+from atomictools.engine.changes.idempotency import IdempotencyStore, Receipt
+from atomictools.engine.changes.record import RECORD_SUFFIX, JournalRecord, OpRecord
+from atomictools.engine.config import Durability, Limits
+from atomictools.engine.durable import fsutil
+from atomictools.engine.durable.blocking import run_blocking
+from atomictools.engine.durable.steps import crash_point, step
+from atomictools.engine.durable.tempfiles import (
+    Role,
+    claim_name_for,
+    create_locked_temp,
+    member_name_for,
+)
+from atomictools.engine.durable.writer import PendingFile
+from atomictools.engine.errors import (
     AlreadyExistsError,
     AtomicToolsError,
     ConcurrentChangeError,
@@ -57,17 +67,12 @@ from .errors import (
     from_os_error,
     state_dir_error,
 )
-from .fileops import entry_type, plan_edit, read_whole
-from .idempotency import IdempotencyStore, Receipt
-from .record import RECORD_SUFFIX, JournalRecord, OpRecord
-from .results import EntryType, Progress
-from .sandbox import Location, Sandbox, open_entry, require_regular
-from .steps import crash_point, step
-from .tempfiles import Role, claim_name_for, create_locked_temp, member_name_for
-from .writer import PendingFile
+from atomictools.engine.results import EntryType, Progress
+from atomictools.engine.sandbox import Location, Sandbox, open_entry, require_regular
+from atomictools.engine.text.edits import Edit
 
 MAX_CHANGES = 1000
-logger = logging.getLogger("atomictools.journal")
+logger = logging.getLogger("atomictools.engine.changes.journaled")
 OpName = Literal["write", "edit", "move", "copy", "delete", "mkdir"]
 
 

@@ -30,9 +30,9 @@ from urllib.parse import quote
 import aiosqlite
 import anyio
 
-from . import idempotency
-from .config import Durability
-from .dberrors import (
+from atomictools.engine.changes import idempotency
+from atomictools.engine.config import Durability
+from atomictools.engine.db.dberrors import (
     DatabaseBusyError,
     DatabaseError,
     StatementError,
@@ -40,13 +40,18 @@ from .dberrors import (
     primary_code,
     translate,
 )
-from .errors import AtomicToolsError, InvalidArgumentError, ReadOnlyError, TooLargeError
-from .pinned import PinnedDirectory, open_descriptors
-from .results import Progress
-from .sqlguard import SqlGuard
-from .steps import crash_point
+from atomictools.engine.db.pinned import PinnedDirectory, open_descriptors
+from atomictools.engine.db.sqlguard import SqlGuard
+from atomictools.engine.durable.steps import crash_point
+from atomictools.engine.errors import (
+    AtomicToolsError,
+    InvalidArgumentError,
+    ReadOnlyError,
+    TooLargeError,
+)
+from atomictools.engine.results import Progress
 
-logger = logging.getLogger("atomictools.database")
+logger = logging.getLogger("atomictools.engine.db.database")
 
 T = TypeVar("T")
 Params = Sequence[Any] | Mapping[str, Any] | None

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from .errors import ConcurrentChangeError
+from atomictools.engine.errors import ConcurrentChangeError
 
 _FD_DIR = "/proc/self/fd"
 SIBLINGS = ("", "-wal", "-shm", "-journal")

@@ -29,17 +29,28 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from . import fsutil
-from .errors import AtomicToolsError
-from .fsutil import lstat_at, same_file, sha256_at, unlink_at
-from .idempotency import IdempotencyStore, Receipt, failed_result
-from .record import RECORD_SUFFIX, JournalRecord, OpRecord, UntrustedRecordError, decode
-from .recovery_report import RecoveryReport, Resolve, UnfinishedSet
-from .sandbox import Sandbox
-from .sweep import sweep_one, sweep_temps
-from .tempfiles import claim_name_for, is_single_temp_name, is_temp_name, parse_member
+from atomictools.engine.changes.idempotency import IdempotencyStore, Receipt, failed_result
+from atomictools.engine.changes.record import (
+    RECORD_SUFFIX,
+    JournalRecord,
+    OpRecord,
+    UntrustedRecordError,
+    decode,
+)
+from atomictools.engine.changes.recovery_report import RecoveryReport, Resolve, UnfinishedSet
+from atomictools.engine.changes.sweep import sweep_one, sweep_temps
+from atomictools.engine.durable import fsutil
+from atomictools.engine.durable.fsutil import lstat_at, same_file, sha256_at, unlink_at
+from atomictools.engine.durable.tempfiles import (
+    claim_name_for,
+    is_single_temp_name,
+    is_temp_name,
+    parse_member,
+)
+from atomictools.engine.errors import AtomicToolsError
+from atomictools.engine.sandbox import Sandbox
 
-logger = logging.getLogger("atomictools.recovery")
+logger = logging.getLogger("atomictools.engine.changes.recovery")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 

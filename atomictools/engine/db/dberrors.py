@@ -17,7 +17,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from .errors import AtomicToolsError
+from atomictools.engine.errors import AtomicToolsError
 
 
 class DatabaseError(AtomicToolsError):

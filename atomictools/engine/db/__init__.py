@@ -1,0 +1,1 @@
+"""SQLite: savepoint-scoped work, the statement guard, error translation, the database catalog."""

@@ -1,0 +1,1 @@
+"""Reading files and listing directories inside the roots (never changes anything)."""
