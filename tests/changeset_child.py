@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from atomictools.engine.changes.journaled import Change
+    from atomictools import Change
 
 DIR = "<dir>"
 Tree = dict[str, bytes | str]
@@ -44,7 +44,7 @@ class Scenario:
 
 
 def _mixed(roots: list[Path], *, mkdir_first: bool) -> Scenario:
-    from atomictools.engine.changes.journaled import Change
+    from atomictools import Change
     from atomictools.engine.text.edits import Edit
 
     old: Tree = {
@@ -82,7 +82,7 @@ def _mixed(roots: list[Path], *, mkdir_first: bool) -> Scenario:
 
 
 def _two_roots(roots: list[Path]) -> Scenario:
-    from atomictools.engine.changes.journaled import Change
+    from atomictools import Change
 
     second = roots[1]
     return Scenario(
@@ -96,7 +96,7 @@ def _two_roots(roots: list[Path]) -> Scenario:
 
 
 def _no_mkdir(roots: list[Path]) -> Scenario:
-    from atomictools.engine.changes.journaled import Change
+    from atomictools import Change
     from atomictools.engine.text.edits import Edit
 
     return Scenario(
@@ -112,7 +112,7 @@ def _no_mkdir(roots: list[Path]) -> Scenario:
 
 
 def _fresh_then_mkdir(roots: list[Path]) -> Scenario:
-    from atomictools.engine.changes.journaled import Change
+    from atomictools import Change
 
     return Scenario(
         old=[{"keep.txt": b"kept\n"}],
@@ -175,7 +175,8 @@ def _sleep_forever() -> None:
 def _apply(name: str, roots: list[Path], hold_at: str | None) -> None:
     import anyio
 
-    from atomictools import Workspace, journal
+    from atomictools import Workspace
+    from atomictools.engine.changes import journaled as journal
 
     if hold_at is not None:
         real = getattr(journal, "crash_point")  # noqa: B009 (not re-exported)

@@ -23,8 +23,7 @@ from typing import Any
 
 import anyio
 
-from atomictools import AtomicToolsError, Workspace
-from atomictools.engine.changes.journaled import Change
+from atomictools import AtomicToolsError, Change, Workspace
 from atomictools.engine.db.database import Database
 
 OPS = {

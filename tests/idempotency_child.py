@@ -21,12 +21,12 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from atomictools.engine.changes.journaled import Change
+    from atomictools import Change
     from atomictools.engine.db.database import Statement
 
 
 def changes_from_spec(specs: list[dict[str, Any]]) -> list[Change]:
-    from atomictools.engine.changes.journaled import Change
+    from atomictools import Change
     from atomictools.engine.text.edits import Edit
 
     return [

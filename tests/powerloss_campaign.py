@@ -235,7 +235,7 @@ def prepare_disk(disk: Path) -> None:
 
 
 async def apply_engine(ws: Any, db: Any, op: Op) -> None:
-    from atomictools.engine.changes.journaled import Change
+    from atomictools import Change
     from atomictools.engine.db.database import Statement
 
     a = op.args

@@ -34,6 +34,7 @@ from atomictools import (
     WrongTypeError,
 )
 from atomictools.engine.changes import direct as fileops
+from atomictools.engine.reads import files
 from atomictools.engine.db.catalog import DatabaseCatalog
 from atomictools.engine.durable.fsutil import AT_FDCWD, RENAME_EXCHANGE, renameat2
 from atomictools.engine.durable.steps import observe_steps
@@ -905,11 +906,11 @@ async def test_final_component_swapped_for_outside_link_mid_operation(
 
 
 async def _read_text(ws: Workspace, location: Location) -> bytes:
-    return (await fileops.read_text(location, ws.limits)).content.encode()
+    return (await files.read_text(location, ws.limits)).content.encode()
 
 
 async def _read_bytes(ws: Workspace, location: Location) -> bytes:
-    return (await fileops.read_bytes(location, ws.limits)).data
+    return (await files.read_bytes(location, ws.limits)).data
 
 
 async def _copy_out(ws: Workspace, location: Location) -> bytes:

@@ -536,13 +536,15 @@ async def test_engine_control_text_cannot_be_replayed_from_the_cache(
 
 async def test_several_statements_in_one_string_are_refused(db: Database, db_path: Path) -> None:
     two = "INSERT INTO t(v) VALUES ('a'); INSERT INTO t(v) VALUES ('b')"
-    with pytest.raises(StatementError, match=r"more than one statement.*db_transaction"):
+    with pytest.raises(StatementError, match=r"more than one statement.*Database.transaction"):
         await db.execute(two)
-    with pytest.raises(StatementError, match=r"more than one statement.*db_transaction") as info:
+    with pytest.raises(
+        StatementError, match=r"more than one statement.*Database.transaction"
+    ) as info:
         await db.run_statements([Statement("INSERT INTO t(v) VALUES ('c')"), Statement(two)])
     assert info.value.index == 2
     async with db.transaction() as tx:
-        with pytest.raises(StatementError, match="db_transaction"):
+        with pytest.raises(StatementError, match="Database.transaction"):
             await tx.execute(two)
     assert values(db_path) == []
     assert writer_idle(db)
@@ -551,12 +553,12 @@ async def test_several_statements_in_one_string_are_refused(db: Database, db_pat
 # -- read-only queries --------------------------------------------------------------------------
 
 REFUSED_QUERIES = [
-    ("INSERT INTO t(v) VALUES ('x')", "db_query only reads, and this statement would INSERT"),
-    ("UPDATE t SET v = 'x'", "db_query only reads, and this statement would UPDATE"),
-    ("DELETE FROM t", "db_query only reads, and this statement would DELETE"),
-    ("CREATE TABLE u(x)", "db_query only reads"),
-    ("CREATE TEMP TABLE u(x)", "db_query only reads"),
-    ("DROP TABLE t", "db_query only reads"),
+    ("INSERT INTO t(v) VALUES ('x')", "Database.query only reads, and this statement would INSERT"),
+    ("UPDATE t SET v = 'x'", "Database.query only reads, and this statement would UPDATE"),
+    ("DELETE FROM t", "Database.query only reads, and this statement would DELETE"),
+    ("CREATE TABLE u(x)", "Database.query only reads"),
+    ("CREATE TEMP TABLE u(x)", "Database.query only reads"),
+    ("DROP TABLE t", "Database.query only reads"),
     ("PRAGMA user_version=1", r"PRAGMA user_version = \.\.\. changes the database"),
     ("PRAGMA query_only=OFF", r"PRAGMA query_only = \.\.\. changes the database"),
     ("VACUUM INTO '{tmp}/copy.db'", ATTACH_REFUSED),
@@ -618,7 +620,7 @@ async def test_read_only_database_refuses_transactions(db_path: Path) -> None:
             await db.execute("INSERT INTO t VALUES ('x')")
         with pytest.raises(ReadOnlyError):
             await db.run_statements([Statement("INSERT INTO t VALUES ('x')")])
-        with pytest.raises(StatementError, match="db_query only reads"):
+        with pytest.raises(StatementError, match="Database.query only reads"):
             await db.query("DELETE FROM t")
         assert (await db.query("SELECT v FROM t")).rows == (("kept",),)
         assert db._writer is None

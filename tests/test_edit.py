@@ -55,7 +55,7 @@ async def test_text_the_encoding_cannot_hold_is_refused(ws: Workspace, root: Pat
 
 async def test_all_or_nothing_names_the_failing_edit(ws: Workspace, root: Path) -> None:
     (root / "f.txt").write_text("one\ntwo\nthree\n")
-    with pytest.raises(EditNotFoundError, match=r"edit 2 of 3: oldText not found in f\.txt") as e:
+    with pytest.raises(EditNotFoundError, match=r"edit 2 of 3: Edit\.old not found in f\.txt") as e:
         await ws.edit("f.txt", [("one", "1"), ("four", "4"), ("three", "3")])
     assert e.value.index == 2
     assert "nothing was changed" in str(e.value)
@@ -107,7 +107,7 @@ async def test_expected_sha256_guards_edit(ws: Workspace, root: Path) -> None:
 async def test_bad_edit_lists(root: Path) -> None:
     (root / "f.txt").write_text("abc\n")
     ws = Workspace([root], limits=Limits(max_edits=2))
-    with pytest.raises(InvalidArgumentError, match="oldText is empty"):
+    with pytest.raises(InvalidArgumentError, match="Edit.old is empty"):
         await ws.edit("f.txt", [("", "x")])
     with pytest.raises(InvalidArgumentError, match="edits is empty"):
         await ws.edit("f.txt", [])

@@ -29,8 +29,7 @@ from typing import Any
 import anyio
 import pytest
 
-from atomictools import StateDirError, Workspace
-from atomictools.engine.changes.journaled import Change
+from atomictools import Change, StateDirError, Workspace
 from atomictools.engine.db.database import Database
 from atomictools.engine.db.dberrors import DatabaseBusyError, DatabaseError
 from atomictools.engine.errors import PermissionDeniedError

@@ -36,6 +36,7 @@ import pytest
 from atomictools import (
     AlreadyExistsError,
     AtomicToolsError,
+    Change,
     ChangeSetResult,
     Edit,
     EditError,
@@ -54,7 +55,6 @@ from atomictools.engine.changes.idempotency import (
     Receipt,
     key_locked,
 )
-from atomictools.engine.changes.journaled import Change
 from atomictools.engine.config import STATE_DIR_ENV
 from atomictools.engine.db.database import Database, Statement, StatementError
 from atomictools.engine.durable.steps import CRASH_ENV, CRASH_EXIT_CODE, observe_steps
@@ -300,7 +300,7 @@ async def test_the_key_not_the_arguments_makes_a_call_a_repeat(root: Path) -> No
 async def test_a_malformed_key_is_refused_before_anything_changes(root: Path, key: str) -> None:
     setup_tree(root)
     before = tree_snapshot(root)
-    with pytest.raises(InvalidArgumentError, match="idempotencyKey"):
+    with pytest.raises(InvalidArgumentError, match="idempotency_key"):
         await Workspace([root]).edit("f.txt", APPEND, idempotency_key=key)
     assert tree_snapshot(root) == before
 

@@ -21,6 +21,8 @@ import pytest
 from atomictools import (
     AlreadyExistsError,
     AtomicToolsError,
+    Change,
+    ChangeSetResult,
     ConcurrentChangeError,
     EditNotFoundError,
     InvalidArgumentError,
@@ -30,7 +32,6 @@ from atomictools import (
     PreconditionFailedError,
     Workspace,
 )
-from atomictools.engine.changes.journaled import Change, ChangeSetResult
 from atomictools.engine.durable.steps import observe_steps
 from atomictools.engine.text.edits import Edit
 from tests.changeset_child import DIR, Tree, install, snapshot

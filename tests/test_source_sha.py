@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from atomictools import InvalidArgumentError, PreconditionFailedError, Workspace
-from atomictools.engine.changes.journaled import Change
+from atomictools import Change, InvalidArgumentError, PreconditionFailedError, Workspace
 from tests.conftest import temp_files
 
 pytestmark = pytest.mark.anyio

@@ -19,13 +19,17 @@ from pathlib import Path
 import anyio
 
 from atomictools import __version__
-from atomictools.engine.changes.idempotency import DEFAULT_TTL_SECONDS
-from atomictools.engine.changes.recovery import recover
-from atomictools.engine.changes.recovery_report import RecoveryReport
-from atomictools.engine.config import STATE_DIR_ENV, Durability
-from atomictools.engine.db.catalog import DatabaseCatalog
-from atomictools.engine.errors import AtomicToolsError
-from atomictools.engine.workspace import Workspace, atomic_writer
+from atomictools.engine import (
+    DEFAULT_TTL_SECONDS,
+    STATE_DIR_ENV,
+    AtomicToolsError,
+    DatabaseCatalog,
+    Durability,
+    RecoveryReport,
+    Workspace,
+    atomic_writer,
+    spelled,
+)
 
 _STDIN_CHUNK = 1024 * 1024
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -38,6 +42,10 @@ It is not meant to be typed at. Connect a client instead:
   - the MCP Inspector:  npx @modelcontextprotocol/inspector {command}
 Press Ctrl-D or Ctrl-C to stop.
 """
+
+
+CLI_TERMS = {"expected_sha256": "--expected-sha256", "create_only": "--create-only"}
+"""The engine's parameter names, as this command line spells its options."""
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -334,9 +342,7 @@ def _recover(args: argparse.Namespace) -> int:
         if on_tty and scanned // 5000 != (scanned - 1) // 5000:
             print(f"\rscanning: {scanned:,} entries", end="", file=sys.stderr, flush=True)
 
-    report = recover(
-        workspace.sandbox,
-        workspace.journal_dir,
+    report = workspace.recover(
         rollback=args.rollback,
         forward=args.forward,
         dry_run=args.dry_run,
@@ -430,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return anyio.run(run)
         anyio.run(_write_from_stdin, args)
     except AtomicToolsError as err:
-        print(f"atomictools: {err}", file=sys.stderr)
+        print(f"atomictools: {spelled(str(err), CLI_TERMS)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("atomictools: interrupted; nothing was changed", file=sys.stderr)

@@ -25,8 +25,11 @@ from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.types import CallToolResult, TextContent
 
-from atomictools.engine.durable.steps import CRASH_ENV, CRASH_SIGNAL_ENV
-from atomictools.engine.durable.tempfiles import is_temp_name
+from atomictools.engine import (
+    CRASH_ENV,
+    CRASH_SIGNAL_ENV,
+    is_temp_name,
+)
 
 MiB = 1024 * 1024
 BIG_WRITE = 48 * MiB

@@ -1,12 +1,16 @@
 """The errors every layer raises: each names the problem, the fix, and whether anything changed.
 
-The MCP layer turns these into ``isError`` results verbatim, so a message must be readable by a
-model without a traceback: what went wrong, on which path, and what to do instead.
+The MCP layer turns these into ``isError`` results, so a message must be readable by a model
+without a traceback: what went wrong, on which path, and what to do instead. Messages name
+parameters and operations as the Python API spells them; ``spelled`` gives a front end its own.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
+import re
+from collections.abc import Mapping
 from typing import ClassVar
 
 NOTHING_CHANGED = "nothing was changed"
@@ -194,3 +198,21 @@ def state_dir_error(err: OSError, directory: object, action: str) -> StateDirErr
         errno.EPERM: "this user may not write there; fix its permissions or pass --state-dir",
     }.get(err.errno or 0, "check that file system, or pass --state-dir")
     return StateDirError(f"cannot {action} the state directory {directory} ({reason}); {fix}")
+
+
+@functools.lru_cache(maxsize=8)
+def _terms_pattern(names: tuple[str, ...]) -> re.Pattern[str]:
+    alternatives = sorted(names, key=len, reverse=True)
+    return re.compile("|".join(rf"(?<![\w.-]){re.escape(name)}(?![\w-])" for name in alternatives))
+
+
+def spelled(text: str, terms: Mapping[str, str]) -> str:
+    """``text`` with the engine's names of parameters and operations (``expected_sha256``,
+    ``Database.query``) replaced by a front end's (``expectedSha256``, ``db_query``).
+
+    Engine messages speak Python; each front end keeps one table of its own spelling.
+    """
+    if not terms:
+        return text
+    pattern = _terms_pattern(tuple(terms))
+    return pattern.sub(lambda match: terms[match.group(0)], text)

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
 EntryType = Literal["file", "directory", "symlink", "other"]
+
+
+def entry_type(st: os.stat_result) -> EntryType:
+    """What kind of entry a (non-following) stat describes, in the words results use."""
+    if stat.S_ISREG(st.st_mode):
+        return "file"
+    if stat.S_ISDIR(st.st_mode):
+        return "directory"
+    if stat.S_ISLNK(st.st_mode):
+        return "symlink"
+    return "other"
+
 
 Progress = Callable[[int, int | None], Awaitable[None]]
 """Called as ``await progress(done, total)`` by long operations (total None when unknown)."""

@@ -335,8 +335,8 @@ class Sandbox:
         rel = "/".join([*(n for _, n in stack[1:]), name])
         if err.errno == errno.ENOENT:
             return NotFoundError(
-                f"the directory {rel} does not exist; check the path (list_directory helps), "
-                "or create it first with create_directory"
+                f"the directory {rel} does not exist; check the path (Workspace.list_directory "
+                "helps), or create it first with Workspace.mkdir"
             )
         if err.errno in (errno.ENOTDIR, errno.ELOOP):
             if _is_symlink(stack[-1][0], name):  # a directory swapped for a link after readlink

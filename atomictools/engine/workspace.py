@@ -1,24 +1,25 @@
 """The embedding API: a Workspace is a set of roots plus the atomic operations inside them.
 
-It is the one place that joins the engine's pieces for a caller: resolve the user's path through
-the sandbox, refuse changes in read-only mode, serialise changes to the same file, then run the
-single-file operation. Every method is a coroutine that is safe to cancel (see ``fileops``).
+It resolves the caller's path through the sandbox, refuses changes in read-only mode, takes the
+locks of the entries a change touches, and hands the change to the pipeline in
+``engine.changes``: the direct commit (one rename) without an idempotency key, the journaled
+commit (an intent record) with one. Both run the same checks and say the same things. Every
+method is a coroutine that is safe to cancel.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import stat
 import sys
-from collections.abc import AsyncIterator, Hashable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Literal, TypeVar
 
-import anyio
 import anyio.to_thread
 
-from atomictools.engine.changes import direct
+from atomictools.engine.changes import checks, direct
 from atomictools.engine.changes.idempotency import (
     DEFAULT_TTL_SECONDS,
     LOCK_NAME,
@@ -29,31 +30,24 @@ from atomictools.engine.changes.idempotency import (
     fingerprint,
     key_locked,
 )
-from atomictools.engine.changes.journaled import (
+from atomictools.engine.changes.journaled import ChangeSetRunner, apply_change_set
+from atomictools.engine.changes.model import (
     Change,
     ChangeOutcome,
     ChangeSetResult,
-    ChangeSetRunner,
     RecoveryNeededError,
-    apply_change_set,
 )
-from atomictools.engine.changes.recovery import record_path, recover_journals
+from atomictools.engine.changes.recovery import recover as recover_roots
+from atomictools.engine.changes.recovery import recover_journals
 from atomictools.engine.changes.recovery_report import RecoveryReport, UnfinishedSet
+from atomictools.engine.changes.sweep import sweep_temps
+from atomictools.engine.changes.unfinished import LockKey, UnfinishedSets, lock_key
 from atomictools.engine.config import Durability, Limits, default_state_dir
 from atomictools.engine.durable.locks import ChangeLocks
 from atomictools.engine.durable.steps import step
-from atomictools.engine.durable.writer import AtomicWriter, open_atomic_writer
-from atomictools.engine.errors import (
-    AtomicToolsError,
-    InvalidArgumentError,
-    NotFoundError,
-    PartlyDoneError,
-    ReadOnlyError,
-    TooLargeError,
-    WrongTypeError,
-    from_os_error,
-)
-from atomictools.engine.reads import listing
+from atomictools.engine.durable.writer import AtomicWriter
+from atomictools.engine.errors import InvalidArgumentError, NotFoundError, ReadOnlyError
+from atomictools.engine.reads import files, listing
 from atomictools.engine.results import (
     BytesRead,
     CopyResult,
@@ -73,7 +67,6 @@ from atomictools.engine.sandbox import Location, Sandbox
 from atomictools.engine.text.edits import Edit
 
 T = TypeVar("T")
-_RECOVER = "run `atomictools recover` with this server's --state-dir (or restart the server)"
 PathArg = str | os.PathLike[str]
 EditArg = Edit | tuple[str, str]
 
@@ -84,8 +77,15 @@ class Workspace:
     >>> ws = Workspace(["/srv/project"])                       # doctest: +SKIP
     >>> await ws.write("notes.txt", "hello\\n")                 # doctest: +SKIP
 
-    ``durability="full"`` (default) fsyncs every change before reporting it; ``"fast"`` skips
-    the fsyncs (still atomic, not power-loss safe). ``read_only=True`` refuses every change.
+    Guarantees: every change is all-or-nothing (readers see the old or the new content, never
+    a mix), a cancelled or failed call leaves no temp file and changes nothing, and no path
+    outside the roots is read or written (``..``, symlinks and races included). With
+    ``idempotency_key`` a change is also journaled: a retry returns the first result, and a
+    crash mid-change is rolled forward or back by ``recover``. ``durability="full"`` (default)
+    fsyncs every change before reporting it; ``"fast"`` skips the fsyncs (still atomic, not
+    power-loss safe). ``read_only=True`` refuses every change. Caveats: atomic renames need a
+    local POSIX file system (not NFS with several writers); changes are serialised per path
+    within this process and by directory locks across processes that use atomictools.
     """
 
     def __init__(
@@ -105,10 +105,7 @@ class Workspace:
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self.idempotency_ttl = idempotency_ttl
         self._locks = ChangeLocks()
-        self._unrecovered: dict[Hashable, str] = {}
-        """Lock keys of paths that belong to an unfinished change set, and its txid."""
-        self._unfinished: dict[str, UnfinishedSet] = {}
-        """Change sets that could not be finished, by txid (shared by every view)."""
+        self._unfinished = UnfinishedSets(self.sandbox, self.journal_dir)
         self._key_scope = fingerprint(sorted(str(root) for root in self.roots))
         """Keys are per set of configured roots: a relative path means another file elsewhere."""
 
@@ -126,8 +123,9 @@ class Workspace:
     def narrowed(self, paths: Iterable[PathArg]) -> Workspace:
         """A view limited to ``paths`` (each resolved inside this workspace's roots).
 
-        The view shares this workspace's locks, so changes made through either are serialised
-        together. Used for MCP client roots: the configured roots stay the outer limit.
+        The view shares this workspace's locks and unfinished sets, so changes made through
+        either are serialised together. Used for MCP client roots: the configured roots stay
+        the outer limit.
         """
         inner: list[Path] = []
         for path in paths:
@@ -142,118 +140,68 @@ class Workspace:
             idempotency_ttl=self.idempotency_ttl,
         )
         view._locks = self._locks
-        view._unrecovered = self._unrecovered
         view._unfinished = self._unfinished
         view._key_scope = self._key_scope
         return view
-
-    # -- plumbing ---------------------------------------------------------------------------
-
-    def _refuse_if_read_only(self, action: str, path: PathArg) -> None:
-        if self.read_only:
-            raise ReadOnlyError(
-                f"cannot {action} {os.fspath(path)}: the workspace is read-only; "
-                "it can be read but not changed"
-            )
-
-    @staticmethod
-    def _lock_key(location: Location) -> tuple[int, int, str]:
-        st = os.fstat(location.dir_fd)
-        return (st.st_dev, st.st_ino, location.name)
-
-    def _changing(self, *locations: Location) -> AbstractAsyncContextManager[None]:
-        """Serialise changes to these entries with every other change to them, in this process
-        (through any workspace view) and in other processes (a lock on their directories)."""
-        return self._hold([self._lock_key(loc) for loc in locations], locations)
-
-    def _hold(
-        self, keys: Sequence[tuple[int, int, str]], locations: Sequence[Location]
-    ) -> AbstractAsyncContextManager[None]:
-        held = {key: loc.dir_fd for key, loc in zip(keys, locations, strict=True)}
-        if self._unrecovered and any(key in self._unrecovered for key in keys):
-            return self._hold_after_settling(keys, locations, held)
-        return self._locks.hold(held)
-
-    @asynccontextmanager
-    async def _hold_after_settling(
-        self,
-        keys: Sequence[tuple[int, int, str]],
-        locations: Sequence[Location],
-        held: dict[tuple[int, int, str], int],
-    ) -> AsyncIterator[None]:
-        """A path of an unfinished change set: finish the set first if that can be done now
-        (another process may have finished it already), else refuse with what to run."""
-        for txid in {self._unrecovered[key] for key in keys if key in self._unrecovered}:
-            if await anyio.to_thread.run_sync(self._try_finish, txid):
-                self._unblock(txid)
-        for key, location in zip(keys, locations, strict=True):
-            blocked = self._unrecovered.get(key)
-            if blocked is not None:
-                unfinished = self._unfinished[blocked]
-                raise RecoveryNeededError(
-                    f"{location.display} is part of change set {blocked}, which "
-                    f"{unfinished.reason}; {unfinished.fix or _RECOVER}",
-                    changed=False,
-                )
-        async with self._locks.hold(held):
-            yield
 
     # -- unfinished change sets ---------------------------------------------------------------
 
     def note_unfinished(self, report: RecoveryReport) -> None:
         """Refuse the paths of the change sets a recovery left unfinished, until they are
         finished (by a later call, ``finish_unfinished``, or another process)."""
-        for txid in report.handled:
-            self._unblock(txid)
-        for unfinished in report.unfinished.values():
-            keys = []
-            for path in unfinished.paths:
-                try:
-                    with self.sandbox.resolve(path, follow_final=False) as location:
-                        keys.append(self._lock_key(location))
-                except (AtomicToolsError, OSError):
-                    continue  # outside these roots, or its directory is gone
-            self._block(unfinished, keys)
-
-    def _block(self, unfinished: UnfinishedSet, keys: Iterable[Hashable]) -> None:
-        self._unfinished[unfinished.txid] = unfinished
-        self._unrecovered.update(dict.fromkeys(keys, unfinished.txid))
-
-    def _unblock(self, txid: str) -> None:
-        self._unfinished.pop(txid, None)
-        for key in [key for key, blocked in self._unrecovered.items() if blocked == txid]:
-            del self._unrecovered[key]
+        self._unfinished.note(report)
 
     @property
     def unfinished(self) -> list[UnfinishedSet]:
         """Change sets this workspace knows are unfinished (their paths are refused)."""
-        return list(self._unfinished.values())
+        return list(self._unfinished.sets.values())
 
     async def finish_unfinished(self) -> list[str]:
         """Try again to finish every unfinished change set; returns the txids now finished."""
-        finished = []
-        for txid in list(self._unfinished):
-            if await anyio.to_thread.run_sync(self._try_finish, txid):
-                self._unblock(txid)
-                finished.append(txid)
-        return finished
+        return await self._unfinished.finish_all()
 
-    def _try_finish(self, txid: str) -> bool:
-        """In a worker thread: is the change set finished now (by us, here, or by anyone)?"""
-        unfinished = self._unfinished.get(txid)
-        if unfinished is None:
-            return True
-        ours = record_path(self.journal_dir, txid)
-        if os.path.lexists(ours) and not unfinished.untrusted:
-            report = recover_journals(self.sandbox, self.journal_dir, only=txid)
-            if txid in report.handled:
-                return True
-            if txid in report.unfinished:
-                unfinished.reason = report.unfinished[txid].reason
-            return False
-        if unfinished.journal is not None and os.path.lexists(unfinished.journal):
-            return False
-        return not any(os.path.lexists(member) for member in unfinished.members)
+    # -- recovery -------------------------------------------------------------------------------
+
+    async def recover_interrupted(self) -> RecoveryReport:
+        """Finish or undo the change sets a crash interrupted (their journal records), in a
+        worker thread; what cannot be done now makes only its own paths refused."""
+        report = await anyio.to_thread.run_sync(recover_journals, self.sandbox, self.journal_dir)
+        self.note_unfinished(report)
+        return report
+
+    async def sweep(self, after: RecoveryReport | None = None) -> RecoveryReport:
+        """Remove our orphaned temp files under the roots, in a worker thread (abandoned on
+        cancel: it only deletes what no live writer holds and no change set needs)."""
+        report = await anyio.to_thread.run_sync(
+            functools.partial(
+                sweep_temps, self.sandbox, after or RecoveryReport(), journal_dir=self.journal_dir
+            ),
+            abandon_on_cancel=True,
+        )
+        self.note_unfinished(report)
+        return report
+
+    def recover(
+        self,
+        *,
+        rollback: bool = False,
+        forward: bool = False,
+        dry_run: bool = False,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> RecoveryReport:
+        """What ``atomictools recover`` does, synchronously: journals first, then the sweep.
+
+        ``forward``/``rollback`` also decide change sets whose record cannot be trusted, from
+        their files on disk; without either, such a set is reported and left as it is.
+        """
+        return recover_roots(
+            self.sandbox,
+            self.journal_dir,
+            rollback=rollback,
+            forward=forward,
+            dry_run=dry_run,
+            on_progress=on_progress,
+        )
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -262,17 +210,20 @@ class Workspace:
     ) -> TextRead:
         """Text of a file (or its first/last lines), with its sha256, encoding and newlines."""
         with self.sandbox.resolve(path) as location:
-            return await direct.read_text(location, self.limits, head=head, tail=tail)
+            return await files.read_text(location, self.limits, head=head, tail=tail)
 
     async def read_bytes(self, path: PathArg) -> BytesRead:
+        """A file's bytes (bounded by ``Limits.max_read_bytes``), sha256 and MIME type."""
         with self.sandbox.resolve(path) as location:
-            return await direct.read_bytes(location, self.limits)
+            return await files.read_bytes(location, self.limits)
 
     async def info(self, path: PathArg) -> FileInfo:
+        """Size, times, type and permissions of an entry (a symlink is followed)."""
         with self.sandbox.resolve(path) as location:
             return listing.file_info(location)
 
     async def list_directory(self, path: PathArg = ".") -> DirListing:
+        """The entries of one directory (our own temp files are never shown)."""
         with self.sandbox.resolve(path) as location:
             return await listing.list_directory(location, self.limits)
 
@@ -284,6 +235,7 @@ class Workspace:
         max_depth: int | None = None,
         progress: Progress | None = None,
     ) -> TreeNode:
+        """A directory's tree, bounded by ``Limits`` and ``max_depth``; ``exclude`` globs."""
         with self.sandbox.resolve(path) as location:
             return await listing.directory_tree(
                 location,
@@ -301,6 +253,7 @@ class Workspace:
         exclude: Sequence[str] = (),
         progress: Progress | None = None,
     ) -> SearchResult:
+        """Paths below ``path`` whose name (or relative path) matches the glob ``pattern``."""
         if not pattern:
             raise InvalidArgumentError("pattern is empty; give a glob such as '*.py'")
         with self.sandbox.resolve(path) as location:
@@ -309,6 +262,39 @@ class Workspace:
             )
 
     # -- changes ----------------------------------------------------------------------------
+
+    def _refuse_if_read_only(self, action: str, path: PathArg) -> None:
+        if self.read_only:
+            raise ReadOnlyError(
+                f"cannot {action} {os.fspath(path)}: the workspace is read-only; "
+                "it can be read but not changed"
+            )
+
+    def _changing(self, *locations: Location) -> AbstractAsyncContextManager[None]:
+        """Serialise changes to these entries with every other change to them, in this process
+        (through any workspace view) and in other processes (a lock on their directories)."""
+        return self._hold([lock_key(loc) for loc in locations], locations)
+
+    def _hold(
+        self, keys: Sequence[LockKey], locations: Sequence[Location]
+    ) -> AbstractAsyncContextManager[None]:
+        held = {key: loc.dir_fd for key, loc in zip(keys, locations, strict=True)}
+        if self._unfinished.blocks_any(keys):
+            return self._hold_after_settling(keys, locations, held)
+        return self._locks.hold(held)
+
+    @asynccontextmanager
+    async def _hold_after_settling(
+        self,
+        keys: Sequence[LockKey],
+        locations: Sequence[Location],
+        held: dict[LockKey, int],
+    ) -> AsyncIterator[None]:
+        """A path of an unfinished change set: finish the set first if that can be done now
+        (another process may have finished it already), else refuse with what to run."""
+        await self._unfinished.settle(keys, locations)
+        async with self._locks.hold(held):
+            yield
 
     async def write(
         self,
@@ -323,15 +309,13 @@ class Workspace:
     ) -> WriteResult:
         """Create or replace a file atomically: readers see the old or the new content.
 
-        With ``idempotency_key`` (as for every change), a retry returns the first result.
+        ``expected_sha256`` refuses the write if the file changed since it was read (no lost
+        update); ``create_only`` refuses it if the file exists. With ``idempotency_key`` (as for
+        every change), a retry returns the first result and changes nothing.
         """
         self._refuse_if_read_only("write", path)
         data = content.encode(encoding) if isinstance(content, str) else bytes(content)
-        if len(data) > self.limits.max_write_bytes:
-            raise TooLargeError(
-                f"the content for {os.fspath(path)} is {len(data)} bytes, more than the "
-                f"{self.limits.max_write_bytes}-byte limit for one call; use the streaming writer"
-            )
+        checks.check_write_size(os.fspath(path), len(data), self.limits)
         if idempotency_key is not None:
             change = Change(
                 "write",
@@ -367,12 +351,12 @@ class Workspace:
         with self.sandbox.resolve(path) as location:
             async with (
                 self._changing(location),
-                open_atomic_writer(
+                direct.open_writer(
                     location,
                     durability=self.durability,
+                    limits=self.limits,
                     create_only=create_only,
                     expected_sha256=expected_sha256,
-                    limits=self.limits,
                 ) as writer,
             ):
                 yield writer
@@ -386,13 +370,17 @@ class Workspace:
         expected_sha256: str | None = None,
         idempotency_key: str | None = None,
     ) -> EditResult:
-        """Apply exact ``old -> new`` replacements all-or-nothing; returns a unified diff."""
+        """Apply exact ``old -> new`` replacements all-or-nothing; returns a unified diff.
+
+        Each ``old`` must match exactly once; encoding, BOM and line endings are kept.
+        ``dry_run`` checks everything and returns the diff without writing.
+        """
         if not dry_run:
             self._refuse_if_read_only("edit", path)
-        normalized = [e if isinstance(e, Edit) else Edit(*e) for e in edits]
+        normalized = tuple(e if isinstance(e, Edit) else Edit(*e) for e in edits)
         if idempotency_key is not None and not dry_run:
             change = Change(
-                "edit", os.fspath(path), edits=tuple(normalized), expected_sha256=expected_sha256
+                "edit", os.fspath(path), edits=normalized, expected_sha256=expected_sha256
             )
             done = await self._once(change, idempotency_key)
             return EditResult(
@@ -425,32 +413,35 @@ class Workspace:
     ) -> MoveResult:
         """Rename a file or directory (a symlink is moved as a link).
 
-        ``expected_sha256`` refuses the move if the source file changed since it was read.
+        ``expected_sha256`` refuses the move if the source file changed since it was read. A
+        file moving to another file system is copied, then its source deleted, both through
+        the journal: after a crash there is one of them, never both or neither.
         """
         self._refuse_if_read_only("move", source)
-        if idempotency_key is not None:
-            change = Change(
-                "move",
-                os.fspath(destination),
-                source=os.fspath(source),
-                overwrite=overwrite,
-                expected_sha256=expected_sha256,
-            )
-            done = await self._once(change, idempotency_key)
-            return MoveResult(_known(done.source), done.path, replaced=not done.created)
-        with (
-            self.sandbox.resolve(source, follow_final=False) as src,
-            self.sandbox.resolve(destination, follow_final=False) as dst,
-        ):
-            async with self._changing(src, dst):
-                return await direct.move(
-                    src,
-                    dst,
-                    overwrite=overwrite,
-                    durability=self.durability,
-                    limits=self.limits,
-                    expected_sha256=expected_sha256,
-                )
+        change = Change(
+            "move",
+            os.fspath(destination),
+            source=os.fspath(source),
+            overwrite=overwrite,
+            expected_sha256=expected_sha256,
+        )
+        if idempotency_key is None:
+            with (
+                self.sandbox.resolve(source, follow_final=False) as src,
+                self.sandbox.resolve(destination, follow_final=False) as dst,
+            ):
+                if not direct.needs_journal(src, dst):
+                    async with self._changing(src, dst):
+                        return await direct.move(
+                            src,
+                            dst,
+                            overwrite=overwrite,
+                            durability=self.durability,
+                            limits=self.limits,
+                            expected_sha256=expected_sha256,
+                        )
+        done = await self._once(change, idempotency_key)
+        return MoveResult(_known(done.source), done.path, replaced=not done.created)
 
     async def copy(
         self,
@@ -463,7 +454,8 @@ class Workspace:
     ) -> CopyResult:
         """Copy a file; the destination appears complete or not at all.
 
-        ``expected_sha256`` refuses the copy if the source changed since it was read.
+        ``expected_sha256`` is checked against the very bytes copied. Streamed: memory stays
+        bounded by the chunk size, whatever the file's size.
         """
         self._refuse_if_read_only("copy to", destination)
         if idempotency_key is not None:
@@ -500,7 +492,7 @@ class Workspace:
         expected_sha256: str | None = None,
         idempotency_key: str | None = None,
     ) -> DeleteResult:
-        """Delete a file or a symlink (never what the link points to)."""
+        """Delete a file or a symlink (never what the link points to); directories are refused."""
         self._refuse_if_read_only("delete", path)
         if idempotency_key is not None:
             change = Change("delete", os.fspath(path), expected_sha256=expected_sha256)
@@ -514,6 +506,16 @@ class Workspace:
                     expected_sha256=expected_sha256,
                     limits=self.limits,
                 )
+
+    async def mkdir(self, path: PathArg, *, idempotency_key: str | None = None) -> MkdirResult:
+        """Create a directory and any missing parents (``mkdir -p``); fine if it exists."""
+        self._refuse_if_read_only("create directory", path)
+        if idempotency_key is not None:
+            done = await self._once(Change("mkdir", os.fspath(path)), idempotency_key)
+            return MkdirResult(done.path, created=done.created)
+        await step("mkdir.before")
+        # Inline, with no await inside: a cancel never splits a ``mkdir -p``.
+        return direct.make_directories(self.sandbox, os.fspath(path), self.durability)
 
     async def apply_changes(
         self,
@@ -551,23 +553,22 @@ class Workspace:
             return await self._apply(changes, dry_run=False, progress=progress, receipt=receipt)
 
     async def _once(
-        self, change: Change, idempotency_key: str, progress: Progress | None = None
+        self, change: Change, idempotency_key: str | None, progress: Progress | None = None
     ) -> ChangeOutcome:
-        """A keyed single change runs as a one-change set: its key is then recorded with it,
-        by the call or by the recovery that finishes it (see ``idempotency``)."""
+        """One change through the journaled commit (a set of one): with a key, the key is
+        recorded with it, by the call or by the recovery that finishes it."""
         done = await self.apply_changes(
             [change], progress=progress, idempotency_key=idempotency_key
         )
         return done.changes[0]
 
     async def _finish_abandoned_change_sets(self) -> None:
-        """Finish change sets whose process died (their records are unlocked).
+        """Finish change sets whose process died (their records are unlocked), off the loop.
 
         A keyed change set that died after its commit point records its key when finished, so
         this runs before a keyed call looks its key up. Live records are locked and skipped.
         """
-        report = await anyio.to_thread.run_sync(recover_journals, self.sandbox, self.journal_dir)
-        self.note_unfinished(report)
+        await self.recover_interrupted()
 
     async def _apply(
         self,
@@ -585,7 +586,7 @@ class Workspace:
         locations = [p.target for p in planned]
         locations += [p.source for p in planned if p.source is not None]
         try:
-            keys = [self._lock_key(location) for location in locations]
+            keys = [lock_key(location) for location in locations]
             lock = self._hold(keys, locations)
         except BaseException:
             runner.close_locations()
@@ -600,7 +601,7 @@ class Workspace:
                     runner.record_path,
                     paths=[str(location.abspath) for location in locations],
                 )
-                self._block(unfinished, keys)
+                self._unfinished.block(unfinished, keys)
                 raise
 
     @asynccontextmanager
@@ -613,53 +614,6 @@ class Workspace:
         change_set = ChangeSet()
         yield change_set
         change_set.result = await self.apply_changes(change_set.changes)
-
-    async def mkdir(self, path: PathArg, *, idempotency_key: str | None = None) -> MkdirResult:
-        """Create a directory and any missing parents (``mkdir -p``); fine if it exists."""
-        self._refuse_if_read_only("create directory", path)
-        if idempotency_key is not None:
-            done = await self._once(Change("mkdir", os.fspath(path)), idempotency_key)
-            return MkdirResult(done.path, created=done.created)
-        maker = direct.directory_maker(self.durability)
-        made: list[str] = []
-
-        def make(dir_fd: int, name: str, parent: Path) -> None:
-            maker(dir_fd, name, parent)
-            made.append(str(parent / name))
-
-        def create() -> MkdirResult:
-            with self.sandbox.resolve(path, make_dir=make) as location:
-                st = location.lstat()
-                if st is not None:
-                    if not stat.S_ISDIR(st.st_mode):
-                        raise WrongTypeError(
-                            f"cannot create directory {location.display}: a "
-                            "file with that name exists"
-                        )
-                    return MkdirResult(location.display, created=False)
-                try:
-                    make(location.dir_fd, location.name, location.abspath.parent)
-                except FileExistsError:
-                    return MkdirResult(location.display, created=False)
-                except OSError as err:
-                    raise from_os_error(err, location.display, "create directory") from err
-                return MkdirResult(location.display, created=True)
-
-        def create_reporting_parents() -> MkdirResult:
-            try:
-                return create()
-            except AtomicToolsError as err:
-                if made and not err.changed:  # ``mkdir -p`` stopped half-way: say what it made
-                    raise PartlyDoneError(
-                        f"{err.message}; the parent directories {', '.join(made)} were "
-                        "created before that and are kept"
-                    ) from err
-                raise
-
-        await step("mkdir.before")
-        return (
-            create_reporting_parents()
-        )  # inline, with no await inside: a cancel never splits a ``mkdir -p``
 
 
 def _known(value: T | None) -> T:
@@ -777,4 +731,26 @@ async def atomic_write(
     workspace, name = _workspace_of_file(path, durability)
     return await workspace.write(
         name, content, expected_sha256=expected_sha256, create_only=create_only
+    )
+
+
+def recover(
+    roots: Iterable[PathArg],
+    *,
+    state_dir: PathArg | None = None,
+    rollback: bool = False,
+    forward: bool = False,
+    dry_run: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+) -> RecoveryReport:
+    """After a crash: finish (or, with ``rollback``, undo) interrupted change sets and remove
+    orphaned temp files under ``roots``; returns what was done and what needs a person.
+
+    Guarantee: nothing is deleted that a live process holds or that a change set still needs
+    (a set whose journal lives in another state directory is reported, never torn). Caveat:
+    it blocks while it walks the roots; from async code, run it in a worker thread. Give the
+    same ``state_dir`` the crashed process used (default: the per-user state directory).
+    """
+    return Workspace(roots, state_dir=state_dir).recover(
+        rollback=rollback, forward=forward, dry_run=dry_run, on_progress=on_progress
     )

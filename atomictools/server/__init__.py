@@ -1,6 +1,6 @@
 """The MCP layer: a thin mapping of the engine onto MCP tools (no engine logic lives here)."""
 
-from atomictools.engine.db.catalog import DatabaseCatalog
+from atomictools.engine import DatabaseCatalog
 from atomictools.server.app import INSTRUCTIONS, create_server
 from atomictools.server.file_tools import register_file_tools
 from atomictools.server.registry import HIDDEN_WHEN_READ_ONLY, MUTATING_TOOLS, register_tools

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -25,11 +24,11 @@ from mcp.types import (
 from pydantic import ValidationError
 
 from atomictools import __version__
-from atomictools.engine.changes.recovery import recover_journals
-from atomictools.engine.changes.recovery_report import RecoveryReport
-from atomictools.engine.changes.sweep import sweep_temps
-from atomictools.engine.db.catalog import DatabaseCatalog
-from atomictools.engine.workspace import Workspace
+from atomictools.engine import (
+    DatabaseCatalog,
+    RecoveryReport,
+    Workspace,
+)
 from atomictools.server.registry import HIDDEN_WHEN_READ_ONLY, register_tools
 from atomictools.server.runtime import ClientRoots, ServerOptions, ToolRuntime
 
@@ -142,35 +141,27 @@ async def startup_recovery(workspace: Workspace) -> RecoveryReport:
     (with what to run), and every other path is served.
     """
     try:
-        report = await anyio.to_thread.run_sync(
-            recover_journals, workspace.sandbox, workspace.journal_dir
-        )
-    except Exception:  # recover_journals reports per record; this is a last resort
+        report = await workspace.recover_interrupted()
+    except Exception:  # recovery reports per record; this is a last resort
         logger.exception("startup recovery failed; serving anyway")
         return RecoveryReport()
     if report.journals_unreadable:
         logger.warning("startup recovery: %s", report.journals_unreadable)
     if report.fixed_something or report.problems:
         logger.warning("startup recovery: %s", report.as_dict())
-    workspace.note_unfinished(report)
     return report
 
 
 async def sweep_later(workspace: Workspace, delay: float, startup: RecoveryReport) -> None:
-    """Sweep orphaned files of ours in a worker thread, ``delay`` seconds after the start.
+    """Sweep orphaned files of ours, ``delay`` seconds after the start.
 
     A large tree takes a while to walk; doing it after the server is already serving keeps the
-    start fast. The sweep removes only what no live writer holds and no change set needs (see
-    ``sweep``); change sets it has to leave for a person get their paths refused.
+    start fast. The sweep removes only what no live writer holds and no change set needs;
+    change sets it has to leave for a person get their paths refused.
     """
     await anyio.sleep(delay)
     try:
-        report = await anyio.to_thread.run_sync(
-            functools.partial(
-                sweep_temps, workspace.sandbox, startup, journal_dir=workspace.journal_dir
-            ),
-            abandon_on_cancel=True,
-        )
+        report = await workspace.sweep(startup)
     except Exception:
         logger.warning("the temp-file sweep failed", exc_info=True)
         return
@@ -178,7 +169,6 @@ async def sweep_later(workspace: Workspace, delay: float, startup: RecoveryRepor
         logger.warning("removed %d orphaned temp file(s)", len(report.removed))
     for unfinished in report.unfinished.values():
         logger.warning("needs a person: %s", unfinished.describe())
-    workspace.note_unfinished(report)
 
 
 async def retry_unfinished(workspace: Workspace, interval: float) -> None:

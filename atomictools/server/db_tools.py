@@ -16,10 +16,15 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult
 from pydantic import Field
 
-from atomictools.engine.db.catalog import DatabaseCatalog
-from atomictools.engine.db.database import Params, QueryResult, Statement, StatementResult
-from atomictools.engine.errors import InvalidArgumentError
-from atomictools.engine.workspace import Workspace
+from atomictools.engine import (
+    DatabaseCatalog,
+    InvalidArgumentError,
+    Params,
+    QueryResult,
+    Statement,
+    StatementResult,
+    Workspace,
+)
 from atomictools.server.file_tools import READ_ONLY, IdempotencyKey, mutating, tool_result
 from atomictools.server.models import (
     DbColumn,

@@ -26,12 +26,19 @@ from mcp.types import (
 )
 from pydantic import Field
 
-from atomictools.engine.changes.idempotency import MAX_KEY_LENGTH
-from atomictools.engine.changes.journaled import MAX_CHANGES, Change
-from atomictools.engine.errors import AtomicToolsError, InvalidArgumentError, TooLargeError
-from atomictools.engine.results import BytesRead, SearchResult, TreeNode
-from atomictools.engine.text.edits import Edit
-from atomictools.engine.workspace import Workspace
+from atomictools.engine import (
+    MAX_CHANGES,
+    MAX_KEY_LENGTH,
+    AtomicToolsError,
+    BytesRead,
+    Change,
+    Edit,
+    InvalidArgumentError,
+    SearchResult,
+    TooLargeError,
+    TreeNode,
+    Workspace,
+)
 from atomictools.server.models import (
     AllowedDirectoriesOutput,
     AnyChange,
@@ -61,6 +68,7 @@ from atomictools.server.models import (
     WriteOutput,
 )
 from atomictools.server.runtime import ToolRuntime
+from atomictools.server.wording import for_client
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
 
@@ -227,7 +235,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
                     budget -= read.size
                     results.append(FileReadResult.model_validate(read))
                 except AtomicToolsError as err:
-                    results.append(FileReadResult(path=path, error=str(err)))
+                    results.append(FileReadResult(path=path, error=for_client(str(err))))
                 await report(done, len(paths))
             return results
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 
-from atomictools.engine.db.catalog import DatabaseCatalog
+from atomictools.engine import DatabaseCatalog
 from atomictools.server.db_tools import register_db_tools
 from atomictools.server.file_tools import register_change_set_tool, register_file_tools
 from atomictools.server.runtime import ToolRuntime

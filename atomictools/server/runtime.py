@@ -24,10 +24,15 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 
-from atomictools.engine.config import Limits
-from atomictools.engine.errors import AtomicToolsError, OutsideRootsError, from_os_error
-from atomictools.engine.results import Progress
-from atomictools.engine.workspace import Workspace
+from atomictools.engine import (
+    AtomicToolsError,
+    Limits,
+    OutsideRootsError,
+    Progress,
+    Workspace,
+    from_os_error,
+)
+from atomictools.server.wording import for_client
 
 T = TypeVar("T")
 logger = logging.getLogger("atomictools.server")
@@ -222,7 +227,7 @@ class ToolRuntime:
                 "changed; retry with a smaller request, or ask for a longer timeout"
             ) from err
         except AtomicToolsError as err:
-            raise ToolError(str(err)) from err
+            raise ToolError(for_client(str(err))) from err
         except OSError as err:
             raise ToolError(str(from_os_error(err, "the file", "finish"))) from err
         except ToolError:

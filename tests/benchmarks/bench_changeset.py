@@ -24,7 +24,7 @@ import json, statistics, sys, tempfile, time
 from pathlib import Path
 import anyio
 from atomictools import Workspace
-from atomictools.engine.changes.journaled import Change
+from atomictools import Change
 
 async def main(where, sets):
     out = {}

@@ -68,7 +68,7 @@ def raise_if_failed(key: str, result: str) -> str:
     """``result`` as stored, or the error a failed record stands for."""
     if result.startswith('{"failed"'):
         reason = json.loads(result)["failed"]
-        raise InterruptedCallError(f"idempotencyKey {key!r}: {reason}", changed=True)
+        raise InterruptedCallError(f"idempotency_key {key!r}: {reason}", changed=True)
     return result
 
 
@@ -76,7 +76,7 @@ def check_key(key: str) -> str:
     """A key is any short printable string the caller picks (a UUID is a good choice)."""
     if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
         raise InvalidArgumentError(
-            f"idempotencyKey must be 1 to {MAX_KEY_LENGTH} printable characters "
+            f"idempotency_key must be 1 to {MAX_KEY_LENGTH} printable characters "
             "(a UUID is a good choice)"
         )
     return key
@@ -148,7 +148,7 @@ def lookup(conn: sqlite3.Connection, receipt: Receipt) -> str | None:
         return None
     if row[0] != receipt.fingerprint:
         raise IdempotencyKeyReusedError(
-            f"idempotencyKey {receipt.key!r} was already used for a call with other arguments; "
+            f"idempotency_key {receipt.key!r} was already used for a call with other arguments; "
             "repeat that call exactly to get its result, or use a new key for a new call"
         )
     return raise_if_failed(receipt.key, str(row[1]))

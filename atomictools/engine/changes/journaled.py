@@ -22,11 +22,10 @@ its record while the change is in flight, so recovery never touches a live chang
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import errno
 import fcntl
 import functools
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -39,8 +38,16 @@ from typing import Literal
 
 import anyio
 
-from atomictools.engine.changes.direct import entry_type, plan_edit, read_whole
+from atomictools.engine.changes import checks
+from atomictools.engine.changes.content import copy_into, plan_edit
 from atomictools.engine.changes.idempotency import IdempotencyStore, Receipt
+from atomictools.engine.changes.model import (
+    MAX_CHANGES,
+    Change,
+    ChangeOutcome,
+    ChangeSetResult,
+    RecoveryNeededError,
+)
 from atomictools.engine.changes.record import RECORD_SUFFIX, JournalRecord, OpRecord
 from atomictools.engine.config import Durability, Limits
 from atomictools.engine.durable import fsutil
@@ -52,88 +59,23 @@ from atomictools.engine.durable.tempfiles import (
     create_locked_temp,
     member_name_for,
 )
-from atomictools.engine.durable.writer import PendingFile
+from atomictools.engine.durable.writer import AtomicWriter, PendingFile
 from atomictools.engine.errors import (
-    AlreadyExistsError,
     AtomicToolsError,
     ConcurrentChangeError,
     DurabilityUnknownError,
     InvalidArgumentError,
     NotFoundError,
-    PreconditionFailedError,
     StateDirError,
     TooLargeError,
-    WrongTypeError,
     from_os_error,
     state_dir_error,
 )
-from atomictools.engine.results import EntryType, Progress
+from atomictools.engine.reads.files import read_whole
+from atomictools.engine.results import EntryType, Progress, entry_type
 from atomictools.engine.sandbox import Location, Sandbox, open_entry, require_regular
-from atomictools.engine.text.edits import Edit
 
-MAX_CHANGES = 1000
 logger = logging.getLogger("atomictools.engine.changes.journaled")
-OpName = Literal["write", "edit", "move", "copy", "delete", "mkdir"]
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One change of a set. ``path`` is the target; ``source`` is read by move and copy."""
-
-    op: OpName
-    path: str
-    content: bytes | None = None
-    edits: tuple[Edit, ...] = ()
-    source: str | None = None
-    expected_sha256: str | None = None
-    """The content hash the file must still have: the target's, or a move's or copy's source's."""
-    overwrite: bool = False
-    create_only: bool = False
-    """A write that must create the file."""
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeOutcome:
-    op: OpName
-    path: str
-    source: str | None
-    sha256: str | None
-    """Content hash after the change (None for delete, move of a non-file, mkdir)."""
-    diff: str | None = None
-    created: bool = False
-    size: int | None = None
-    """Size of the new content (write, edit, copy)."""
-    previous_sha256: str | None = None
-    """Content hash before an edit."""
-    type: EntryType | None = None
-    """What a delete removed or a move moved."""
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeSetResult:
-    changes: tuple[ChangeOutcome, ...]
-    applied: bool
-    """False for a dry run: the checks passed, nothing was written."""
-    txid: str | None
-
-    def to_json(self) -> str:
-        """The form an idempotency record stores (and a retry turns back into this)."""
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str) -> ChangeSetResult:
-        data = json.loads(text)
-        changes = tuple(ChangeOutcome(**change) for change in data["changes"])
-        return cls(changes, applied=bool(data["applied"]), txid=data["txid"])
-
-
-class RecoveryNeededError(AtomicToolsError):
-    """A committed change set could not be finished here; ``recover`` will finish it."""
-
-    code = "recovery_needed"
-
-    def __init__(self, message: str, *, changed: bool = True) -> None:
-        super().__init__(message, changed=changed)
 
 
 # -- the journal record --------------------------------------------------------------------
@@ -236,6 +178,8 @@ class _Planned:
     backup: _Backup | None = None
     created_link: _Backup | None = None
     """A second name of a new file's staged inode (so an undo can tell the file is ours)."""
+    source_backup: _Backup | None = None
+    """A move across file systems: the source's backup (the move is a copy, then a delete)."""
     sha256: str | None = None
     diff: str | None = None
     existed: bool = False
@@ -245,20 +189,66 @@ class _Planned:
     virtual: str | None = None
     """Dry run only: the path lies in a directory the set would create (not checked)."""
 
-    def record(self) -> OpRecord:
-        kind = "replace" if self.change.op in ("write", "edit", "copy") else self.change.op
-        move = self.source is not None and self.change.op == "move"
-        return OpRecord(
-            op=kind,  # type: ignore[arg-type]  # mkdir changes are not recorded as ops
-            dir=str(self.target.abspath.parent),
-            name=self.target.name,
+    @property
+    def members(self) -> tuple[_Backup | None, ...]:
+        return (self.created_link, self.backup, self.source_backup)
+
+    def records(self) -> tuple[OpRecord, ...]:
+        """What the journal must know to finish or undo this change (mkdir: nothing)."""
+        op = self.change.op
+        target = self.target
+        if op == "mkdir":
+            return ()
+        if op == "move" and self.source_backup is None:
+            assert self.source is not None
+            return (
+                OpRecord(
+                    op="move",
+                    dir=str(target.abspath.parent),
+                    name=target.name,
+                    staged=None,
+                    backup=self.backup.name if self.backup else None,
+                    sha256=None,
+                    source_dir=str(self.source.abspath.parent),
+                    source_name=self.source.name,
+                ),
+            )
+        if op == "delete":
+            return (
+                OpRecord(
+                    op="delete",
+                    dir=str(target.abspath.parent),
+                    name=target.name,
+                    staged=None,
+                    backup=self.backup.name if self.backup else None,
+                    sha256=None,
+                ),
+            )
+        replace = OpRecord(
+            op="replace",
+            dir=str(target.abspath.parent),
+            name=target.name,
             staged=self.staged.temp_name if self.staged else None,
             backup=self.backup.name if self.backup else None,
             sha256=self.sha256,
-            source_dir=str(self.source.abspath.parent) if move and self.source else None,
-            source_name=self.source.name if move and self.source else None,
             link=self.created_link.name if self.created_link else None,
         )
+        if self.source_backup is None:
+            return (replace,)
+        assert self.source is not None  # across file systems: the copy, then the delete
+        delete = OpRecord(
+            op="delete",
+            dir=str(self.source.abspath.parent),
+            name=self.source.name,
+            staged=None,
+            backup=self.source_backup.name,
+            sha256=None,
+        )
+        return (replace, delete)
+
+
+class _CrossDevice(Exception):
+    """A hard link between the two directories failed with EXDEV: two file systems."""
 
 
 class ChangeSetRunner:
@@ -329,7 +319,9 @@ class ChangeSetRunner:
                     raise err.prefixed(label) from None
                 for location in filter(None, (target, planned.source)):
                     key = (str(location.abspath.parent), location.name)
-                    if key in seen and not (change.op == "copy" and location is planned.source):
+                    if seen.get(key, index) != index and not (
+                        change.op == "copy" and location is planned.source
+                    ):
                         raise InvalidArgumentError(
                             f"{label}{location.display} is also changed by change "
                             f"{seen[key]}; combine them into one change"
@@ -368,8 +360,7 @@ class ChangeSetRunner:
         target = planned.target
         st = target.lstat()
         planned.existed = st is not None
-        if st is not None and not stat.S_ISDIR(st.st_mode):
-            raise WrongTypeError(f"cannot create directory {target.display}: a file is there")
+        checks.check_mkdir(target, st)
         if st is None and not self.dry_run:
             self._make_dir(target.dir_fd, target.name, target.abspath.parent)
 
@@ -409,125 +400,161 @@ class ChangeSetRunner:
                 (str(target.abspath.parent), target.name) == made for made in self.created_dirs
             )
             return
-        if target.is_root:
-            raise InvalidArgumentError("a change cannot target an allowed root itself")
         if op == "delete":
-            if st is None:
-                raise NotFoundError(f"cannot delete {target.display}: it does not exist")
-            if stat.S_ISDIR(st.st_mode):
-                raise WrongTypeError(f"cannot delete {target.display}: it is a directory")
+            checks.check_delete(target, st)
+            assert st is not None
             planned.type = entry_type(st)
-            await self._check_sha(planned, target, st)
+            await checks.check_sha256(target, st, change.expected_sha256, self.limits, "delete")
             if not dry_run:
                 planned.backup = self._backup(target, "del")
-            return
-        if op == "move":
+        elif op == "move":
+            await self._prepare_move(planned, st, dry_run)
+        elif op == "write":
+            assert change.content is not None
+            checks.check_write_size(target.display, len(change.content), self.limits)
+            checks.check_write(target, st, create_only=change.create_only)
+            await checks.check_sha256(target, st, change.expected_sha256, self.limits, "write")
+            await self._stage_bytes(planned, st, change.content, dry_run)
+        elif op == "edit":
+            checks.check_edit(target, st, change.edits, self.limits)
+            data = await read_whole(target, self.limits)
+            before, new, diff, _ = await run_blocking(
+                self.limits.inline(len(data)),
+                plan_edit,
+                data,
+                change.edits,
+                target,
+                change.expected_sha256,
+            )
+            planned.diff = diff
+            planned.previous_sha256 = before
+            await self._stage_bytes(planned, st, new, dry_run)
+        else:
+            assert planned.source is not None
             source = planned.source
-            assert source is not None
             src_st = source.lstat()
-            if src_st is None:
-                raise NotFoundError(f"cannot move {source.display}: it does not exist")
-            if st is not None and not change.overwrite:
-                raise AlreadyExistsError(
-                    f"cannot move to {target.display}: it exists; set overwrite to replace it"
-                )
-            if st is not None and stat.S_ISDIR(st.st_mode):
-                raise WrongTypeError(f"cannot move over {target.display}: it is a directory")
-            if os.fstat(source.dir_fd).st_dev != os.fstat(target.dir_fd).st_dev:
-                raise InvalidArgumentError(
-                    f"cannot move {source.display} to {target.display} in a change set: they "
-                    "are on different filesystems, where a rename cannot be atomic; copy, then "
-                    "delete"
-                )
-            planned.type = entry_type(src_st)
-            await self._check_sha(planned, source, src_st)
-            if not dry_run and st is not None:
-                planned.backup = self._backup(target, "dst")
-            planned.sha256 = None
+            checks.check_copy(source, src_st, target, st, overwrite=change.overwrite)
+            assert src_st is not None
+            await self._stage_copy(planned, st, source, src_st, dry_run=dry_run)
+
+    async def _prepare_move(
+        self, planned: _Planned, st: os.stat_result | None, dry_run: bool
+    ) -> None:
+        """A rename on one file system; across file systems a file is copied to the target
+        and its source deleted, both in this set (so all of it happens, or none)."""
+        change, target, source = planned.change, planned.target, planned.source
+        assert source is not None
+        src_st = source.lstat()
+        checks.check_move(source, src_st, target, st, overwrite=change.overwrite)
+        assert src_st is not None
+        planned.type = entry_type(src_st)
+        expected = change.expected_sha256
+        if stat.S_ISREG(src_st.st_mode) and self._across(source, src_st, target, dry_run):
+            await self._stage_copy(planned, st, source, src_st, dry_run=dry_run, action="move")
+            if not dry_run:
+                planned.source_backup = self._backup(source, "del")
             return
-        # write, edit, copy: new content staged next to the target
-        if st is not None:
-            require_regular(st, target, op)
-            if change.create_only:
-                raise AlreadyExistsError(
-                    f"cannot create {target.display}: it exists; leave out createOnly to replace it"
-                )
-            if op == "copy" and not change.overwrite:
-                raise AlreadyExistsError(
-                    f"cannot copy to {target.display}: it exists; set overwrite to replace it"
-                )
-        if op == "write":  # an edit checks the very bytes it edits, a copy those it copies
-            await self._check_sha(planned, target, st)
-        content = await self._new_content(planned, st)
+        await checks.check_sha256(source, src_st, expected, self.limits, "move")
+        if not dry_run and st is not None:
+            planned.backup = self._backup(target, "dst")
+
+    def _across(
+        self, source: Location, src_st: os.stat_result, target: Location, dry_run: bool
+    ) -> bool:
+        """Does this file's move leave its file system? Two mounts of one file system (a bind
+        mount) share a device number, so a hard link tries the crossing (EXDEV) for real."""
+        if checks.across_devices(source, src_st, target):
+            return True
+        if dry_run:
+            return False
+        self._claim(target)
+        try:
+            probe = self._link_from(source, target, "crt")
+        except _CrossDevice:
+            return True
+        probe.discard()
+        return False
+
+    async def _stage_bytes(
+        self, planned: _Planned, st: os.stat_result | None, content: bytes, dry_run: bool
+    ) -> None:
         planned.sha256 = hashlib.sha256(content).hexdigest()
         planned.size = len(content)
         if dry_run:
             return
-        # The single-file writer's pending file, published by this protocol's apply step.
+        writer = self._staging(planned, st, st)
+        view, chunk = memoryview(content), self.limits.chunk_bytes
+        for start in range(0, max(len(view), 1), chunk):
+            await writer.write(view[start : start + chunk], last=start + chunk >= len(view))
+            await step("changeset.chunk")
+        self._keep_old_version(planned, st)
+
+    async def _stage_copy(
+        self,
+        planned: _Planned,
+        st: os.stat_result | None,
+        source: Location,
+        src_st: os.stat_result,
+        *,
+        dry_run: bool,
+        action: str = "copy",
+    ) -> None:
+        """Stream the source into a staged file (memory bounded by the chunk size).
+
+        The staged file's name carries the new content's hash, so the source is hashed first;
+        a source that changes while it is copied is refused.
+        """
+        sha = await checks.current_sha256(source, self.limits, src_st)
+        checks.refuse_changed(source, action, planned.change.expected_sha256, sha)
+        planned.sha256 = sha
+        planned.size = src_st.st_size
+        if dry_run:
+            return
+        fd = open_entry(source)
+        try:
+            require_regular(os.fstat(fd), source, action)
+            writer = self._staging(planned, st, st or src_st, sha)
+            await copy_into(writer, source, fd, src_st, self.limits, expected_sha256=None)
+        finally:
+            os.close(fd)
+        if writer.sha256 != sha:
+            raise ConcurrentChangeError(
+                f"{source.display} changed while it was being copied; retry"
+            )
+        assert planned.staged is not None
+        await run_blocking(self.limits.inline(writer.size), planned.staged.sync)
+        self._keep_old_version(planned, st)
+
+    def _staging(
+        self,
+        planned: _Planned,
+        st: os.stat_result | None,
+        template: os.stat_result | None,
+        sha: str | None = None,
+    ) -> AtomicWriter:
+        """The single-file writer's pending file, under a member name; published by apply."""
+        target = planned.target
         self._claim(target)
         staged = PendingFile(
             target,
             durability=self.durability,
             replace=True,
             name_for=functools.partial(
-                member_name_for, target.name, self.txid, "new", planned.sha256
+                member_name_for, target.name, self.txid, "new", sha or planned.sha256
             ),
         )
         planned.staged = staged
-        staged.create(st or (planned.source.lstat() if planned.source is not None else None))
-        for start in range(0, len(content), self.limits.chunk_bytes):
-            piece = content[start : start + self.limits.chunk_bytes]
-            await anyio.to_thread.run_sync(staged.write, piece)
-            await step("changeset.chunk")
-        await anyio.to_thread.run_sync(staged.sync)
+        staged.create(template)
+        return AtomicWriter(staged, self.limits, replaced=st is not None)
+
+    def _keep_old_version(self, planned: _Planned, st: os.stat_result | None) -> None:
+        """A backup of the version being replaced, or a second name of the new file."""
+        target, staged = planned.target, planned.staged
+        assert staged is not None
         if st is not None:
             planned.backup = self._backup(target, "old", planned.sha256)
         else:
             planned.created_link = self._link(target, staged.temp_name, "crt", planned.sha256)
-
-    async def _check_sha(
-        self, planned: _Planned, location: Location, st: os.stat_result | None
-    ) -> None:
-        expected = planned.change.expected_sha256
-        if expected is None:
-            return
-        if st is None:
-            raise PreconditionFailedError(
-                f"{location.display} does not exist but expectedSha256 was given",
-                current_sha256=None,
-            )
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidArgumentError(
-                f"cannot check expectedSha256 of {location.display}: it is not a regular file"
-            )
-        _refuse_changed(planned, location, await read_whole(location, self.limits))
-
-    async def _new_content(self, planned: _Planned, st: os.stat_result | None) -> bytes:
-        change = planned.change
-        if change.op == "write":
-            assert change.content is not None
-            if len(change.content) > self.limits.max_write_bytes:
-                raise TooLargeError(f"the content for {planned.target.display} is too large")
-            return change.content
-        if change.op == "copy":
-            assert planned.source is not None
-            data = await read_whole(planned.source, self.limits, stable=True)
-            _refuse_changed(planned, planned.source, data)  # the very bytes copied
-            return data
-        if st is None:
-            raise NotFoundError(f"cannot edit {planned.target.display}: it does not exist")
-        data = await read_whole(planned.target, self.limits)
-        before, new, diff, _ = await run_blocking(
-            self.limits.inline(len(data)),
-            plan_edit,
-            data,
-            change.edits,
-            planned.target.display,
-            change.expected_sha256,
-        )
-        planned.diff = diff
-        planned.previous_sha256 = before
-        return new
 
     def _backup(self, target: Location, role: Role, new_sha256: str | None = None) -> _Backup:
         """A hard link to the current version, under a member name, locked while in flight.
@@ -549,19 +576,30 @@ class ChangeSetRunner:
 
     def _link(self, target: Location, existing: str, role: Role, new_sha256: str | None) -> _Backup:
         """A member that is a hard link to ``existing`` in the target's directory."""
+        return self._link_at(target.dir_fd, existing, target, role, new_sha256)
+
+    def _link_from(self, source: Location, target: Location, role: Role) -> _Backup:
+        """A member next to ``target`` that is a hard link to ``source`` (maybe elsewhere)."""
+        return self._link_at(source.dir_fd, source.name, target, role, None)
+
+    def _link_at(
+        self, src_dir_fd: int, existing: str, target: Location, role: Role, sha: str | None
+    ) -> _Backup:
         for _ in range(100):
-            name = member_name_for(target.name, self.txid, role, new_sha256)
+            name = member_name_for(target.name, self.txid, role, sha)
             try:
                 os.link(
                     existing,
                     name,
-                    src_dir_fd=target.dir_fd,
+                    src_dir_fd=src_dir_fd,
                     dst_dir_fd=target.dir_fd,
                     follow_symlinks=False,
                 )
             except FileExistsError:
                 continue
             except OSError as err:
+                if err.errno == errno.EXDEV:
+                    raise _CrossDevice from err
                 raise from_os_error(err, target.display, "back up") from err
             return _Backup(target, name, -1)
         raise ConcurrentChangeError(f"no free backup name next to {target.display}")
@@ -606,7 +644,7 @@ class ChangeSetRunner:
             pid=os.getpid(),
             created=time.time(),
             durability=self.durability.value,
-            ops=tuple(p.record() for p in self.planned if p.change.op != "mkdir"),
+            ops=tuple(op for p in self.planned for op in p.records()),
             created_dirs=tuple(self.created_dirs),
             idempotency=keyed,
         )
@@ -653,7 +691,7 @@ class ChangeSetRunner:
     def finish(self) -> None:
         """Remove the backups and claims, then the record: the change set is over."""
         for planned in self.planned:
-            for member in (planned.backup, planned.created_link):
+            for member in planned.members:
                 if member is not None:
                     member.discard()
             if planned.staged is not None:
@@ -674,7 +712,7 @@ class ChangeSetRunner:
         Never raises: it runs on the way out of a failure that the caller reports.
         """
         for planned in reversed(self.planned):
-            for member in (planned.created_link, planned.backup):
+            for member in planned.members:
                 if member is not None:
                     member.discard()
             if planned.staged is not None:
@@ -718,20 +756,6 @@ class ChangeSetRunner:
         )
 
 
-def _refuse_changed(planned: _Planned, location: Location, data: bytes) -> None:
-    """``data`` (the file's current bytes) must hash to the change's ``expected_sha256``."""
-    expected = planned.change.expected_sha256
-    if expected is None:
-        return
-    current = hashlib.sha256(data).hexdigest()
-    if current != expected.lower():
-        raise PreconditionFailedError(
-            f"{location.display} changed since it was read (expectedSha256 "
-            f"{expected}, current sha256 {current}); read it again",
-            current_sha256=current,
-        )
-
-
 def _refuse_removed_directory(*locations: Location | None) -> None:
     """The paths were resolved before the locks were taken (so later changes can name files in
     directories the set creates); a directory removed meanwhile would swallow the change."""
@@ -762,17 +786,19 @@ def _is_link(location: Location) -> bool:
 def _apply_op(planned: _Planned) -> None:
     target = planned.target
     op = planned.change.op
-    if op in ("write", "edit", "copy"):
-        assert planned.staged is not None
+    if planned.staged is not None:  # write, edit, copy, a move across file systems
         os.replace(
             planned.staged.temp_name,
             target.name,
             src_dir_fd=target.dir_fd,
             dst_dir_fd=target.dir_fd,
         )
+        if planned.source_backup is not None:
+            assert planned.source is not None
+            os.unlink(planned.source.name, dir_fd=planned.source.dir_fd)
     elif op == "delete":
         os.unlink(target.name, dir_fd=target.dir_fd)
-    elif op == "move":
+    elif op == "move":  # one rename on one file system
         source = planned.source
         assert source is not None
         os.rename(source.name, target.name, src_dir_fd=source.dir_fd, dst_dir_fd=target.dir_fd)

@@ -93,19 +93,23 @@ class DatabaseCatalog:
         available), or a path inside ``workspace``'s roots (a client's narrowed view; the
         catalog's own workspace by default), opened through its pinned directory."""
         if not isinstance(name, str) or not name:
-            raise InvalidArgumentError("database is empty; give a name from db_list")
+            raise InvalidArgumentError(
+                "database is empty; give a name from DatabaseCatalog.entries"
+            )
         if name in self._named:
             return await self._database(("named", name), self._named[name], name, None)
         with (workspace or self.workspace).sandbox.resolve(name) as location:
             display = location.display
             if not location.name.endswith(DB_SUFFIXES):
                 raise InvalidArgumentError(
-                    f"{display} is not a database: give a name from db_list, or a file ending "
-                    f"in {', '.join(DB_SUFFIXES)} inside the allowed directories"
+                    f"{display} is not a database: give a name from DatabaseCatalog.entries, or "
+                    f"a file ending in {', '.join(DB_SUFFIXES)} inside the allowed directories"
                 )
             st = location.lstat()
             if st is None:
-                raise NotFoundError(f"database file {display} does not exist; db_list shows them")
+                raise NotFoundError(
+                    f"database file {display} does not exist; DatabaseCatalog.entries lists them"
+                )
             if not stat.S_ISREG(st.st_mode):
                 raise WrongTypeError(f"{display} is not a regular file, so not a database")
             directory = os.fstat(location.dir_fd)

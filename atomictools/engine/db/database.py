@@ -277,7 +277,7 @@ def _key_table_error(err: sqlite3.Error) -> DatabaseError:
     return DatabaseError(
         f"the idempotency key could not be looked up or recorded in table "
         f"{idempotency.KEY_TABLE} ({err}); the transaction was rolled back; check that table "
-        "or call without idempotencyKey"
+        "or call without idempotency_key"
     )
 
 
@@ -498,7 +498,7 @@ class Database:
         if denied:
             reason = denied
         elif isinstance(err, sqlite3.ProgrammingError) and "one statement" in message:
-            reason = "it holds more than one statement; send them as a list to db_transaction"
+            reason = "it holds more than one statement; send them as a list to Database.transaction"
         elif isinstance(err, sqlite3.ProgrammingError) and "bindings" in message:
             reason = f"{message}; give one parameter per placeholder"
         elif "interrupted" in message:

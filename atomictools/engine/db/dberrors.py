@@ -128,7 +128,7 @@ def commit_failed(err: sqlite3.Error, name: str, path: Path) -> CommitUnknownErr
     return CommitUnknownError(
         f"COMMIT on database {name} ({path}) failed ({err}); SQLite may have written the "
         "transaction before the error, so whether it is committed is unknown. Check with "
-        "db_query whether its changes are there; a call made with an idempotencyKey can be "
+        "Database.query whether its changes are there; a call made with an idempotency_key can be "
         "retried with the same key (it returns the first result if the commit happened, and "
         "runs again if it did not)"
     )

@@ -133,7 +133,7 @@ class SqlGuard:
         if action in (sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT):
             return (
                 "BEGIN/COMMIT/ROLLBACK/SAVEPOINT/RELEASE are not allowed: the tool owns the "
-                "transaction; send all the statements to db_transaction instead"
+                "transaction; send all the statements to Database.transaction instead"
             )
         if action == sqlite3.SQLITE_PRAGMA:
             return self._write_pragma_reason((arg1 or "").lower(), arg2)
@@ -167,6 +167,6 @@ class SqlGuard:
             name = (arg1 or "").lower()
             if arg2 is None or name in READ_PRAGMAS_WITH_ARGUMENT:
                 return None
-            return f"PRAGMA {arg1} = ... changes the database; db_query only reads"
+            return f"PRAGMA {arg1} = ... changes the database; Database.query only reads"
         what = _ACTION_NAMES.get(action, f"action {action}")
-        return f"db_query only reads, and this statement would {what}: use db_execute"
+        return f"Database.query only reads, and this statement would {what}: use Database.execute"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
 import anyio
@@ -29,10 +29,9 @@ from atomictools.engine.durable.tempfiles import create_locked_temp
 from atomictools.engine.errors import (
     AlreadyExistsError,
     DurabilityUnknownError,
-    PreconditionFailedError,
     from_os_error,
 )
-from atomictools.engine.sandbox import Location, require_regular
+from atomictools.engine.sandbox import Location
 
 DEFAULT_LIMITS = Limits()
 
@@ -98,8 +97,8 @@ class PendingFile:
                 fsutil.rename_noreplace(loc.dir_fd, self.temp_name, loc.dir_fd, loc.name)
         except FileExistsError as err:
             raise AlreadyExistsError(
-                f"cannot create {loc.display}: it already exists (created meanwhile?); "
-                "read it first, or allow overwriting"
+                f"cannot create {loc.display}: another process created it meanwhile; read it, "
+                "then decide whether to replace it"
             ) from err
         except OSError as err:
             raise from_os_error(err, loc.display, "write") from err
@@ -176,46 +175,8 @@ class AtomicWriter:
         return self._digest.hexdigest()
 
 
-async def current_sha256(location: Location, limits: Limits) -> str | None:
-    """Hash of the entry's current content, or None if it does not exist."""
-
-    def compute() -> str | None:
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(location.name, flags, dir_fd=location.dir_fd)
-        except FileNotFoundError:
-            return None
-        except OSError as err:
-            raise from_os_error(err, location.display, "read") from err
-        try:
-            return fsutil.sha256_of_fd(fd, limits.chunk_bytes)[0]
-        finally:
-            os.close(fd)
-
-    st = location.lstat()
-    return await run_blocking(limits.inline(st.st_size if st else 0), compute)
-
-
-async def check_expected_sha256(
-    location: Location, expected: str | None, limits: Limits, action: str
-) -> None:
-    """Refuse the change when the file no longer has the content the caller read."""
-    if expected is None:
-        return
-    current = await current_sha256(location, limits)
-    if current is None:
-        raise PreconditionFailedError(
-            f"cannot {action} {location.display}: expectedSha256 was given but the file "
-            "does not exist any more; read it again",
-            current_sha256=None,
-        )
-    if current != expected.lower():
-        raise PreconditionFailedError(
-            f"cannot {action} {location.display}: it changed since it was read "
-            f"(expectedSha256 {expected}, current sha256 {current}); read it again, "
-            "then retry with the current sha256",
-            current_sha256=current,
-        )
+Precheck = Callable[[os.stat_result | None], Awaitable[None]]
+"""Called with the target's current stat before the temp is made: the caller's preconditions."""
 
 
 def open_atomic_writer(
@@ -223,9 +184,9 @@ def open_atomic_writer(
     *,
     durability: Durability = Durability.FULL,
     create_only: bool = False,
-    expected_sha256: str | None = None,
     mode_from: os.stat_result | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    precheck: Precheck | None = None,
 ) -> PendingWrite:
     """Stream new content for ``location``; it replaces the target atomically at a clean exit.
 
@@ -233,15 +194,16 @@ def open_atomic_writer(
     and step until the rename. The rename and directory fsync run inline with no await between
     them, so a cancel cannot split the commit. An exception or cancellation before that leaves
     the target untouched and no temp behind. ``mode_from`` gives a new file the mode of another
-    (a copy's source).
+    (a copy's source). ``precheck`` refuses the write before anything is made (the preconditions
+    live with the changes, not here); ``create_only`` publishes without replacing.
     """
     return PendingWrite(
         location,
         durability=durability,
         create_only=create_only,
-        expected_sha256=expected_sha256,
         mode_from=mode_from,
         limits=limits,
+        precheck=precheck,
     )
 
 
@@ -254,29 +216,21 @@ class PendingWrite:
         *,
         durability: Durability,
         create_only: bool,
-        expected_sha256: str | None,
         mode_from: os.stat_result | None,
         limits: Limits,
+        precheck: Precheck | None,
     ) -> None:
         self._location = location
-        self._create_only = create_only
-        self._expected_sha256 = expected_sha256
+        self._precheck = precheck
         self._mode_from = mode_from
         self._limits = limits
         self._pending = PendingFile(location, durability=durability, replace=not create_only)
         self._writer: AtomicWriter | None = None
 
     async def __aenter__(self) -> AtomicWriter:
-        location = self._location
-        existing = location.lstat()
-        if existing is not None:
-            require_regular(existing, location, "write")
-            if self._create_only:
-                raise AlreadyExistsError(
-                    f"cannot create {location.display}: it already exists; "
-                    "drop createOnly to replace it, or choose another name"
-                )
-        await check_expected_sha256(location, self._expected_sha256, self._limits, "write")
+        existing = self._location.lstat()
+        if self._precheck is not None:
+            await self._precheck(existing)
         self._pending.create(existing or self._mode_from)  # metadata only: inline
         try:
             await step("write.created")

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 
 import anyio.to_thread
 
-from atomictools.engine.changes.direct import entry_type
 from atomictools.engine.config import Limits
 from atomictools.engine.durable.steps import step
 from atomictools.engine.durable.tempfiles import is_temp_name
@@ -30,6 +29,7 @@ from atomictools.engine.results import (
     Progress,
     SearchResult,
     TreeNode,
+    entry_type,
 )
 from atomictools.engine.sandbox import Location
 
@@ -168,7 +168,7 @@ async def directory_tree(
     if truncated:
         raise TooLargeError(
             f"the tree under {location.display} has more than {limits.max_tree_entries} "
-            "entries; ask for a subdirectory, add excludePatterns, or use search_files"
+            "entries; ask for a subdirectory, add exclude globs, or use Workspace.search"
         )
     children: dict[str, list[TreeNode]] = {"": []}
     # Post-order assembly: children lists are complete before their parent node is frozen.

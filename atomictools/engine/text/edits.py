@@ -68,7 +68,7 @@ def apply_edits(text: str, edits: Sequence[Edit], fmt: TextFormat, display: str)
         label = f"edit {index} of {total}"
         if not edit.old:
             raise InvalidArgumentError(
-                f"{label}: oldText is empty; give the exact text to replace in {display}"
+                f"{label}: Edit.old is empty; give the exact text to replace in {display}"
             )
         candidates = [edit.old]
         if fmt.newline != "\n" or fmt.mixed_newlines:
@@ -81,14 +81,14 @@ def apply_edits(text: str, edits: Sequence[Edit], fmt: TextFormat, display: str)
                 break
         if not positions:
             raise EditNotFoundError(
-                f"{label}: oldText not found in {display}{_whitespace_hint(text, edit.old)}",
+                f"{label}: Edit.old not found in {display}{_whitespace_hint(text, edit.old)}",
                 index=index,
             )
         if len(positions) > 1:
             lines = ", ".join(str(_line_of(text, p)) for p in positions[:_MAX_LINES_LISTED])
             more = ", ..." if len(positions) > _MAX_LINES_LISTED else ""
             raise EditAmbiguousError(
-                f"{label}: oldText matches {len(positions)} times in {display} "
+                f"{label}: Edit.old matches {len(positions)} times in {display} "
                 f"(at lines {lines}{more}); include more surrounding lines so it matches once",
                 index=index,
             )
