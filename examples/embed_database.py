@@ -14,8 +14,7 @@ from pathlib import Path
 
 import anyio
 
-from atomictools import AtomicToolsError
-from atomictools.engine.db.database import Database, Statement
+from atomictools import AtomicToolsError, Database, Statement
 
 
 async def total(db: Database) -> int:

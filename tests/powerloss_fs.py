@@ -40,7 +40,7 @@ import mfusepy
 CONTROL = "/.powercut"
 ELSEWHERE = "xdev"
 """A directory named so, anywhere, acts as another file system: a rename into or out of it
-fails with EXDEV (so cross-device moves can be tested on one mount)."""
+fails with EXDEV, as does a hard link (so cross-device moves can be tested on one mount)."""
 
 
 @dataclass
@@ -281,6 +281,8 @@ class PowerLossFS(mfusepy.Operations):
     def link(self, target: str, source: str) -> int:
         with self._mutex:
             self._check()
+            if (ELSEWHERE in source.split("/")[:-1]) != (ELSEWHERE in target.split("/")[:-1]):
+                raise mfusepy.FuseOSError(errno.EXDEV)  # a hard link cannot cross devices either
             os.link(self._path(source), self._path(target), follow_symlinks=False)
         return 0
 

@@ -34,10 +34,10 @@ from atomictools import (
     WrongTypeError,
 )
 from atomictools.engine.changes import direct as fileops
-from atomictools.engine.reads import files
 from atomictools.engine.db.catalog import DatabaseCatalog
 from atomictools.engine.durable.fsutil import AT_FDCWD, RENAME_EXCHANGE, renameat2
 from atomictools.engine.durable.steps import observe_steps
+from atomictools.engine.reads import files
 from atomictools.engine.sandbox import Location
 from tests.conftest import tree_snapshot as snapshot
 

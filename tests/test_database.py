@@ -544,7 +544,7 @@ async def test_several_statements_in_one_string_are_refused(db: Database, db_pat
         await db.run_statements([Statement("INSERT INTO t(v) VALUES ('c')"), Statement(two)])
     assert info.value.index == 2
     async with db.transaction() as tx:
-        with pytest.raises(StatementError, match="Database.transaction"):
+        with pytest.raises(StatementError, match=r"Database\.transaction"):
             await tx.execute(two)
     assert values(db_path) == []
     assert writer_idle(db)
@@ -620,7 +620,7 @@ async def test_read_only_database_refuses_transactions(db_path: Path) -> None:
             await db.execute("INSERT INTO t VALUES ('x')")
         with pytest.raises(ReadOnlyError):
             await db.run_statements([Statement("INSERT INTO t VALUES ('x')")])
-        with pytest.raises(StatementError, match="Database.query only reads"):
+        with pytest.raises(StatementError, match=r"Database\.query only reads"):
             await db.query("DELETE FROM t")
         assert (await db.query("SELECT v FROM t")).rows == (("kept",),)
         assert db._writer is None

@@ -107,7 +107,7 @@ async def test_expected_sha256_guards_edit(ws: Workspace, root: Path) -> None:
 async def test_bad_edit_lists(root: Path) -> None:
     (root / "f.txt").write_text("abc\n")
     ws = Workspace([root], limits=Limits(max_edits=2))
-    with pytest.raises(InvalidArgumentError, match="Edit.old is empty"):
+    with pytest.raises(InvalidArgumentError, match=r"Edit\.old is empty"):
         await ws.edit("f.txt", [("", "x")])
     with pytest.raises(InvalidArgumentError, match="edits is empty"):
         await ws.edit("f.txt", [])

@@ -26,7 +26,6 @@ from mcp import Client
 
 from atomictools import Workspace
 from atomictools.engine.changes.record import RECORD_SUFFIX, decode, encode_body
-from atomictools.engine.changes.recovery import recover
 from atomictools.engine.changes.recovery_report import RecoveryReport
 from atomictools.engine.changes.sweep import sweep_temps
 from atomictools.engine.durable.steps import CRASH_ENV, CRASH_EXIT_CODE
@@ -123,7 +122,7 @@ def run_recovery(
     dry_run: bool = False,
 ) -> RecoveryReport:
     ws = Workspace(roots, state_dir=state)
-    return recover(ws.sandbox, ws.journal_dir, rollback=rollback, forward=forward, dry_run=dry_run)
+    return ws.recover(rollback=rollback, forward=forward, dry_run=dry_run)
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:

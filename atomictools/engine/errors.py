@@ -39,22 +39,34 @@ class AtomicToolsError(Exception):
 
 
 class InvalidArgumentError(AtomicToolsError):
+    """A parameter is wrong (empty, out of range, contradictory); nothing was changed."""
+
     code = "invalid_argument"
 
 
 class InvalidPathError(InvalidArgumentError):
+    """A path that cannot name a file (empty, NUL, too long); nothing was changed."""
+
     code = "invalid_path"
 
 
 class OutsideRootsError(AtomicToolsError):
+    """A path that leads outside the allowed roots (by ``..``, a symlink or a race);
+    nothing was read or changed."""
+
     code = "outside_roots"
 
 
 class NotFoundError(AtomicToolsError):
+    """The file or directory does not exist; nothing was changed."""
+
     code = "not_found"
 
 
 class AlreadyExistsError(AtomicToolsError):
+    """The destination exists and the call may not replace it (``create_only``, or
+    no ``overwrite``); nothing was changed."""
+
     code = "exists"
 
 
@@ -85,10 +97,14 @@ class EditError(AtomicToolsError):
 
 
 class EditNotFoundError(EditError):
+    """An edit's ``old`` text is not in the file; no edit was applied."""
+
     code = "edit_not_found"
 
 
 class EditAmbiguousError(EditError):
+    """An edit's ``old`` text occurs more than once; no edit was applied."""
+
     code = "edit_ambiguous"
 
 
@@ -99,18 +115,26 @@ class TextEncodingError(AtomicToolsError):
 
 
 class TooLargeError(AtomicToolsError):
+    """Over a limit (``Limits``) of one call; nothing was changed. Split the work."""
+
     code = "too_large"
 
 
 class ReadOnlyError(AtomicToolsError):
+    """The workspace or database is read-only; nothing was changed."""
+
     code = "read_only"
 
 
 class PermissionDeniedError(AtomicToolsError):
+    """The operating system refused access; nothing was changed."""
+
     code = "permission_denied"
 
 
 class DiskFullError(AtomicToolsError):
+    """No space (or quota) left; the change was abandoned whole and its temp removed."""
+
     code = "disk_full"
 
 

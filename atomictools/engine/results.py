@@ -28,6 +28,11 @@ Progress = Callable[[int, int | None], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class TextRead:
+    """A text file as read: its content (or its first/last lines), with the sha256 of the
+    whole file. Guarantee: ``sha256`` is of the very bytes decoded, so passing it back as
+    ``expected_sha256`` refuses a change if anyone wrote the file since. Caveat: with
+    ``head``/``tail`` the content is partial (``partial``) but the hash is still of the whole."""
+
     path: str
     content: str
     size: int
@@ -44,6 +49,10 @@ class TextRead:
 
 @dataclass(frozen=True, slots=True)
 class BytesRead:
+    """A file's bytes as read, with their sha256 and a guessed MIME type. Guarantee: ``sha256``
+    is of ``data`` exactly. Caveat: bounded by ``Limits.max_read_bytes``; the MIME type is a
+    guess from the name."""
+
     path: str
     data: bytes
     size: int
@@ -53,6 +62,9 @@ class BytesRead:
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
+    """What a write did. Guarantee: ``sha256``/``size`` are of the bytes now in the file
+    (fsynced, with full durability). Caveat: ``created`` is False when a file was replaced."""
+
     path: str
     size: int
     sha256: str
@@ -62,6 +74,9 @@ class WriteResult:
 
 @dataclass(frozen=True, slots=True)
 class EditResult:
+    """What an edit did (or, with ``applied`` False, would do): a unified diff and the
+    hashes before and after. Guarantee: every edit applied, or none."""
+
     path: str
     diff: str
     applied: bool
@@ -74,6 +89,9 @@ class EditResult:
 
 @dataclass(frozen=True, slots=True)
 class MoveResult:
+    """What a move did. Guarantee: the entry is at ``destination`` and not at ``source``.
+    Caveat: ``replaced`` says an existing destination was overwritten (only with ``overwrite``)."""
+
     source: str
     destination: str
     replaced: bool
@@ -81,6 +99,9 @@ class MoveResult:
 
 @dataclass(frozen=True, slots=True)
 class CopyResult:
+    """What a copy did. Guarantee: ``destination`` holds exactly the bytes hashed as
+    ``sha256``, the source's bytes at one moment (a source changed meanwhile is refused)."""
+
     source: str
     destination: str
     size: int
@@ -90,18 +111,25 @@ class CopyResult:
 
 @dataclass(frozen=True, slots=True)
 class DeleteResult:
+    """What a delete removed: a file or a symlink (never what a link points to)."""
+
     path: str
     type: EntryType
 
 
 @dataclass(frozen=True, slots=True)
 class MkdirResult:
+    """A directory that exists now; ``created`` False means it was already there."""
+
     path: str
     created: bool
 
 
 @dataclass(frozen=True, slots=True)
 class DirEntry:
+    """One entry of a listing. Caveat: ``size`` is None for a directory; our own temp files
+    are never listed."""
+
     name: str
     type: EntryType
     size: int | None
@@ -110,6 +138,9 @@ class DirEntry:
 
 @dataclass(frozen=True, slots=True)
 class DirListing:
+    """The entries of one directory. Caveat: bounded by ``Limits.max_list_entries``
+    (``truncated`` says so)."""
+
     path: str
     entries: tuple[DirEntry, ...]
     truncated: bool
@@ -118,6 +149,9 @@ class DirListing:
 
 @dataclass(frozen=True, slots=True)
 class TreeNode:
+    """One node of a directory tree. Caveat: bounded by ``max_depth`` and ``Limits.max_tree_*``;
+    symlinks are shown, never followed."""
+
     name: str
     type: EntryType
     children: tuple[TreeNode, ...] | None = None
@@ -127,6 +161,9 @@ class TreeNode:
 
 @dataclass(frozen=True, slots=True)
 class SearchResult:
+    """Paths that match a glob. Caveat: bounded by ``Limits.max_search_results``
+    (``truncated`` says so); symlinks are not followed."""
+
     matches: tuple[str, ...]
     """Paths relative to the root, in walk order."""
     truncated: bool
@@ -134,6 +171,8 @@ class SearchResult:
 
 @dataclass(frozen=True, slots=True)
 class FileInfo:
+    """Metadata of one entry (size, times, type, permissions), read without changing it."""
+
     path: str
     type: EntryType
     size: int

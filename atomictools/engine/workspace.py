@@ -37,9 +37,8 @@ from atomictools.engine.changes.model import (
     ChangeSetResult,
     RecoveryNeededError,
 )
-from atomictools.engine.changes.recovery import recover as recover_roots
 from atomictools.engine.changes.recovery import recover_journals
-from atomictools.engine.changes.recovery_report import RecoveryReport, UnfinishedSet
+from atomictools.engine.changes.recovery_report import RecoveryReport, Resolve, UnfinishedSet
 from atomictools.engine.changes.sweep import sweep_temps
 from atomictools.engine.changes.unfinished import LockKey, UnfinishedSets, lock_key
 from atomictools.engine.config import Durability, Limits, default_state_dir
@@ -194,12 +193,16 @@ class Workspace:
         ``forward``/``rollback`` also decide change sets whose record cannot be trusted, from
         their files on disk; without either, such a set is reported and left as it is.
         """
-        return recover_roots(
+        resolve: Resolve | None = "rollback" if rollback else "forward" if forward else None
+        report = recover_journals(
+            self.sandbox, self.journal_dir, rollback=rollback, dry_run=dry_run
+        )
+        return sweep_temps(
             self.sandbox,
-            self.journal_dir,
-            rollback=rollback,
-            forward=forward,
+            report,
+            journal_dir=self.journal_dir,
             dry_run=dry_run,
+            resolve=resolve,
             on_progress=on_progress,
         )
 
@@ -432,14 +435,17 @@ class Workspace:
             ):
                 if not direct.needs_journal(src, dst):
                     async with self._changing(src, dst):
-                        return await direct.move(
-                            src,
-                            dst,
-                            overwrite=overwrite,
-                            durability=self.durability,
-                            limits=self.limits,
-                            expected_sha256=expected_sha256,
-                        )
+                        try:
+                            return await direct.move(
+                                src,
+                                dst,
+                                overwrite=overwrite,
+                                durability=self.durability,
+                                limits=self.limits,
+                                expected_sha256=expected_sha256,
+                            )
+                        except direct.CrossesMounts:
+                            pass  # no rename can do it: the journal's copy-and-delete can
         done = await self._once(change, idempotency_key)
         return MoveResult(_known(done.source), done.path, replaced=not done.created)
 
@@ -637,7 +643,11 @@ def _change_args(change: Change) -> dict[str, object]:
 
 
 class ChangeSet:
-    """Collects the changes of ``Workspace.changeset()``; applied together when the block ends."""
+    """Collects the changes of ``Workspace.changeset()``; applied together when the block ends.
+
+    Guarantee: all of them or none, also across a crash. Caveat: nothing is checked until the
+    block ends; an error then names the change that failed (``change 2 of 3 (edit): ...``).
+    """
 
     def __init__(self) -> None:
         self.changes: list[Change] = []
@@ -711,7 +721,12 @@ async def atomic_writer(
     expected_sha256: str | None = None,
     create_only: bool = False,
 ) -> AsyncIterator[AtomicWriter]:
-    """Stream an atomic write to any path: ``async with atomic_writer("out.bin") as w: ...``."""
+    """Stream an atomic write to any path: ``async with atomic_writer("out.bin") as w: ...``.
+
+    Guarantee: the file is replaced whole at a clean exit (fsynced, with its directory, unless
+    ``durability="fast"``), or not at all. Caveat: the file's directory must exist; no limit
+    on the size, since memory stays bounded by the chunk size.
+    """
     workspace, name = _workspace_of_file(path, durability)
     async with workspace.atomic_writer(
         name, expected_sha256=expected_sha256, create_only=create_only
@@ -727,7 +742,12 @@ async def atomic_write(
     expected_sha256: str | None = None,
     create_only: bool = False,
 ) -> WriteResult:
-    """Atomically create or replace one file anywhere, without setting up a workspace."""
+    """Atomically create or replace one file anywhere, without setting up a workspace.
+
+    Guarantee: readers see the old or the new content, never a mix; a crash leaves one of them
+    (and at most a temp file that ``recover`` removes). Caveat: ``content`` is held in memory;
+    stream large files with ``atomic_writer``.
+    """
     workspace, name = _workspace_of_file(path, durability)
     return await workspace.write(
         name, content, expected_sha256=expected_sha256, create_only=create_only

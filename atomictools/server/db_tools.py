@@ -25,7 +25,6 @@ from atomictools.engine import (
     StatementResult,
     Workspace,
 )
-from atomictools.server.file_tools import READ_ONLY, IdempotencyKey, mutating, tool_result
 from atomictools.server.models import (
     DbColumn,
     DbEntry,
@@ -39,6 +38,7 @@ from atomictools.server.models import (
     DbTransactionOutput,
 )
 from atomictools.server.runtime import ToolRuntime
+from atomictools.server.tooling import READ_ONLY, IdempotencyKey, mutating, tool_result
 
 BLOB_KEY = "$blob"
 MAX_STATEMENTS = 20_000

@@ -22,13 +22,11 @@ from mcp.types import (
     EmbeddedResource,
     ImageContent,
     TextContent,
-    ToolAnnotations,
 )
 from pydantic import Field
 
 from atomictools.engine import (
     MAX_CHANGES,
-    MAX_KEY_LENGTH,
     AtomicToolsError,
     BytesRead,
     Change,
@@ -63,24 +61,12 @@ from atomictools.server.models import (
     ReadTextOutput,
     SearchOutput,
     TreeOutput,
-    WireModel,
     WriteChange,
     WriteOutput,
 )
 from atomictools.server.runtime import ToolRuntime
+from atomictools.server.tooling import READ_ONLY, IdempotencyKey, mutating, tool_result
 from atomictools.server.wording import for_client
-
-READ_ONLY = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
-
-
-def mutating(*, destructive: bool, idempotent: bool) -> ToolAnnotations:
-    return ToolAnnotations(
-        read_only_hint=False,
-        destructive_hint=destructive,
-        idempotent_hint=idempotent,
-        open_world_hint=False,
-    )
-
 
 PathParam = Annotated[str, Field(description="File path: relative to the first root, or absolute.")]
 ExpectedSha = Annotated[
@@ -91,29 +77,9 @@ SourceSha = Annotated[
     str | None,
     Field(description="Refuse unless the source file's current sha256 is this (from a read)."),
 ]
-IdempotencyKey = Annotated[
-    str | None,
-    Field(
-        description=(
-            "A unique string you choose per change (a UUID). Retrying with the same key and "
-            "arguments returns the first call's result without changing anything again."
-        ),
-        min_length=1,
-        max_length=MAX_KEY_LENGTH,
-    ),
-]
 Excludes = Annotated[
     list[str] | None, Field(description="Glob patterns to skip, e.g. node_modules or *.log.")
 ]
-
-
-def tool_result(
-    model: WireModel, text: str, extra: list[ContentBlock] | None = None
-) -> CallToolResult:
-    return CallToolResult(
-        content=[TextContent(type="text", text=text), *(extra or [])],
-        structured_content=model.model_dump(mode="json", by_alias=True),
-    )
 
 
 def _tree_json(node: TreeNode) -> dict[str, Any]:

@@ -85,31 +85,25 @@ def check_move(
     refuse_root(destination, "replace")
     if src_st is None:
         raise missing(source, "move")
-    where = f"{source.display} to {destination.display}"
-    if dst_st is not None:
-        if fsutil.same_file(src_st, dst_st):
-            raise InvalidArgumentError(
-                f"cannot move {source.display} onto itself ({destination.display})"
-            )
-        if not overwrite:
-            raise AlreadyExistsError(
-                f"cannot move {where}: the destination exists; pass overwrite to replace it, "
-                "or choose another name"
-            )
-        if stat.S_ISDIR(dst_st.st_mode):
-            raise WrongTypeError(
-                f"cannot move {where}: the destination is a directory; only a file or a "
-                "symlink is replaced"
-            )
+    check_destination("move", source, src_st, destination, dst_st, overwrite=overwrite)
+    if dst_st is not None and stat.S_ISDIR(dst_st.st_mode):
+        raise WrongTypeError(
+            f"cannot move {source.display} to {destination.display}: the destination is a "
+            "directory; only a file or a symlink is replaced"
+        )
     if stat.S_ISDIR(src_st.st_mode) and destination.abspath.is_relative_to(source.abspath):
         raise InvalidArgumentError(
             f"cannot move {source.display} into itself ({destination.display})"
         )
     if across_devices(source, src_st, destination) and not stat.S_ISREG(src_st.st_mode):
-        raise WrongTypeError(
-            f"cannot move {where}: they are on different file systems and only files can be "
-            "moved across them"
-        )
+        raise only_files_cross(source, destination)
+
+
+def only_files_cross(source: Location, destination: Location) -> WrongTypeError:
+    return WrongTypeError(
+        f"cannot move {source.display} to {destination.display}: they are on different file "
+        "systems and only files can be moved across them"
+    )
 
 
 def across_devices(source: Location, src_st: os.stat_result, destination: Location) -> bool:
@@ -131,18 +125,32 @@ def check_copy(
         raise missing(source, "copy")
     if not stat.S_ISLNK(src_st.st_mode):  # a link was swapped in after the path was resolved:
         require_regular(src_st, source, "copy")  # opening it (O_NOFOLLOW) refuses it as such
+    check_destination("copy", source, src_st, destination, dst_st, overwrite=overwrite)
+    if dst_st is not None:
+        require_regular(dst_st, destination, "copy onto")
+
+
+def check_destination(
+    action: str,
+    source: Location,
+    src_st: os.stat_result,
+    destination: Location,
+    dst_st: os.stat_result | None,
+    *,
+    overwrite: bool,
+) -> None:
+    """A move or copy onto an existing entry: never onto itself, and only with ``overwrite``."""
     if dst_st is None:
         return
     if fsutil.same_file(src_st, dst_st):
         raise InvalidArgumentError(
-            f"cannot copy {source.display} onto itself ({destination.display})"
+            f"cannot {action} {source.display} onto itself ({destination.display})"
         )
     if not overwrite:
         raise AlreadyExistsError(
-            f"cannot copy {source.display} to {destination.display}: the destination exists; "
-            "pass overwrite to replace it, or choose another name"
+            f"cannot {action} {source.display} to {destination.display}: the destination "
+            "exists; pass overwrite to replace it, or choose another name"
         )
-    require_regular(dst_st, destination, "copy onto")
 
 
 def check_delete(location: Location, st: os.stat_result | None) -> None:

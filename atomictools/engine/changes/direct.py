@@ -25,7 +25,6 @@ from atomictools.engine.durable.writer import PendingWrite, open_atomic_writer
 from atomictools.engine.errors import (
     AlreadyExistsError,
     AtomicToolsError,
-    InvalidArgumentError,
     PartlyDoneError,
     from_os_error,
     not_synced,
@@ -153,6 +152,7 @@ async def move(
     src_st = source.lstat()
     dst_st = destination.lstat()
     checks.check_move(source, src_st, destination, dst_st, overwrite=overwrite)
+    assert src_st is not None  # refused by the checks
     await checks.check_sha256(source, src_st, expected_sha256, limits, "move")
     await step("move.before")
     try:  # one rename, inline: no cancel can split it
@@ -168,6 +168,8 @@ async def move(
                 source.dir_fd, source.name, destination.dir_fd, destination.name
             )
     except OSError as err:
+        if err.errno == errno.EXDEV and stat.S_ISREG(src_st.st_mode):
+            raise CrossesMounts from err
         raise _move_error(err, source, destination) from err
     if durability is Durability.FULL:
         try:
@@ -180,6 +182,11 @@ async def move(
     )
 
 
+class CrossesMounts(Exception):
+    """The rename of a file failed with EXDEV although both sides report one device (two
+    mounts of one file system): the move needs the journaled copy-and-delete instead."""
+
+
 def _move_error(err: OSError, source: Location, destination: Location) -> AtomicToolsError:
     """A rename the checks expected to work failed: say why, in the checks' words."""
     where = f"{source.display} to {destination.display}"
@@ -189,10 +196,7 @@ def _move_error(err: OSError, source: Location, destination: Location) -> Atomic
             "to replace it"
         )
     if err.errno == errno.EXDEV:  # two mounts of one file system (a bind mount): no rename
-        return InvalidArgumentError(
-            f"cannot move {where}: they are on different mounts, which a rename cannot cross; "
-            "copy, then delete"
-        )
+        return checks.only_files_cross(source, destination)
     return from_os_error(err, f"{source.display} -> {destination.display}", "move")
 
 

@@ -658,6 +658,13 @@ class ChangeSetRunner:
         """
         if self.durability is Durability.FULL:
             directories = {p.target.dir_fd: p.target.display for p in self.planned}
+            # A move across file systems also keeps its source's backup (and a claim) beside
+            # the source: without it durable, recovery could not delete the source.
+            directories |= {
+                p.source.dir_fd: p.source.display
+                for p in self.planned
+                if p.source is not None and p.source_backup is not None
+            }
             for directory in fsutil.distinct_directories(directories):
                 try:
                     fsutil.sync_directory(directory)

@@ -18,7 +18,11 @@ OpName = Literal["write", "edit", "move", "copy", "delete", "mkdir"]
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One change of a set. ``path`` is the target; ``source`` is read by move and copy."""
+    """One change of a set. ``path`` is the target; ``source`` is read by move and copy.
+
+    The same checks apply as to the single-file call of the same name; in a set, a path may be
+    changed by one change only. Caveat: ``content`` is held in memory (see ``Limits``).
+    """
 
     op: OpName
     path: str
@@ -34,6 +38,8 @@ class Change:
 
 @dataclass(frozen=True, slots=True)
 class ChangeOutcome:
+    """What one change of a set did (or, in a dry run, would do), in the order given."""
+
     op: OpName
     path: str
     source: str | None
@@ -51,6 +57,10 @@ class ChangeOutcome:
 
 @dataclass(frozen=True, slots=True)
 class ChangeSetResult:
+    """What a change set did. Guarantee: with ``applied`` every change is in place, and a
+    crash at any moment leaves all of them or none (recovery finishes or undoes the rest).
+    Caveat: ``txid`` names the journal record only while it exists (None for a dry run)."""
+
     changes: tuple[ChangeOutcome, ...]
     applied: bool
     """False for a dry run: the checks passed, nothing was written."""

@@ -26,7 +26,6 @@ import logging
 import os
 import sqlite3
 import stat
-from collections.abc import Callable
 from pathlib import Path
 
 from atomictools.engine.changes.idempotency import IdempotencyStore, Receipt, failed_result
@@ -37,8 +36,8 @@ from atomictools.engine.changes.record import (
     UntrustedRecordError,
     decode,
 )
-from atomictools.engine.changes.recovery_report import RecoveryReport, Resolve, UnfinishedSet
-from atomictools.engine.changes.sweep import sweep_one, sweep_temps
+from atomictools.engine.changes.recovery_report import RecoveryReport, UnfinishedSet
+from atomictools.engine.changes.sweep import sweep_one
 from atomictools.engine.durable import fsutil
 from atomictools.engine.durable.fsutil import lstat_at, same_file, sha256_at, unlink_at
 from atomictools.engine.durable.tempfiles import (
@@ -444,29 +443,3 @@ def _read(fd: int) -> bytes:
     while chunk := os.read(fd, 1 << 20):
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def recover(
-    sandbox: Sandbox,
-    journal_dir: Path,
-    *,
-    rollback: bool = False,
-    forward: bool = False,
-    dry_run: bool = False,
-    on_progress: Callable[[int], None] | None = None,
-) -> RecoveryReport:
-    """Journals first, then the sweep: what ``atomictools recover`` does.
-
-    ``forward``/``rollback`` also decide change sets whose record cannot be trusted, from
-    their files on disk; without either, such a set is reported and left as it is.
-    """
-    resolve: Resolve | None = "rollback" if rollback else "forward" if forward else None
-    report = recover_journals(sandbox, journal_dir, rollback=rollback, dry_run=dry_run)
-    return sweep_temps(
-        sandbox,
-        report,
-        journal_dir=journal_dir,
-        dry_run=dry_run,
-        resolve=resolve,
-        on_progress=on_progress,
-    )

@@ -47,7 +47,12 @@ def _check_named(name: str, path: Path) -> None:
 
 
 class DatabaseCatalog:
-    """Named databases plus database files inside the workspace, opened on first use."""
+    """Named databases plus database files inside the workspace, opened on first use.
+
+    Guarantee: a database file is opened only inside the roots or by an operator-given name,
+    through a pinned directory (no symlink race). Caveat: call ``close`` when done (the
+    server does at shutdown); each database stays open until then.
+    """
 
     def __init__(
         self,

@@ -68,12 +68,16 @@ MAX_READERS = 4
 
 @dataclass(frozen=True, slots=True)
 class Statement:
+    """One SQL statement with its parameters (``?`` or ``:name`` placeholders)."""
+
     sql: str
     params: Params = None
 
 
 @dataclass(frozen=True, slots=True)
 class StatementResult:
+    """What one statement changed: rows affected and the last rowid."""
+
     rowcount: int
     """Rows changed by an INSERT/UPDATE/DELETE (-1 for other statements)."""
     lastrowid: int | None
@@ -81,6 +85,8 @@ class StatementResult:
 
 @dataclass(frozen=True, slots=True)
 class QueryResult:
+    """Rows of a read-only query. Caveat: at most ``max_rows`` (``truncated`` says so)."""
+
     columns: tuple[str, ...]
     rows: tuple[tuple[Any, ...], ...]
     truncated: bool
@@ -98,6 +104,8 @@ class ColumnInfo:
 
 @dataclass(frozen=True, slots=True)
 class TableInfo:
+    """A table's or view's schema: its columns and the SQL that created it."""
+
     name: str
     type: str
     sql: str | None
@@ -363,7 +371,12 @@ class Database:
     """One SQLite database file: one writer at a time, concurrent readers.
 
     ``async with Database(path) as db:`` then ``async with db.transaction() as tx:``, or the
-    one-call helpers ``execute``, ``run_statements``, ``query`` and ``schema``.
+    one-call helpers ``execute``, ``run_statements``, ``query`` and ``schema``. Guarantee: a
+    change commits whole or not at all; an error, a cancel or a deadline rolls it back (in
+    WAL mode, with the statement interrupted, not left running). Caveats: one process's
+    writers queue behind each other and SQLite's busy timeout across processes; ``query``
+    refuses anything that writes; a failed COMMIT says its outcome is unknown
+    (``CommitUnknownError``) instead of guessing.
     """
 
     def __init__(

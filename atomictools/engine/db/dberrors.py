@@ -21,6 +21,9 @@ from atomictools.engine.errors import AtomicToolsError
 
 
 class DatabaseError(AtomicToolsError):
+    """SQLite refused or failed a statement; the transaction was rolled back, so the
+    database is as it was."""
+
     code = "database"
     outcome = "nothing was committed"
 

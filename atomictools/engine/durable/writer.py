@@ -129,7 +129,14 @@ class PendingFile:
 
 
 class AtomicWriter:
-    """What ``open_atomic_writer`` yields: write chunks; the target changes only at a clean exit."""
+    """What ``atomic_writer`` yields: write chunks; the target changes only at a clean exit.
+
+    Guarantee: readers see the old file until the block exits cleanly, then the whole new one;
+    an exception or cancel inside the block leaves the target untouched and no temp file.
+    Caveat: ``expected_sha256`` is checked when the block starts (``create_only`` also at the
+    exit); other atomictools calls on the file wait for the block (a directory lock), but a
+    program that is not atomictools writing the file meanwhile loses that write at the exit.
+    """
 
     def __init__(self, pending: PendingFile, limits: Limits, *, replaced: bool) -> None:
         self._pending = pending

@@ -20,7 +20,12 @@ _MAX_LINES_LISTED = 5
 
 @dataclass(frozen=True, slots=True)
 class Edit:
-    """Replace the one occurrence of ``old`` with ``new``."""
+    """Replace the one occurrence of ``old`` with ``new``.
+
+    ``old`` must match exactly once (else ``EditNotFoundError``/``EditAmbiguousError``, and no
+    edit of the call is applied). Caveat: in a CRLF file, LF line ends in ``old``/``new`` are
+    matched and written as CRLF, so an edit keeps the file's newlines.
+    """
 
     old: str
     new: str
