@@ -717,7 +717,7 @@ async def test_huge_result_is_truncated_at_max_rows(db: Database) -> None:
     [(0, InvalidArgumentError), (-1, InvalidArgumentError), (100_001, TooLargeError)],
 )
 async def test_max_rows_bounds(db: Database, max_rows: int, error: type[Exception]) -> None:
-    with pytest.raises(error, match="maxRows"):
+    with pytest.raises(error, match="max_rows"):
         await db.query("SELECT 1", max_rows=max_rows)
 
 

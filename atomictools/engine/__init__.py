@@ -13,13 +13,7 @@ from the folders below (checked by the import-linter contracts in ``pyproject.to
 """
 
 from atomictools.engine.changes.idempotency import DEFAULT_TTL_SECONDS, MAX_KEY_LENGTH
-from atomictools.engine.changes.model import (
-    MAX_CHANGES,
-    Change,
-    ChangeOutcome,
-    ChangeSetResult,
-    RecoveryNeededError,
-)
+from atomictools.engine.changes.model import MAX_CHANGES, Change
 from atomictools.engine.changes.recovery_report import RecoveryReport, UnfinishedSet
 from atomictools.engine.config import STATE_DIR_ENV, Durability, Limits, MiB
 from atomictools.engine.db.catalog import DatabaseCatalog
@@ -54,6 +48,7 @@ from atomictools.engine.errors import (
     PermissionDeniedError,
     PreconditionFailedError,
     ReadOnlyError,
+    RecoveryNeededError,
     StateDirError,
     TextEncodingError,
     TooLargeError,
@@ -63,6 +58,8 @@ from atomictools.engine.errors import (
 )
 from atomictools.engine.results import (
     BytesRead,
+    ChangeOutcome,
+    ChangeSetResult,
     CopyResult,
     DeleteResult,
     DirEntry,

@@ -240,3 +240,12 @@ def spelled(text: str, terms: Mapping[str, str]) -> str:
         return text
     pattern = _terms_pattern(tuple(terms))
     return pattern.sub(lambda match: terms[match.group(0)], text)
+
+
+class RecoveryNeededError(AtomicToolsError):
+    """A committed change set could not be finished here; ``recover`` will finish it."""
+
+    code = "recovery_needed"
+
+    def __init__(self, message: str, *, changed: bool = True) -> None:
+        super().__init__(message, changed=changed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import stat
 from collections.abc import Awaitable, Callable
@@ -9,6 +11,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 EntryType = Literal["file", "directory", "symlink", "other"]
+OpName = Literal["write", "edit", "move", "copy", "delete", "mkdir"]
+"""The kinds of file change (``Change.op``)."""
 
 
 def entry_type(st: os.stat_result) -> EntryType:
@@ -185,3 +189,44 @@ class FileInfo:
     created: str | None
     """Birth time where the platform reports it."""
     symlink_target: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeOutcome:
+    """What one change of a set did (or, in a dry run, would do), in the order given."""
+
+    op: OpName
+    path: str
+    source: str | None
+    sha256: str | None
+    """Content hash after the change (None for delete, move of a non-file, mkdir)."""
+    diff: str | None = None
+    created: bool = False
+    size: int | None = None
+    """Size of the new content (write, edit, copy)."""
+    previous_sha256: str | None = None
+    """Content hash before an edit."""
+    type: EntryType | None = None
+    """What a delete removed or a move moved."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeSetResult:
+    """What a change set did. Guarantee: with ``applied`` every change is in place, and a
+    crash at any moment leaves all of them or none (recovery finishes or undoes the rest).
+    Caveat: ``txid`` names the journal record only while it exists (None for a dry run)."""
+
+    changes: tuple[ChangeOutcome, ...]
+    applied: bool
+    """False for a dry run: the checks passed, nothing was written."""
+    txid: str | None
+
+    def to_json(self) -> str:
+        """The form an idempotency record stores (and a retry turns back into this)."""
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> ChangeSetResult:
+        data = json.loads(text)
+        changes = tuple(ChangeOutcome(**change) for change in data["changes"])
+        return cls(changes, applied=bool(data["applied"]), txid=data["txid"])

@@ -31,12 +31,7 @@ from atomictools.engine.changes.idempotency import (
     key_locked,
 )
 from atomictools.engine.changes.journaled import ChangeSetRunner, apply_change_set
-from atomictools.engine.changes.model import (
-    Change,
-    ChangeOutcome,
-    ChangeSetResult,
-    RecoveryNeededError,
-)
+from atomictools.engine.changes.model import Change
 from atomictools.engine.changes.recovery import recover_journals
 from atomictools.engine.changes.recovery_report import RecoveryReport, Resolve, UnfinishedSet
 from atomictools.engine.changes.sweep import sweep_temps
@@ -45,10 +40,17 @@ from atomictools.engine.config import Durability, Limits, default_state_dir
 from atomictools.engine.durable.locks import ChangeLocks
 from atomictools.engine.durable.steps import step
 from atomictools.engine.durable.writer import AtomicWriter
-from atomictools.engine.errors import InvalidArgumentError, NotFoundError, ReadOnlyError
+from atomictools.engine.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    ReadOnlyError,
+    RecoveryNeededError,
+)
 from atomictools.engine.reads import files, listing
 from atomictools.engine.results import (
     BytesRead,
+    ChangeOutcome,
+    ChangeSetResult,
     CopyResult,
     DeleteResult,
     DirListing,
@@ -205,6 +207,16 @@ class Workspace:
             resolve=resolve,
             on_progress=on_progress,
         )
+
+    def absolute(self, path: PathArg) -> Path:
+        """The absolute path ``path`` names inside the roots (symlinks resolved, confined)."""
+        with self.sandbox.resolve(path) as location:
+            return location.abspath
+
+    def shown(self, path: PathArg) -> str:
+        """``path`` as results show it: relative to its root (``.`` for the root itself)."""
+        with self.sandbox.resolve(path) as location:
+            return location.display
 
     # -- reads ------------------------------------------------------------------------------
 

@@ -161,8 +161,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
     ) -> Annotated[CallToolResult, ReadMediaOutput]:
         async def load(ws: Workspace) -> tuple[BytesRead, str]:
             read = await ws.read_bytes(path)
-            with ws.sandbox.resolve(path) as location:
-                return read, location.abspath.as_uri()
+            return read, ws.absolute(path).as_uri()
 
         read, uri = await runtime.call(ctx, load)
         out = ReadMediaOutput.model_validate(read)
@@ -372,7 +371,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
 
         async def walk(ws: Workspace) -> tuple[str, TreeNode]:
             node = await ws.tree(path, exclude=excludePatterns or (), progress=progress)
-            return _display(ws, path), node
+            return ws.shown(path), node
 
         display, root = await runtime.call(ctx, walk)
         children = root.children or ()
@@ -399,7 +398,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
 
         async def find(ws: Workspace) -> tuple[str, SearchResult]:
             found = await ws.search(path, pattern, exclude=excludePatterns or (), progress=progress)
-            return _display(ws, path), found
+            return ws.shown(path), found
 
         display, found = await runtime.call(ctx, find)
         out = SearchOutput(
@@ -524,11 +523,6 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
             ),
         )
         return tool_result(DeleteOutput.model_validate(deleted), f"Deleted {deleted.path}")
-
-
-def _display(workspace: Workspace, path: str) -> str:
-    with workspace.sandbox.resolve(path) as location:
-        return location.display
 
 
 def _to_change(change: AnyChange) -> Change:

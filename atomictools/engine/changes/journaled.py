@@ -41,13 +41,7 @@ import anyio
 from atomictools.engine.changes import checks
 from atomictools.engine.changes.content import copy_into, plan_edit
 from atomictools.engine.changes.idempotency import IdempotencyStore, Receipt
-from atomictools.engine.changes.model import (
-    MAX_CHANGES,
-    Change,
-    ChangeOutcome,
-    ChangeSetResult,
-    RecoveryNeededError,
-)
+from atomictools.engine.changes.model import MAX_CHANGES, Change
 from atomictools.engine.changes.record import RECORD_SUFFIX, JournalRecord, OpRecord
 from atomictools.engine.config import Durability, Limits
 from atomictools.engine.durable import fsutil
@@ -66,13 +60,20 @@ from atomictools.engine.errors import (
     DurabilityUnknownError,
     InvalidArgumentError,
     NotFoundError,
+    RecoveryNeededError,
     StateDirError,
     TooLargeError,
     from_os_error,
     state_dir_error,
 )
 from atomictools.engine.reads.files import read_whole
-from atomictools.engine.results import EntryType, Progress, entry_type
+from atomictools.engine.results import (
+    ChangeOutcome,
+    ChangeSetResult,
+    EntryType,
+    Progress,
+    entry_type,
+)
 from atomictools.engine.sandbox import Location, Sandbox, open_entry, require_regular
 
 logger = logging.getLogger("atomictools.engine.changes.journaled")
@@ -484,9 +485,13 @@ class ChangeSetRunner:
             return
         writer = self._staging(planned, st, st)
         view, chunk = memoryview(content), self.limits.chunk_bytes
-        for start in range(0, max(len(view), 1), chunk):
+        for start in range(0, len(view), chunk):
             await writer.write(view[start : start + chunk], last=start + chunk >= len(view))
             await step("changeset.chunk")
+        staged = planned.staged
+        assert staged is not None
+        if not staged.synced:  # empty content: no chunk carried the fsync
+            await run_blocking(True, staged.sync)
         self._keep_old_version(planned, st)
 
     async def _stage_copy(

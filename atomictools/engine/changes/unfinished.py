@@ -14,10 +14,9 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from atomictools.engine.changes.model import RecoveryNeededError
 from atomictools.engine.changes.recovery import record_path, recover_journals
 from atomictools.engine.changes.recovery_report import RecoveryReport, UnfinishedSet
-from atomictools.engine.errors import AtomicToolsError
+from atomictools.engine.errors import AtomicToolsError, RecoveryNeededError
 from atomictools.engine.sandbox import Location, Sandbox
 
 LockKey = tuple[int, int, str]

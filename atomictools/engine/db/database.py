@@ -649,9 +649,9 @@ class Database:
     async def query(self, sql: str, params: Params = None, *, max_rows: int = 1000) -> QueryResult:
         """A read-only query on a read-only connection, at most ``max_rows`` rows."""
         if max_rows < 1:
-            raise InvalidArgumentError(f"maxRows must be at least 1, not {max_rows}")
+            raise InvalidArgumentError(f"max_rows must be at least 1, not {max_rows}")
         if max_rows > 100_000:
-            raise TooLargeError(f"maxRows {max_rows} is more than the limit of 100000")
+            raise TooLargeError(f"max_rows {max_rows} is more than the limit of 100000")
         async with self._reader() as reader:
             cursor = await self._run(reader, sql, params)
             return await _fetch(cursor, max_rows)
