@@ -896,3 +896,13 @@ def test_a_zombie_is_not_a_live_writer() -> None:
     assert not pid_alive(child.pid)  # ...but nobody lives behind it
     child.wait()
     assert pid_alive(os.getpid())
+
+
+def test_the_servers_sweep_waits_out_the_grace_period() -> None:
+    """The server sweeps once, ``sweep_delay`` after its start: if that came before the sweep's
+    grace period had passed, a claim its killed predecessor made in its last moments would
+    still look like a live writer's, and stay (the long SIGKILL campaign saw it happen)."""
+    from atomictools.engine.changes.sweep import GRACE_SECONDS
+    from atomictools.server import ServerOptions
+
+    assert ServerOptions().sweep_delay >= GRACE_SECONDS

@@ -46,8 +46,11 @@ class ServerOptions:
     max_read_multiple: int = 100
     recover_on_start: bool = True
     """Finish or undo interrupted change sets before serving, then sweep orphaned temps."""
-    sweep_delay: float = 2.0
-    """Seconds after start before the temp sweep begins (so it never delays the first call)."""
+    sweep_delay: float = 5.0
+    """Seconds after start before the temp sweep begins (so it never delays the first call).
+
+    At least the sweep's grace period: by then whatever a killed predecessor left is old enough
+    to judge (a claim or temp younger than that may be a live writer's, and is kept)."""
     retry_interval: float = 5.0
     """Seconds between attempts to finish change sets that could not be finished."""
     roots_wait: float = 5.0
