@@ -442,7 +442,8 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         description=(
             "Move or rename a file or directory atomically (a symlink is moved as a link). An "
             "existing destination is refused unless `overwrite` is true; the check and the "
-            "rename are one atomic step."
+            "rename are one atomic step. A file moving to another file system is copied, then "
+            "its source deleted, both journaled: after a crash there is one of them, not both."
         ),
         annotations=mutating(destructive=True, idempotent=False),
     )

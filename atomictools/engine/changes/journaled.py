@@ -1,11 +1,14 @@
-"""Multi-file change sets that are all-or-nothing, through an intent journal.
+"""The journaled commit: change sets (and any change with an idempotency key) that are
+all-or-nothing, through an intent journal. Every precondition comes from ``checks``, the same
+as the direct commit's; new content is staged by the same pending-file writer.
 
 Protocol (``apply_change_set``):
 
 1. **Prepare** (no visible change; cancellable): every new content is staged in a locked temp
    file next to its target and fsynced; every file about to be replaced or deleted gets a
-   hard-linked backup (also a temp name); directories to create are recorded in a
-   ``preparing`` journal record first, then created.
+   hard-linked backup (also a temp name); a file moving to another file system is staged as a
+   copy next to its destination, and its source backed up for deletion; directories to create
+   are recorded in a ``preparing`` journal record first, then created.
 2. **Commit**: the record, rewritten as ``committed`` with every target, staged file and backup,
    checksummed, is written to a temp, fsynced and renamed into the journal directory, which is
    then fsynced. That rename is the single commit point.
