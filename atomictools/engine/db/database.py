@@ -158,17 +158,20 @@ class _Connection:
             if check is not None:
                 check()
             if not read_only:
-                await conn.execute("PRAGMA journal_mode=WAL")
+                # Two processes opening a new database at once both switch it to WAL; SQLite
+                # answers one of them "locked" at once (its deadlock guard skips the busy wait).
+                await until_not_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"), busy_timeout)
                 await conn.execute(f"PRAGMA synchronous={synchronous}")
-                # The writer waits for other writers in begin(), on the event loop, where a
-                # cancel can reach it; SQLite's own busy wait could not be interrupted.
-                await conn.execute("PRAGMA busy_timeout=0")
             await conn.execute("PRAGMA foreign_keys=ON")
             if read_only:
                 await conn.execute("PRAGMA query_only=ON")
             if check is not None:
                 await conn.execute("SELECT count(*) FROM sqlite_master")  # opens -wal, -shm
                 check()
+            if not read_only:
+                # The writer waits for other writers in begin(), on the event loop, where a
+                # cancel can reach it; SQLite's own busy wait could not be interrupted.
+                await conn.execute("PRAGMA busy_timeout=0")
             guard = SqlGuard(read_only=read_only)
             await conn.set_authorizer(guard)
             self = cls(conn, guard, secrets.token_hex(16))
@@ -352,6 +355,31 @@ async def _fetch(cursor: aiosqlite.Cursor, max_rows: int) -> QueryResult:
         await cursor.close()
     truncated = len(rows) > max_rows
     return QueryResult(columns, tuple(tuple(r) for r in rows[:max_rows]), truncated)
+
+
+def is_busy(err: sqlite3.OperationalError) -> bool:
+    """Another connection holds a lock this statement needs: SQLITE_BUSY or SQLITE_LOCKED,
+    or one of their extended codes (``SQLITE_BUSY_RECOVERY``, ``SQLITE_BUSY_SNAPSHOT``, ...)."""
+    return primary_code(err) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+async def until_not_busy(attempt: Callable[[], Awaitable[object]], seconds: float) -> None:
+    """Run ``attempt`` again while SQLite answers busy, for up to ``seconds``; then raise.
+
+    The wait is a cancellable sleep between attempts on the event loop, not SQLite's busy
+    handler (which no cancel can interrupt, and which its deadlock guard sometimes skips).
+    """
+    deadline = anyio.current_time() + seconds
+    pause = 0.001
+    while True:
+        try:
+            await attempt()
+            return
+        except sqlite3.OperationalError as err:
+            if not is_busy(err) or anyio.current_time() >= deadline:
+                raise
+        await anyio.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 _ENVIRONMENT_CODES = {
@@ -563,26 +591,15 @@ class Database:
 
         The wait is a cancellable sleep between attempts, not SQLite's busy handler.
         """
-        deadline = anyio.current_time() + self.busy_timeout
-        pause = 0.001
-        while True:
-            try:
-                await c.internal("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as err:
-                busy = getattr(err, "sqlite_errorcode", None) in (
-                    sqlite3.SQLITE_BUSY,
-                    sqlite3.SQLITE_LOCKED,
-                )
-                if not busy:
-                    raise translate(err, self.name, self.path, "start a transaction on") from err
-                if anyio.current_time() >= deadline:
-                    raise DatabaseBusyError(
-                        f"cannot start a transaction on {self.name}: {err} (another process "
-                        f"held the write lock for {self.busy_timeout:g} s); retry"
-                    ) from err
-            await anyio.sleep(pause)
-            pause = min(pause * 2, 0.05)
+        try:
+            await until_not_busy(lambda: c.internal("BEGIN IMMEDIATE"), self.busy_timeout)
+        except sqlite3.OperationalError as err:
+            if not is_busy(err):
+                raise translate(err, self.name, self.path, "start a transaction on") from err
+            raise DatabaseBusyError(
+                f"cannot start a transaction on {self.name}: {err} (another process "
+                f"held the write lock for {self.busy_timeout:g} s); retry"
+            ) from err
 
     async def execute(
         self, sql: str, params: Params = None, *, idempotency_key: str | None = None
