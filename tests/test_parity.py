@@ -66,6 +66,22 @@ def with_other(setup: Setup) -> Setup:
     return both
 
 
+def with_hard_link(setup: Setup) -> Setup:
+    def linked(tree: Path, other: Path) -> None:
+        setup(tree, other)
+        os.link(tree / "a.txt", tree / "same.txt")
+
+    return linked
+
+
+def with_empty_dir(setup: Setup) -> Setup:
+    def made(tree: Path, other: Path) -> None:
+        setup(tree, other)
+        (tree / "empty").mkdir()
+
+    return made
+
+
 def with_link(setup: Setup) -> Setup:
     def linked(tree: Path, other: Path) -> None:
         setup(tree, other)
@@ -182,6 +198,16 @@ CELLS = [
         "move-over-directory",
         A,
         lambda ws, k, o: ws.move("a.txt", "dir", overwrite=True, idempotency_key=k),
+    ),
+    Cell(
+        "move-onto-a-hard-link-of-itself",
+        with_hard_link(A),
+        lambda ws, k, o: ws.move("a.txt", "same.txt", overwrite=True, idempotency_key=k),
+    ),
+    Cell(
+        "move-directory-over-a-directory",
+        with_empty_dir(A),
+        lambda ws, k, o: ws.move("dir", "empty", overwrite=True, idempotency_key=k),
     ),
     Cell("move-into-itself", A, lambda ws, k, o: ws.move("dir", "dir/sub", idempotency_key=k)),
     Cell("move-root", A, lambda ws, k, o: ws.move(".", "elsewhere", idempotency_key=k)),
