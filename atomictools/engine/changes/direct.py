@@ -278,10 +278,11 @@ def directory_maker(durability: Durability) -> MakeDir:
 def make_directories(sandbox: Sandbox, path: str, durability: Durability) -> MkdirResult:
     """``mkdir -p`` inside the roots, synchronously (a cancel never splits it); a stop half-way
     says which parents it made, since they are kept."""
+    maker = directory_maker(durability)
     made: list[str] = []
 
     def make(dir_fd: int, name: str, parent: Path) -> None:
-        directory_maker(durability)(dir_fd, name, parent)
+        maker(dir_fd, name, parent)
         made.append(str(parent / name))
 
     try:

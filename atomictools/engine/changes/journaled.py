@@ -486,7 +486,7 @@ class ChangeSetRunner:
         planned.size = len(content)
         if dry_run:
             return
-        writer = self._staging(planned, st, st)
+        writer = self._staging(planned, st, st, known_sha256=planned.sha256)
         view, chunk = memoryview(content), self.limits.chunk_bytes
         for start in range(0, len(view), chunk):
             await writer.write(view[start : start + chunk], last=start + chunk >= len(view))
@@ -539,8 +539,13 @@ class ChangeSetRunner:
         st: os.stat_result | None,
         template: os.stat_result | None,
         sha: str | None = None,
+        *,
+        known_sha256: str | None = None,
     ) -> AtomicWriter:
-        """The single-file writer's pending file, under a member name; published by apply."""
+        """The single-file writer's pending file, under a member name; published by apply.
+
+        ``known_sha256``: the content was hashed already (for the name), so the writer need not.
+        """
         target = planned.target
         self._claim(target)
         staged = PendingFile(
@@ -553,7 +558,7 @@ class ChangeSetRunner:
         )
         planned.staged = staged
         staged.create(template)
-        return AtomicWriter(staged, self.limits, replaced=st is not None)
+        return AtomicWriter(staged, self.limits, replaced=st is not None, known_sha256=known_sha256)
 
     def _keep_old_version(self, planned: _Planned, st: os.stat_result | None) -> None:
         """A backup of the version being replaced, or a second name of the new file."""

@@ -138,10 +138,19 @@ class AtomicWriter:
     program that is not atomictools writing the file meanwhile loses that write at the exit.
     """
 
-    def __init__(self, pending: PendingFile, limits: Limits, *, replaced: bool) -> None:
+    def __init__(
+        self,
+        pending: PendingFile,
+        limits: Limits,
+        *,
+        replaced: bool,
+        known_sha256: str | None = None,
+    ) -> None:
         self._pending = pending
         self._limits = limits
-        self._digest = hashlib.sha256()
+        self._known_sha256 = known_sha256
+        """The caller hashed the content already (a change set's staged bytes): not again."""
+        self._digest = hashlib.sha256() if known_sha256 is None else None
         self._since_yield = 0
         self.size = 0
         self.replaced = replaced
@@ -172,13 +181,17 @@ class AtomicWriter:
     def _put(self, piece: memoryview, sync: bool) -> None:
         """Write, hash (and maybe fsync) one piece; in a worker thread when the piece is large."""
         self._pending.write(piece)
-        self._digest.update(piece)
+        if self._digest is not None:
+            self._digest.update(piece)
         self.size += len(piece)
         if sync:
             self._pending.sync()
 
     @property
     def sha256(self) -> str:
+        if self._digest is None:
+            assert self._known_sha256 is not None
+            return self._known_sha256
         return self._digest.hexdigest()
 
 
