@@ -30,6 +30,7 @@ OPS = {
     "write": lambda ws: ws.write("a.txt", "new content\n"),
     "delete": lambda ws: ws.delete("a.txt"),
     "move": lambda ws: ws.move("a.txt", "moved.txt"),
+    "move-keyed": lambda ws: ws.move("a.txt", "moved.txt", idempotency_key="fault-move"),
     "mkdir": lambda ws: ws.mkdir("newdir"),
     "copy": lambda ws: ws.copy("a.txt", "copied.txt"),
     "apply": lambda ws: ws.apply_changes(

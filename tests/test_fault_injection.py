@@ -137,6 +137,29 @@ def tree(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
     return root, dry, env
 
 
+# -- the cross-device probe of a keyed move: only EXDEV means "another file system" -------------
+
+
+@needs_strace
+@pytest.mark.parametrize("code", ["EPERM", "EMLINK"])
+def test_a_keyed_move_where_hard_links_are_refused_still_renames(
+    tree: tuple[Path, Path, dict[str, str]], code: str
+) -> None:
+    """A journaled move tries a hard link to learn whether the rename would cross file systems
+    (EXDEV). Links refused for another reason (``protected_hardlinks``, a file system without
+    them, the link limit) say nothing about that: the move must still happen, as a rename."""
+    root, _dry, env = tree
+    done = _run(
+        ["file", "move-keyed", str(root)],
+        env,
+        ["-e", "trace=linkat", "-e", f"inject=linkat:error={code}"],
+    )
+    assert done["ok"], done
+    assert not (root / "a.txt").exists()
+    assert (root / "moved.txt").read_text() == "old content\n"
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]
+
+
 # -- a failed directory fsync after the rename: the message says what changed ----------------
 
 

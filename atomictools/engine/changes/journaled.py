@@ -476,6 +476,8 @@ class ChangeSetRunner:
             probe = self._link_from(source, target, "crt")
         except _CrossDevice:
             return True
+        except AtomicToolsError:  # no hard link here (EPERM under protected_hardlinks, a file
+            return False  # system without links): only the crossing matters; a rename will do
         probe.discard()
         return False
 
