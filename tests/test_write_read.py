@@ -180,33 +180,6 @@ async def test_read_text_refuses_binary(ws: Workspace, root: Path) -> None:
     assert (await ws.read_bytes("blob.bin")).data == b"\x89PNG\x00\x00\x01"
 
 
-async def test_head_and_tail_stream_large_files(root: Path) -> None:
-    ws = Workspace([root], limits=Limits(max_read_bytes=1000, chunk_bytes=64))
-    lines = [f"line {i}\r\n" for i in range(500)]
-    raw = "".join(lines).encode()
-    (root / "log.txt").write_bytes(raw)
-    with pytest.raises(TooLargeError, match="head or tail"):
-        await ws.read_text("log.txt")
-    head = await ws.read_text("log.txt", head=3)
-    tail = await ws.read_text("log.txt", tail=2)
-    assert head.content == "".join(lines[:3])
-    assert head.partial
-    assert tail.content == "".join(lines[-2:])
-    assert tail.partial
-    assert head.sha256 == tail.sha256 == sha(raw)
-    assert head.size == len(raw)
-    assert head.newline == "CRLF"
-    whole = await ws.read_text("log.txt", head=10_000)
-    assert whole.content == raw.decode()
-    assert not whole.partial
-
-
-async def test_tail_of_file_without_final_newline(ws: Workspace, root: Path) -> None:
-    (root / "f.txt").write_text("a\nb\nc")
-    assert (await ws.read_text("f.txt", tail=2)).content == "b\nc"
-    assert (await ws.read_text("f.txt", head=0)).content == ""
-
-
 async def test_read_bytes_reports_mime_and_hash(ws: Workspace, root: Path) -> None:
     (root / "pic.png").write_bytes(b"\x89PNG....")
     read = await ws.read_bytes("pic.png")

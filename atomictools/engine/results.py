@@ -32,23 +32,35 @@ Progress = Callable[[int, int | None], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class TextRead:
-    """A text file as read: its content (or its first/last lines), with the sha256 of the
-    whole file. Guarantee: ``sha256`` is of the very bytes decoded, so passing it back as
-    ``expected_sha256`` refuses a change if anyone wrote the file since. Caveat: with
-    ``head``/``tail`` the content is partial (``partial``) but the hash is still of the whole."""
+    """A text file as read: its content, or some of its lines, with the sha256 of the whole
+    file. Guarantee: ``sha256`` is of the very bytes decoded, so passing it back as
+    ``expected_sha256`` refuses a change if anyone wrote the file since. Caveat: a read of some
+    lines (head, tail, offset/limit) of a file larger than ``Limits.hash_partial_bytes`` reads
+    only those lines, and its ``sha256`` is None: read the file whole to get the hash."""
 
     path: str
     content: str
     size: int
-    """Size of the whole file in bytes (also for head/tail reads)."""
-    sha256: str
-    """Hash of the whole file: pass it back as ``expected_sha256`` to change it safely."""
+    """Size of the whole file in bytes (also for a read of some lines)."""
+    sha256: str | None
+    """Hash of the whole file: pass it back as ``expected_sha256`` to change it safely. None
+    for some lines of a file larger than ``Limits.hash_partial_bytes`` (hashing would cost a
+    read of the whole file)."""
     encoding: str
     newline: str
-    """``LF``, ``CRLF``, ``CR`` or ``mixed``."""
+    """``LF``, ``CRLF``, ``CR`` or ``mixed`` (for some lines of a large file: of those lines)."""
     bom: bool
     partial: bool = False
-    """True when ``head``/``tail`` returned only part of the file."""
+    """True when the file has lines that were not returned."""
+    first_line: int | None = None
+    """Number (from 1) of the first line returned, for a read of some lines; None for a whole
+    read and for a tail of a large file (counting the lines before it costs a full read)."""
+    line_count: int | None = None
+    """How many lines were returned, for a read of some lines (None for a whole read)."""
+    next_offset: int | None = None
+    """The ``offset`` that reads on after the lines returned; None at the end of the file."""
+    total_lines: int | None = None
+    """Lines in the whole file, when the read saw them all (small file, or read to the end)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,7 @@ from atomictools.engine.errors import (
     RecoveryNeededError,
 )
 from atomictools.engine.reads import files, listing
+from atomictools.engine.reads.lines import LineRange, read_lines
 from atomictools.engine.results import (
     BytesRead,
     ChangeOutcome,
@@ -221,11 +222,22 @@ class Workspace:
     # -- reads ------------------------------------------------------------------------------
 
     async def read_text(
-        self, path: PathArg, *, head: int | None = None, tail: int | None = None
+        self,
+        path: PathArg,
+        *,
+        head: int | None = None,
+        tail: int | None = None,
+        offset: int | None = None,
+        limit: int | None = None,
     ) -> TextRead:
-        """Text of a file (or its first/last lines), with its sha256, encoding and newlines."""
+        """Text of a file, or some of its lines: the first ``head``, the last ``tail``, or
+        ``limit`` lines from line ``offset`` (1-based); a part costs what it returns, not the
+        file. With its sha256 (see ``TextRead.sha256`` for parts), encoding and newlines."""
+        lines = LineRange.of(head=head, tail=tail, offset=offset, limit=limit)
         with self.sandbox.resolve(path) as location:
-            return await files.read_text(location, self.limits, head=head, tail=tail)
+            if lines is None:
+                return await files.read_text(location, self.limits)
+            return await read_lines(location, self.limits, lines)
 
     async def read_bytes(self, path: PathArg) -> BytesRead:
         """A file's bytes (bounded by ``Limits.max_read_bytes``), sha256 and MIME type."""

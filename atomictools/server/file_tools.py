@@ -33,6 +33,7 @@ from atomictools.engine import (
     Edit,
     InvalidArgumentError,
     SearchResult,
+    TextRead,
     TooLargeError,
     TreeNode,
     Workspace,
@@ -106,36 +107,73 @@ def _media_block(mime: str, data: bytes, uri: str) -> ContentBlock:
     )
 
 
+def _about_read(read: TextRead) -> str:
+    """What a read returned, for the model: where the lines are, and the hash to change it by."""
+    facts = f"{read.size} bytes, {read.encoding}, {read.newline} line endings"
+    where = ""
+    if read.line_count is not None:
+        last = (read.first_line or 0) + read.line_count - 1
+        span = (
+            f"lines {read.first_line}-{last}"
+            if read.first_line is not None and read.line_count
+            else f"{read.line_count} lines"
+            if read.first_line is None
+            else f"no lines from line {read.first_line}"
+        )
+        total = f" of {read.total_lines}" if read.total_lines is not None else ""
+        where = f"; {span}{total}"
+        if read.next_offset is not None:
+            where += f"; more follow: pass offset={read.next_offset} to read on"
+    if read.sha256 is None:
+        hashed = (
+            "no sha256 for part of a large file (it would cost a read of the whole file); "
+            "to change this file safely, read it whole and pass that sha256 as expectedSha256"
+        )
+    else:
+        hashed = f"sha256 {read.sha256}. To change this file, pass this sha256 as expectedSha256"
+    return f"[{read.path}: {facts}{where}; {hashed}.]"
+
+
 def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
     """Add every file tool to ``server``; the tools run through ``runtime``."""
 
     async def read_text_file(
         ctx: Context[Any, Any],
+        *,
         path: PathParam,
         head: Annotated[int | None, Field(ge=0, description="Only the first N lines.")] = None,
         tail: Annotated[int | None, Field(ge=0, description="Only the last N lines.")] = None,
+        offset: Annotated[
+            int | None, Field(ge=1, description="First line to read, counting from 1.")
+        ] = None,
+        limit: Annotated[
+            int | None, Field(ge=0, description="How many lines to read (from offset).")
+        ] = None,
     ) -> Annotated[CallToolResult, ReadTextOutput]:
-        read = await runtime.call(ctx, lambda ws: ws.read_text(path, head=head, tail=tail))
-        # The content alone in the first block (what a model reads must not be altered); the
-        # hash in a second one, for hosts that forward only text to the model.
-        partial = "; only the lines asked for" if read.partial else ""
-        about = (
-            f"[{read.path}: sha256 {read.sha256}, {read.size} bytes, {read.encoding}, "
-            f"{read.newline} line endings{partial}. To change this file, pass this sha256 as "
-            "expectedSha256.]"
+        read = await runtime.call(
+            ctx,
+            lambda ws: ws.read_text(path, head=head, tail=tail, offset=offset, limit=limit),
         )
+        # The content alone in the first block (what a model reads must not be altered); what
+        # it is in a second one, for hosts that forward only text to the model.
         return tool_result(
             ReadTextOutput.model_validate(read),
             read.content,
-            [TextContent(type="text", text=about)],
+            [TextContent(type="text", text=_about_read(read))],
+            exclude_none=True,
         )
 
     read_text_doc = (
-        "Read a text file (or only its first `head` / last `tail` lines). Detects the encoding "
-        "(UTF-8, a BOM, else Latin-1) and line endings. Returns the content (first text block) "
-        "plus `sha256` of the whole file (in the result, and in a second text block): pass it "
-        "as `expectedSha256` to write_file/edit_file/delete_file so the change is refused if "
-        "someone changed the file since. Binary files are refused; use read_media_file."
+        "Read a text file, or some of its lines: the first `head`, the last `tail`, or `limit` "
+        "lines from line `offset` (1-based); a part costs what it returns, not the whole file, "
+        "and the result says where it is (`firstLine`, `lineCount`) and, when more lines "
+        "follow, the `nextOffset` to read on. Detects the encoding (UTF-8, a BOM, else "
+        "Latin-1) and line endings. Returns the content (first text block) plus `sha256` of "
+        "the whole file (in the result, and in a second text block): pass it as "
+        "`expectedSha256` to write_file/edit_file/delete_file so the change is refused if "
+        "someone changed the file since. For part of a file over 1 MiB, `sha256` is null "
+        "(hashing would read the whole file): read it whole to get one. Binary files are "
+        "refused; use read_media_file."
     )
     server.add_tool(
         read_text_file, name="read_text_file", description=read_text_doc, annotations=READ_ONLY

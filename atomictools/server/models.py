@@ -30,11 +30,30 @@ class ReadTextOutput(WireModel):
     path: str
     content: str
     size: int = Field(description="Size of the whole file in bytes.")
-    sha256: str = Field(description="Hash of the whole file; pass it back as expectedSha256.")
+    sha256: str | None = Field(
+        default=None,
+        description=(
+            "Hash of the whole file; pass it back as expectedSha256. Absent for some lines of "
+            "a file over 1 MiB (read the file whole to get it)."
+        ),
+    )
     encoding: str
     newline: str = Field(description="LF, CRLF, CR or mixed.")
     bom: bool
-    partial: bool = Field(description="True when head/tail returned only part of the file.")
+    partial: bool = Field(description="True when the file has lines that were not returned.")
+    first_line: int | None = Field(
+        default=None,
+        description="Number (from 1) of the first line returned, for a read of some lines.",
+    )
+    line_count: int | None = Field(
+        default=None, description="How many lines were returned, for a read of some lines."
+    )
+    next_offset: int | None = Field(
+        default=None, description="The offset that reads on after these lines; absent at the end."
+    )
+    total_lines: int | None = Field(
+        default=None, description="Lines in the whole file, when the read saw them all."
+    )
 
 
 class ReadMediaOutput(WireModel):

@@ -39,9 +39,15 @@ IdempotencyKey = Annotated[
 
 
 def tool_result(
-    model: WireModel, text: str, extra: list[ContentBlock] | None = None
+    model: WireModel,
+    text: str,
+    extra: list[ContentBlock] | None = None,
+    *,
+    exclude_none: bool = False,
 ) -> CallToolResult:
+    """A tool's reply: ``text`` first, then ``extra`` blocks, and ``model`` as structured
+    content (``exclude_none``: leave out the optional fields that do not apply)."""
     return CallToolResult(
         content=[TextContent(type="text", text=text), *(extra or [])],
-        structured_content=model.model_dump(mode="json", by_alias=True),
+        structured_content=model.model_dump(mode="json", by_alias=True, exclude_none=exclude_none),
     )

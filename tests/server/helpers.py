@@ -53,8 +53,10 @@ def text_of(result: CallToolResult) -> str:
     return "\n".join(block.text for block in result.content if isinstance(block, TextContent))
 
 
-def wire_names(model: type[BaseModel]) -> set[str]:
-    return {field.alias or name for name, field in model.model_fields.items()}
+def wire_names(model: type[BaseModel], *, required_only: bool = False) -> set[str]:
+    """The camelCase names of ``model``'s fields (only those without a default)."""
+    fields = model.model_fields.items()
+    return {f.alias or n for n, f in fields if f.is_required() or not required_only}
 
 
 @dataclass
@@ -96,7 +98,8 @@ class Env:
         assert not result.is_error, f"{tool}({args!r}) failed: {text_of(result)}"
         content = result.structured_content
         assert isinstance(content, dict), f"{tool}: no structured content"
-        assert set(content) == wire_names(model), f"{tool}: keys {sorted(content)}"
+        required = wire_names(model, required_only=True)
+        assert required <= set(content) <= wire_names(model), f"{tool}: keys {sorted(content)}"
         model.model_validate(content)
         assert isinstance(result.content[0], TextContent)
         return content
@@ -108,7 +111,8 @@ class Env:
         result = await self.call(tool, args)
         assert not result.is_error, f"{tool}({args!r}) failed: {text_of(result)}"
         assert isinstance(result.structured_content, dict)
-        assert set(result.structured_content) == wire_names(model)
+        keys = set(result.structured_content)
+        assert wire_names(model, required_only=True) <= keys <= wire_names(model)
         model.model_validate(result.structured_content)
         return result
 

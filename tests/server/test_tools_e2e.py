@@ -171,6 +171,29 @@ async def check_read_text_file(env: Env) -> None:
     assert (tail["content"], tail["partial"]) == ("four\n", True)
     assert tail["sha256"] == sha(data)
 
+    lines = await env.result(
+        "read_text_file", {"path": env.p("notes.txt"), "offset": 2, "limit": 2}, ReadTextOutput
+    )
+    ranged = lines.structured_content or {}
+    assert (ranged["content"], ranged["firstLine"], ranged["lineCount"]) == ("two\nthree\n", 2, 2)
+    assert (ranged["nextOffset"], ranged["totalLines"], ranged["sha256"]) == (4, 4, sha(data))
+    assert "lines 2-3 of 4; more follow: pass offset=4 to read on" in text_of(lines)
+    last = await env.ok("read_text_file", {"path": env.p("notes.txt"), "offset": 4}, ReadTextOutput)
+    assert (last["content"], "nextOffset" in last) == ("four\n", False)
+
+    # A part of a large file is read without the rest, so it has no hash: the text says how
+    # to get one.
+    big = b"".join(b"%08d\n" % n for n in range(200_000))  # 1.8 MB
+    env.f("big.log").write_bytes(big)
+    part = await env.result("read_text_file", {"path": env.p("big.log"), "tail": 1}, ReadTextOutput)
+    assert part.structured_content is not None
+    assert part.structured_content["content"] == "00199999\n"
+    assert "sha256" not in part.structured_content
+    assert "read it whole and pass that sha256 as expectedSha256" in text_of(part)
+    await env.error(
+        "read_text_file", {"path": env.p("notes.txt"), "tail": 1, "offset": 2}, "tail alone"
+    )
+
     absolute = await env.ok("read_text_file", {"path": str(env.f("notes.txt"))}, ReadTextOutput)
     assert absolute["content"] == data.decode()
 
@@ -757,6 +780,8 @@ INVALID_CALLS: list[tuple[str, dict[str, Any], str]] = [
     ("read_text_file", {"path": 5}, "path"),
     ("read_text_file", {"path": "x", "head": "many"}, "head"),
     ("read_text_file", {"path": "x", "tail": -1}, "tail"),
+    ("read_text_file", {"path": "x", "offset": 0}, "offset"),
+    ("read_text_file", {"path": "x", "limit": "ten"}, "limit"),
     ("read_file", {"path": None}, "path"),
     ("read_media_file", {}, "path"),
     ("read_multiple_files", {"paths": "a.txt"}, "paths"),
