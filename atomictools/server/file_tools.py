@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -30,6 +31,7 @@ from atomictools.engine import (
     AtomicToolsError,
     BytesRead,
     Change,
+    DirEntry,
     Edit,
     InvalidArgumentError,
     SearchResult,
@@ -50,7 +52,6 @@ from atomictools.server.models import (
     EditChange,
     EditOperation,
     EditOutput,
-    Entry,
     FileInfoOutput,
     FileReadResult,
     ListOutput,
@@ -66,7 +67,13 @@ from atomictools.server.models import (
     WriteOutput,
 )
 from atomictools.server.runtime import ToolRuntime
-from atomictools.server.tooling import READ_ONLY, IdempotencyKey, mutating, tool_result
+from atomictools.server.tooling import (
+    READ_ONLY,
+    IdempotencyKey,
+    mutating,
+    structured_result,
+    tool_result,
+)
 from atomictools.server.wording import for_client
 
 PathParam = Annotated[str, Field(description="File path: relative to the first root, or absolute.")]
@@ -90,6 +97,14 @@ def _tree_json(node: TreeNode) -> dict[str, Any]:
         if node.depth_limited:
             entry["depthLimited"] = True
     return entry
+
+
+_TAGS = {"file": "[FILE]", "directory": "[DIR]", "symlink": "[LINK]", "other": "[OTHER]"}
+
+
+def _entries(entries: Iterable[DirEntry]) -> list[dict[str, Any]]:
+    """Listing entries as ``ListOutput.entries`` items (plain data: no model per entry)."""
+    return [{"name": e.name, "type": e.type, "size": e.size} for e in entries]
 
 
 def _count(nodes: tuple[TreeNode, ...]) -> int:
@@ -336,9 +351,6 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         out = DirectoryOutput.model_validate(made)
         return tool_result(out, f"{'Created' if made.created else 'Already exists'}: {made.path}")
 
-    def _entries(listing: Any) -> list[Entry]:
-        return [Entry(name=e.name, type=e.type, size=e.size) for e in listing.entries]
-
     @server.tool(
         name="list_directory",
         description="List a directory: [FILE], [DIR] and [LINK] entries; links are not followed.",
@@ -348,14 +360,16 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         ctx: Context[Any, Any], path: PathParam
     ) -> Annotated[CallToolResult, ListOutput]:
         listing = await runtime.call(ctx, lambda ws: ws.list_directory(path))
-        entries = _entries(listing)
-        tags = {"file": "[FILE]", "directory": "[DIR]", "symlink": "[LINK]", "other": "[OTHER]"}
-        text = "\n".join(f"{tags[e.type]} {e.name}" for e in entries) or "(empty directory)"
+        text = "\n".join(f"{_TAGS[e.type]} {e.name}" for e in listing.entries)
+        text = text or "(empty directory)"
         if listing.truncated:
             text += "\n(truncated: too many entries; use search_files to narrow)"
-        return tool_result(
-            ListOutput(path=listing.path, entries=entries, truncated=listing.truncated), text
-        )
+        structured = {
+            "path": listing.path,
+            "entries": _entries(listing.entries),
+            "truncated": listing.truncated,
+        }
+        return structured_result(structured, text)
 
     @server.tool(
         name="list_directory_with_sizes",
@@ -370,28 +384,28 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         ] = "name",
     ) -> Annotated[CallToolResult, ListWithSizesOutput]:
         listing = await runtime.call(ctx, lambda ws: ws.list_directory(path))
-        entries = _entries(listing)
+        entries = list(listing.entries)
         if sortBy == "size":
             entries.sort(key=lambda e: e.size or 0, reverse=True)
         files = [e for e in entries if e.type == "file"]
-        out = ListWithSizesOutput(
-            path=listing.path,
-            entries=entries,
-            truncated=listing.truncated,
-            total_files=len(files),
-            total_directories=sum(e.type == "directory" for e in entries),
-            total_size=sum(e.size or 0 for e in files),
-        )
+        structured = {
+            "path": listing.path,
+            "entries": _entries(entries),
+            "truncated": listing.truncated,
+            "totalFiles": len(files),
+            "totalDirectories": sum(e.type == "directory" for e in entries),
+            "totalSize": sum(e.size or 0 for e in files),
+        }
         lines = [
             f"{'[DIR] ' if e.type == 'directory' else '[FILE]'} {e.name:<40} "
             f"{'' if e.size is None else f'{e.size:>12,} B'}"
             for e in entries
         ]
         lines.append(
-            f"\nTotal: {out.total_files} files, {out.total_directories} directories, "
-            f"{out.total_size:,} bytes"
+            f"\nTotal: {structured['totalFiles']} files, {structured['totalDirectories']} "
+            f"directories, {structured['totalSize']:,} bytes"
         )
-        return tool_result(out, "\n".join(lines))
+        return structured_result(structured, "\n".join(lines))
 
     @server.tool(
         name="directory_tree",
@@ -414,8 +428,8 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         display, root = await runtime.call(ctx, walk)
         children = root.children or ()
         tree = [_tree_json(child) for child in children]
-        out = TreeOutput(path=display, tree=tree, entries=_count(children))
-        return tool_result(out, json.dumps(tree, indent=2))
+        structured = {"path": display, "tree": tree, "entries": _count(children)}
+        return structured_result(structured, json.dumps(tree, indent=2))
 
     @server.tool(
         name="search_files",
@@ -439,13 +453,16 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
             return ws.shown(path), found
 
         display, found = await runtime.call(ctx, find)
-        out = SearchOutput(
-            path=display, pattern=pattern, matches=list(found.matches), truncated=found.truncated
-        )
         text = "\n".join(found.matches) or "No matches found"
         if found.truncated:
             text += "\n(truncated: more matches exist; narrow the pattern)"
-        return tool_result(out, text)
+        structured = {
+            "path": display,
+            "pattern": pattern,
+            "matches": list(found.matches),
+            "truncated": found.truncated,
+        }
+        return structured_result(structured, text)
 
     @server.tool(
         name="get_file_info",

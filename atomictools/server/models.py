@@ -4,10 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
 EntryTypeName = Literal["file", "directory", "symlink", "other"]
+
+
+def listed(items: str) -> WithJsonSchema:
+    """The advertised schema of a long array: an array, its items described in words.
+
+    A client validates a result against the tool's outputSchema; the Python SDK does it in pure
+    Python at about 35 us per item for an ``$ref`` item schema (9 ms for a 257-entry
+    directory, more than the whole call of the reference server). The server builds every item
+    from its own model (the tests validate them against it), so the advertised schema keeps the
+    top-level fields typed and says what an item holds in its description.
+    """
+    return WithJsonSchema({"type": "array", "description": f"Each item: {items}"})
 
 
 class WireModel(BaseModel):
@@ -72,7 +84,10 @@ class FileReadResult(WireModel):
 
 
 class ReadMultipleOutput(WireModel):
-    files: list[FileReadResult]
+    files: Annotated[
+        list[FileReadResult],
+        listed("{path, content?, size?, sha256?, error?}; error says why a file was not read."),
+    ]
 
 
 class WriteOutput(WireModel):
@@ -103,7 +118,13 @@ class Entry(WireModel):
 
 class ListOutput(WireModel):
     path: str
-    entries: list[Entry]
+    entries: Annotated[
+        list[Entry],
+        listed(
+            '{name, type: "file"|"directory"|"symlink"|"other", size: bytes for a file, '
+            "else null}, sorted by name."
+        ),
+    ]
     truncated: bool
 
 
@@ -115,16 +136,20 @@ class ListWithSizesOutput(ListOutput):
 
 class TreeOutput(WireModel):
     path: str
-    tree: list[dict[str, Any]] = Field(
-        description="Entries as {name, type, children?}; children only for directories."
-    )
+    tree: Annotated[
+        list[dict[str, Any]],
+        listed(
+            "{name, type, children?, depthLimited?}; children (the same shape) only for "
+            "directories."
+        ),
+    ]
     entries: int
 
 
 class SearchOutput(WireModel):
     path: str
     pattern: str
-    matches: list[str] = Field(description="Paths relative to their root.")
+    matches: Annotated[list[str], listed("a path (string) relative to its root.")]
     truncated: bool
 
 

@@ -5,7 +5,7 @@ Kept apart so the file tools and the database tools depend on it, not on each ot
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from mcp.types import CallToolResult, ContentBlock, TextContent, ToolAnnotations
 from pydantic import Field
@@ -47,7 +47,17 @@ def tool_result(
 ) -> CallToolResult:
     """A tool's reply: ``text`` first, then ``extra`` blocks, and ``model`` as structured
     content (``exclude_none``: leave out the optional fields that do not apply)."""
+    dumped = model.model_dump(mode="json", by_alias=True, exclude_none=exclude_none)
+    return structured_result(dumped, text, extra)
+
+
+def structured_result(
+    structured: dict[str, Any], text: str, extra: list[ContentBlock] | None = None
+) -> CallToolResult:
+    """A reply whose structured content the tool built as plain JSON data, in its model's
+    camelCase shape: for long listings, where a model object per entry costs more than the
+    listing (the tests validate these against the model)."""
     return CallToolResult(
         content=[TextContent(type="text", text=text), *(extra or [])],
-        structured_content=model.model_dump(mode="json", by_alias=True, exclude_none=exclude_none),
+        structured_content=structured,
     )
