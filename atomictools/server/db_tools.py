@@ -41,6 +41,8 @@ from atomictools.server.runtime import ToolRuntime
 from atomictools.server.tooling import READ_ONLY, IdempotencyKey, mutating, tool_result
 
 BLOB_KEY = "$blob"
+_BINDABLE = frozenset({str, int, float, bool, type(None)})
+"""JSON values sqlite3 binds as they are (objects and lists need ``_decode_value``)."""
 MAX_STATEMENTS = 20_000
 MAX_LISTED_RESULTS = 100
 JsonParams = Annotated[
@@ -77,6 +79,8 @@ def decode_params(params: list[Any] | dict[str, Any] | None) -> Params:
         return None
     if isinstance(params, dict):
         return {key: _decode_value(value) for key, value in params.items()}
+    if all(type(value) in _BINDABLE for value in params):
+        return params  # the common case, checked at a fraction of a per-value call's cost
     return [_decode_value(value) for value in params]
 
 
@@ -237,7 +241,7 @@ def register_db_tools(
 
         async def run(ws: Workspace) -> list[StatementResult]:
             db = await catalog.get(database, ws)
-            batch = [Statement(s.sql, decode_params(s.params)) for s in statements]
+            batch = [Statement(s["sql"], decode_params(s.get("params"))) for s in statements]
             return await db.run_statements(batch, progress=progress, idempotency_key=idempotencyKey)
 
         done = await runtime.call(ctx, run)
