@@ -154,6 +154,18 @@ async def test_list_directory(ws: Workspace, tree: Path) -> None:
     assert not listing.truncated
     with pytest.raises(WrongTypeError):
         await ws.list_directory("README.md")
+    # Without sizes: the same names and types (from the directory entries, no stat), and
+    # still none of our temp files; an entry of another kind is "other".
+    os.mkfifo(tree / "pipe")
+    quick = await ws.list_directory(".", sizes=False)
+    assert [(e.name, e.type, e.size) for e in quick.entries] == [
+        ("README.md", "file", None),
+        ("link", "symlink", None),
+        ("node_modules", "directory", None),
+        ("pipe", "other", None),
+        ("src", "directory", None),
+    ]
+    assert (await ws.list_directory(".")).entries[3].type == "other"
 
 
 async def test_tree_excludes_and_does_not_follow_links(ws: Workspace, tree: Path) -> None:

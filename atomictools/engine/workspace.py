@@ -249,10 +249,12 @@ class Workspace:
         with self.sandbox.resolve(path) as location:
             return listing.file_info(location)
 
-    async def list_directory(self, path: PathArg = ".") -> DirListing:
-        """The entries of one directory (our own temp files are never shown)."""
+    async def list_directory(self, path: PathArg = ".", *, sizes: bool = True) -> DirListing:
+        """The entries of one directory (our own temp files are never shown). ``sizes=False``
+        leaves file sizes None and lists without a stat per entry (types come from the
+        directory itself), several times faster on a large directory."""
         with self.sandbox.resolve(path) as location:
-            return await listing.list_directory(location, self.limits)
+            return await listing.list_directory(location, self.limits, sizes=sizes)
 
     async def tree(
         self,

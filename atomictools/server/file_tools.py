@@ -353,20 +353,23 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
 
     @server.tool(
         name="list_directory",
-        description="List a directory: [FILE], [DIR] and [LINK] entries; links are not followed.",
+        description=(
+            "List a directory: [FILE], [DIR] and [LINK] entries, sorted by name; links are not "
+            "followed. For file sizes and totals use list_directory_with_sizes."
+        ),
         annotations=READ_ONLY,
     )
     async def list_directory(
         ctx: Context[Any, Any], path: PathParam
     ) -> Annotated[CallToolResult, ListOutput]:
-        listing = await runtime.call(ctx, lambda ws: ws.list_directory(path))
+        listing = await runtime.call(ctx, lambda ws: ws.list_directory(path, sizes=False))
         text = "\n".join(f"{_TAGS[e.type]} {e.name}" for e in listing.entries)
         text = text or "(empty directory)"
         if listing.truncated:
             text += "\n(truncated: too many entries; use search_files to narrow)"
         structured = {
             "path": listing.path,
-            "entries": _entries(listing.entries),
+            "entries": [{"name": e.name, "type": e.type} for e in listing.entries],
             "truncated": listing.truncated,
         }
         return structured_result(structured, text)

@@ -122,8 +122,8 @@ class ListOutput(WireModel):
     entries: Annotated[
         list[Entry],
         listed(
-            '{name, type: "file"|"directory"|"symlink"|"other", size: bytes for a file, '
-            "else null}, sorted by name."
+            '{name, type: "file"|"directory"|"symlink"|"other", size?}, sorted by name; size '
+            "(bytes of a file, null for the rest) only from list_directory_with_sizes."
         ),
     ]
     truncated: bool

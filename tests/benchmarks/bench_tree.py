@@ -388,7 +388,11 @@ def build_cases(
         "asyncio_entries": asyncio_entries,
         "small_files": [str(p) for p in files],
         "package_json_expected": wanted,
-        "node_modules_files": sum(len(names) for _, _, names in os.walk(node_modules)),
+        "node_modules_files": sum(
+            not os.path.islink(os.path.join(d, n))
+            for d, _, names in os.walk(node_modules)
+            for n in names
+        ),
     }
     return cases, about
 

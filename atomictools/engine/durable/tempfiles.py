@@ -98,7 +98,7 @@ def claim_name_for(txid: str) -> str:
 
 def is_temp_name(name: str) -> bool:
     """True when ``name`` has exactly the shape of one of our files (temp, member or claim)."""
-    return (
+    return name[:1] == "." and (  # all of ours are hidden: most names need no regex
         _TEMP_RE.match(name) is not None
         or _MEMBER_RE.match(name) is not None
         or _CLAIM_RE.match(name) is not None

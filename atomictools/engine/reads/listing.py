@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 import anyio.to_thread
 
 from atomictools.engine.config import Limits
+from atomictools.engine.durable.blocking import run_blocking
 from atomictools.engine.durable.steps import step
 from atomictools.engine.durable.tempfiles import is_temp_name
 from atomictools.engine.errors import TooLargeError, WrongTypeError, from_os_error
@@ -43,7 +44,6 @@ class _Found:
     """Path relative to the walked directory."""
     name: str
     type: EntryType
-    size: int | None
     depth: int
     depth_limited: bool
 
@@ -58,21 +58,6 @@ def _open_directory(location: Location) -> int:
     return fd
 
 
-def _scan(dir_fd: int) -> list[tuple[str, os.stat_result]]:
-    """Entries of an open directory with their own (not followed) metadata, sorted by name."""
-    found: list[tuple[str, os.stat_result]] = []
-    with os.scandir(dir_fd) as entries:
-        for entry in entries:
-            if is_temp_name(entry.name):
-                continue
-            try:
-                found.append((entry.name, entry.stat(follow_symlinks=False)))
-            except FileNotFoundError:
-                continue  # removed while we listed
-    found.sort(key=lambda item: item[0])
-    return found
-
-
 def _walk(dir_fd: int, excludes: tuple[Glob, ...], max_depth: int) -> Generator[_Found, None, None]:
     """Walk below ``dir_fd`` (not closed here); a directory always comes before its entries."""
     stack: list[tuple[int, str, int, bool]] = [(dir_fd, "", 0, False)]  # fd, rel, depth, owned
@@ -82,14 +67,13 @@ def _walk(dir_fd: int, excludes: tuple[Glob, ...], max_depth: int) -> Generator[
             found: list[_Found] = []
             subdirs: list[tuple[int, str, int, bool]] = []
             try:
-                for name, st in _scan(fd):
+                for entry in _names_and_types(fd, sizes=False):
+                    name, kind = entry.name, entry.type
                     rel = f"{prefix}{name}"
                     if excludes and any_match(excludes, rel):
                         continue
-                    kind = entry_type(st)
                     limited = kind == "directory" and depth + 1 >= max_depth
-                    size = st.st_size if kind == "file" else None
-                    found.append(_Found(rel, name, kind, size, depth, limited))
+                    found.append(_Found(rel, name, kind, depth, limited))
                     if kind == "directory" and not limited:
                         try:
                             child_fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
@@ -134,18 +118,43 @@ async def _collect(
         walker.close()
 
 
-async def list_directory(location: Location, limits: Limits) -> DirListing:
+def _names_and_types(dir_fd: int, sizes: bool) -> list[DirEntry]:
+    """Entries of an open directory, sorted by name, typed from the directory itself (d_type:
+    no stat per entry, as ``ls`` does); a file is stat'ed for its size only when ``sizes``."""
+    found: list[DirEntry] = []
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            name = entry.name
+            if is_temp_name(name):
+                continue
+            try:
+                if entry.is_symlink():
+                    found.append(DirEntry(name, "symlink", None))
+                elif entry.is_dir(follow_symlinks=False):
+                    found.append(DirEntry(name, "directory", None))
+                elif entry.is_file(follow_symlinks=False):
+                    size = entry.stat(follow_symlinks=False).st_size if sizes else None
+                    found.append(DirEntry(name, "file", size))
+                else:
+                    found.append(DirEntry(name, "other", None))
+            except FileNotFoundError:
+                continue  # removed while we listed
+    found.sort(key=lambda item: item.name)
+    return found
+
+
+async def list_directory(location: Location, limits: Limits, *, sizes: bool = True) -> DirListing:
     fd = _open_directory(location)
     try:
-        children = await anyio.to_thread.run_sync(_scan, fd)
+        st = os.fstat(fd)
+        # A small directory is named on the event loop (the thread hop would cost more); a
+        # stat per entry goes to a worker thread.
+        inline = not sizes and limits.inline(st.st_size)
+        entries = await run_blocking(inline, _names_and_types, fd, sizes)
     finally:
         os.close(fd)
-    entries = tuple(
-        DirEntry(name, kind, st.st_size if kind == "file" else None)
-        for name, st in children[: limits.max_list_entries]
-        for kind in (entry_type(st),)
-    )
-    return DirListing(location.display, entries, len(children) > limits.max_list_entries)
+    limit = limits.max_list_entries
+    return DirListing(location.display, tuple(entries[:limit]), len(entries) > limit)
 
 
 async def directory_tree(
