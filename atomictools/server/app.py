@@ -128,10 +128,37 @@ def create_server(
         lifespan=lifespan,
     )
     server.read_only = workspace.read_only
+    _trace_only_when_tracing(server)
     runtime = ToolRuntime(workspace, options)
     register_tools(server, runtime, databases=catalog)
     _answer_protocol_extras(server, runtime)
     return server
+
+
+def _trace_only_when_tracing(server: MCPServer[Any]) -> None:
+    """Drop the SDK's per-message OpenTelemetry span unless a tracer provider is configured.
+
+    The span is a no-op without one, yet it cost about a fifth of a small call's server time
+    (the SDK documents dropping it from ``middleware`` as the opt-out). With OpenTelemetry
+    configured before the server is created (``opentelemetry-instrument``, or a
+    ``TracerProvider`` set at start), every message still gets its span.
+    """
+    if _tracer_provider_configured():
+        return
+    lowlevel = server._lowlevel_server
+    lowlevel.middleware = [m for m in lowlevel.middleware if type(m).__name__ != _SDK_SPAN]
+
+
+_SDK_SPAN = "OpenTelemetryMiddleware"
+
+
+def _tracer_provider_configured() -> bool:
+    try:
+        from opentelemetry import trace  # noqa: PLC0415  (the SDK's dependency, not ours)
+    except ImportError:
+        return False
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
 async def startup_recovery(workspace: Workspace) -> RecoveryReport:

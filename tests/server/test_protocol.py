@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,34 @@ async def test_invalid_arguments_name_the_field_and_change_nothing(root: Path) -
         missing = await client.call_tool("edit_file", {"path": "a.txt"})
         assert "edits: Field required" in missing.content[0].text  # type: ignore[union-attr]
     assert list(root.iterdir()) == []
+
+
+SPAN_CHILD = """
+import sys, tempfile
+from pathlib import Path
+from opentelemetry import trace
+from atomictools import Workspace
+from atomictools.server import create_server
+
+class Configured(trace.TracerProvider):  # what an OpenTelemetry SDK installs
+    def get_tracer(self, *args, **kwargs):
+        return trace.NoOpTracer()
+
+if sys.argv[1] == "configured":
+    trace.set_tracer_provider(Configured())
+server = create_server(Workspace([Path(tempfile.mkdtemp())]))
+names = [type(m).__name__ for m in server._lowlevel_server.middleware]
+print("span" if "OpenTelemetryMiddleware" in names else "none")
+"""
+
+
+@pytest.mark.parametrize(("tracing", "middleware"), [("off", "none"), ("configured", "span")])
+def test_the_sdk_span_is_kept_only_when_tracing_is_configured(
+    tracing: str, middleware: str
+) -> None:
+    """Without a tracer provider the span is a no-op that costs every call; with one, every
+    message keeps its span (a fresh process each: the provider is process-global)."""
+    child = subprocess.run(
+        [sys.executable, "-c", SPAN_CHILD, tracing], capture_output=True, text=True, check=True
+    )
+    assert child.stdout.strip() == middleware
