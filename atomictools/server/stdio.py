@@ -18,13 +18,19 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import Any
 
 import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
 from mcp.shared.message import SessionMessage
-from mcp.types import INVALID_REQUEST, PARSE_ERROR, ErrorData, JSONRPCError
+from mcp.types import (
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    ErrorData,
+    JSONRPCError,
+    jsonrpc_message_adapter,
+)
 from pydantic import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -145,11 +151,7 @@ async def run_stdio(server: MCPServer[Any]) -> None:
     stdin, stdout, transports = wire
     try:
         with _std_fds_diverted(), session:
-            async with stdio_server(stdin=cast(Any, stdin), stdout=cast(Any, stdout)) as (
-                read_stream,
-                write_stream,
-            ):
-                await _serve(server, read_stream, write_stream)
+            await _serve_lines(server, stdin, stdout)
         if session.cancelled_caught:
             logger.info("the client closed its end of stdout; calls in flight were cancelled")
     finally:
@@ -176,6 +178,44 @@ async def _serve(server: MCPServer[Any], read_stream: Any, write_stream: Any) ->
         tasks.start_soon(forward)
         options = lowlevel.create_initialization_options()
         await lowlevel.run(inbound, write_stream, options)
+        tasks.cancel_scope.cancel()
+
+
+async def _serve_lines(server: MCPServer[Any], stdin: _LineReader, stdout: _LineWriter) -> None:
+    """The low-level server on the loop's pipes: each line parsed and handed straight to it.
+
+    What the SDK's ``stdio_server`` plus ``_serve`` do, with one hand-over instead of two
+    between the pipe and the server (each a task switch of every call).
+    """
+    lowlevel = server._lowlevel_server
+    to_server, inbound = anyio.create_memory_object_stream[Any](0)
+    outbound, from_server = anyio.create_memory_object_stream[SessionMessage](0)
+    async with anyio.create_task_group() as tasks:
+
+        async def read() -> None:
+            async with to_server:
+                async for line in stdin:
+                    try:
+                        message = jsonrpc_message_adapter.validate_json(line, by_name=False)
+                    except Exception as err:  # what the SDK's reader hands on, answered here
+                        await _answer_unreadable(outbound, err)
+                        continue
+                    await to_server.send(SessionMessage(message))
+
+        async def write() -> None:
+            async with from_server:
+                async for item in from_server:
+                    dumped = item.message.model_dump_json(by_alias=True, exclude_unset=True)
+                    await stdout.write(dumped + "\n")
+                    try:
+                        await stdout.flush()
+                    except anyio.ClosedResourceError:
+                        return  # the client stopped reading: the session is being ended
+
+        tasks.start_soon(read)
+        tasks.start_soon(write)
+        options = lowlevel.create_initialization_options()
+        await lowlevel.run(inbound, outbound, options)
         tasks.cancel_scope.cancel()
 
 
