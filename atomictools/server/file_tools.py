@@ -476,9 +476,19 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         ctx: Context[Any, Any], path: PathParam
     ) -> Annotated[CallToolResult, FileInfoOutput]:
         info = await runtime.call(ctx, lambda ws: ws.info(path))
-        out = FileInfoOutput.model_validate(info)
-        fields = out.model_dump(by_alias=True, exclude_none=True)
-        return tool_result(out, "\n".join(f"{key}: {value}" for key, value in fields.items()))
+        fields = {
+            "path": info.path,
+            "type": info.type,
+            "size": info.size,
+            "permissions": info.permissions,
+            "modified": info.modified,
+            "accessed": info.accessed,
+            "changed": info.changed,
+            "created": info.created,
+            "symlinkTarget": info.symlink_target,
+        }
+        text = "\n".join(f"{k}: {v}" for k, v in fields.items() if v is not None)
+        return structured_result(fields, text)
 
     @server.tool(
         name="list_allowed_directories",

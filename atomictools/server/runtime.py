@@ -83,9 +83,9 @@ class ClientRoots:
     def forget(self, session: Any) -> None:
         self._views.pop(self.client_key(session), None)
 
-    async def workspace_for(self, ctx: Context[Any, Any], wait: float | None = None) -> Workspace:
-        """The workspace for this client's calls; asks its roots once (``wait``: how long)."""
-        session = ctx.session
+    async def workspace_for(self, session: Any, wait: float | None = None) -> Workspace:
+        """The workspace for the calls of ``session``'s client; asks its roots once (``wait``:
+        how long)."""
         capabilities = session.client_capabilities
         if capabilities is None or capabilities.roots is None:
             return self.base
@@ -211,17 +211,18 @@ class ToolRuntime:
         self, ctx: Context[Any, Any], operation: Callable[[Workspace], Awaitable[T]]
     ) -> T:
         timeout = self.options.tool_timeout
-        client = ClientRoots.client_key(ctx.session)
+        session = ctx.session  # a lookup through the request context: done once per call
+        client = ClientRoots.client_key(session)
         if not self.early_cancels.starting(client, ctx.request_id):
             logger.info("request %s: cancelled by its client before it arrived", ctx.request_id)
             _mark_cancelled(ctx)
             raise ToolError("cancelled by the client before it started; nothing was changed")
         try:
             if timeout is None:
-                return await operation(await self.roots.workspace_for(ctx))
+                return await operation(await self.roots.workspace_for(session))
             with anyio.fail_after(timeout):  # the roots question counts against the deadline
                 wait = min(self.roots.answer_seconds, timeout / 2)
-                return await operation(await self.roots.workspace_for(ctx, wait))
+                return await operation(await self.roots.workspace_for(session, wait))
         except TimeoutError as err:
             if isinstance(err, OSError) and err.errno is not None:
                 raise ToolError(str(from_os_error(err, "the file", "finish"))) from err

@@ -39,7 +39,10 @@ from atomictools.engine.text.textcodec import (
 
 _TEXT_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
 _BYTES_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
-_FIRST_BLOCK = 64 * 1024
+_SNIFF_BYTES = 64 * 1024
+"""How much of a large file's start decides its encoding."""
+_FIRST_BLOCK = 8 * 1024
+"""The first read of a walk for lines (later ones double): 50 lines of code fit in it."""
 _NEWLINE_NAMES = {"\n": "LF", "\r\n": "CRLF", "\r": "CR"}
 _ASCII_COMPATIBLE = ("utf-8", "latin-1")
 """Encodings where the bytes CR and LF only ever mean those characters: tail can scan bytes."""
@@ -145,7 +148,7 @@ async def read_lines(location: Location, limits: Limits, lines: LineRange) -> Te
     try:
         if before.st_size <= min(limits.hash_partial_bytes, limits.max_read_bytes):
             return await _from_whole(location, limits, lines, fd, before)
-        first = await run_blocking(True, os.pread, fd, _FIRST_BLOCK, 0)
+        first = await run_blocking(True, os.pread, fd, _SNIFF_BYTES, 0)
         encoding, bom = _sniff(first, location)
         source = _Source(location, limits, fd, before.st_size, encoding, len(bom))
         if lines.from_end and encoding in _ASCII_COMPATIBLE:
