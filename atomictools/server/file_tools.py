@@ -432,7 +432,9 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         children = root.children or ()
         tree = [_tree_json(child) for child in children]
         structured = {"path": display, "tree": tree, "entries": _count(children)}
-        return structured_result(structured, json.dumps(tree, indent=2))
+        # Compact JSON: the C encoder (an indented dump runs the pure-Python one, 4x slower),
+        # and a third fewer tokens for the model that reads it.
+        return structured_result(structured, json.dumps(tree, separators=(",", ":")))
 
     @server.tool(
         name="search_files",

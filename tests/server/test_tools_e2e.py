@@ -22,6 +22,7 @@ The SDK's Client works on trio as well as asyncio (checked), so the conftest's
 from __future__ import annotations
 
 import base64
+import json
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -538,6 +539,8 @@ async def check_directory_tree(env: Env) -> None:
     src = names["src"]
     assert src["type"] == "directory"
     assert {c["name"] for c in src["children"]} == {"a.py", "node_modules"}
+    as_text = await env.call("directory_tree", {"path": env.name})
+    assert json.loads(text_of(as_text)) == full["tree"]  # the text block is the same tree
 
     trimmed = await env.ok(
         "directory_tree",

@@ -35,6 +35,8 @@ from atomictools.engine.results import (
 from atomictools.engine.sandbox import Location
 
 _BATCH = 512
+_INLINE_BATCH = 64
+"""Entries of a small tree walked on the event loop before any worker thread is used."""
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -92,27 +94,39 @@ def _walk(dir_fd: int, excludes: tuple[Glob, ...], max_depth: int) -> Generator[
 
 
 async def _collect(
-    walker: Generator[_Found, None, None], limit: int, progress: Progress | None
+    walker: Generator[_Found, None, None],
+    limit: int,
+    progress: Progress | None,
+    *,
+    small: bool = False,
 ) -> tuple[list[_Found], bool]:
-    """Drain ``walker`` in thread batches; stops after ``limit`` items (truncated=True)."""
+    """Drain ``walker`` in thread batches; stops after ``limit`` items (truncated=True).
+
+    ``small`` (the walked directory itself is small): the first few entries are walked on the
+    event loop, so a small tree costs no thread hop at all.
+    """
     found: list[_Found] = []
 
-    def next_batch() -> list[_Found]:
+    def next_batch(size: int = _BATCH) -> list[_Found]:
         batch: list[_Found] = []
         for item in walker:
             batch.append(item)
-            if len(batch) >= _BATCH or len(found) + len(batch) > limit:
+            if len(batch) >= size or len(found) + len(batch) > limit:
                 break
         return batch
 
     try:
-        while batch := await anyio.to_thread.run_sync(next_batch):
+        batch = next_batch(_INLINE_BATCH) if small else []
+        while batch or (batch := await anyio.to_thread.run_sync(next_batch)):
             found.extend(batch)
             if len(found) > limit:
                 return found[:limit], True
             if progress is not None:
                 await progress(len(found), None)
             await step("walk.batch")
+            if small and len(batch) < _INLINE_BATCH:
+                break  # the walk ended inside the inline batch
+            batch = []
         return found, False
     finally:
         walker.close()
@@ -170,7 +184,10 @@ async def directory_tree(
     fd = _open_directory(location)
     try:
         found, truncated = await _collect(
-            _walk(fd, tuple(Glob(p) for p in exclude), depth), limits.max_tree_entries, progress
+            _walk(fd, tuple(Glob(p) for p in exclude), depth),
+            limits.max_tree_entries,
+            progress,
+            small=limits.inline(os.fstat(fd).st_size),
         )
     finally:
         os.close(fd)
