@@ -189,6 +189,13 @@ async def test_a_reply_over_the_read_limit_is_refused(root: Path) -> None:
             await ws.read_text("log.txt", **arguments)
     tail = await ws.read_text("log.txt", tail=2)
     assert (tail.content, tail.newline) == ("line 498\r\nline 499\r\n", "CRLF")
+    # One endless line (a minified bundle) is refused once it passes the limit, not read whole.
+    (root / "bundle.js").write_text("x" * 500_000)
+    for arguments in ({"head": 1}, {"tail": 1}, {"offset": 1, "limit": 1}):
+        before = bytes_read()
+        with pytest.raises(TooLargeError, match="limit of a reply"):
+            await ws.read_text("bundle.js", **arguments)
+        assert bytes_read() - before < 100_000  # the encoding sniff and one block
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,13 @@ from atomictools.server.models import (
     DbTransactionOutput,
 )
 from atomictools.server.runtime import ToolRuntime
-from atomictools.server.tooling import READ_ONLY, IdempotencyKey, mutating, tool_result
+from atomictools.server.tooling import (
+    READ_ONLY,
+    IdempotencyKey,
+    mutating,
+    structured_result,
+    tool_result,
+)
 
 BLOB_KEY = "$blob"
 _BINDABLE = frozenset({str, int, float, bool, type(None)})
@@ -82,6 +88,18 @@ def decode_params(params: list[Any] | dict[str, Any] | None) -> Params:
     if all(type(value) in _BINDABLE for value in params):
         return params  # the common case, checked at a fraction of a per-value call's cost
     return [_decode_value(value) for value in params]
+
+
+def _plain(row: tuple[Any, ...]) -> bool:
+    """Every value of the row is JSON as it is: the row goes into the reply without a copy."""
+    return all(type(v) in _AS_JSON or (type(v) is float and math.isfinite(v)) for v in row)
+
+
+_AS_JSON = frozenset({str, int, type(None)})
+
+
+def encode_row(row: tuple[Any, ...]) -> list[Any]:
+    return [encode_value(v) for v in row]
 
 
 def encode_value(value: Any) -> Any:
@@ -184,13 +202,13 @@ def register_db_tools(
             return await db.query(sql, decode_params(params), max_rows=maxRows)
 
         result = await runtime.call(ctx, run)
-        out = DbQueryOutput(
-            columns=list(result.columns),
-            rows=[[encode_value(v) for v in row] for row in result.rows],
-            truncated=result.truncated,
-            row_count=len(result.rows),
-        )
-        return tool_result(out, _rows_text(result))
+        structured = {
+            "columns": list(result.columns),
+            "rows": [row if _plain(row) else encode_row(row) for row in result.rows],
+            "truncated": result.truncated,
+            "rowCount": len(result.rows),
+        }
+        return structured_result(structured, _rows_text(result))
 
     @server.tool(
         name="db_execute",

@@ -221,7 +221,12 @@ class DbSchemaOutput(WireModel):
 
 class DbQueryOutput(WireModel):
     columns: list[str]
-    rows: list[list[Any]] = Field(description='Values as JSON; blobs as {"$blob": base64}.')
+    rows: Annotated[
+        list[list[Any]],
+        listed(
+            'an array of the row\'s values as JSON, in column order; blobs as {"$blob": base64}.'
+        ),
+    ]
     truncated: bool
     row_count: int
 

@@ -249,8 +249,11 @@ def expect_entries(count: int) -> Check:
 
 
 def expect_tree(count: int) -> Check:
+    def nodes(tree: list[dict[str, Any]]) -> int:
+        return sum(1 + nodes(node.get("children") or []) for node in tree)
+
     def check(text: str) -> None:
-        got = text.count('"name": ')
+        got = nodes(json.loads(text))  # indented (reference) or compact (atomictools) JSON
         if got != count:
             raise ValueError(f"{got} entries in the tree, want {count}")
 

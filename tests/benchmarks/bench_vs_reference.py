@@ -213,7 +213,12 @@ def atomictools_spec(
         args = ["-c", UNCAPPED_WRAPPER, str(tree_limit), *cli]
     else:
         args = ["-m", "atomictools", *cli]
-    return Spec(label, root, StdioServerParameters(command=sys.executable, args=args), str(root))
+    # This process's environment (the SDK passes only a few variables) from a neutral cwd (not
+    # the checkout, which `-m` would put first on sys.path): PYTHONPATH picks the checkout.
+    params = StdioServerParameters(
+        command=sys.executable, args=args, env=dict(os.environ), cwd=tempfile.gettempdir()
+    )
+    return Spec(label, root, params, str(root))
 
 
 @dataclass

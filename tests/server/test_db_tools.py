@@ -338,6 +338,12 @@ async def check_query(t: T) -> None:
         assert row[1:] == [back, kind], (row, sent)
     # Stored as real bytes, not as the base64 text.
     assert t.on_disk(f"SELECT v FROM {vals} WHERE id = 11") == [(blob,)]
+    # Rows of plain JSON values go out as they are; a row with a blob or an infinity is encoded,
+    # and plain rows beside it are not disturbed.
+    mixed = await t.query(
+        "SELECT 1, 'a' UNION ALL SELECT 1e999, x'00ff' UNION ALL SELECT -1e999, 2.5"
+    )
+    assert mixed["rows"] == [[1, "a"], ["Infinity", {"$blob": "AP8="}], ["-Infinity", 2.5]]
 
     # Every JSON type as a parameter, list and object forms, and a blob parameter.
     row = await t.rows(

@@ -349,12 +349,15 @@ class Transaction:
 
 async def _fetch(cursor: aiosqlite.Cursor, max_rows: int) -> QueryResult:
     try:
-        rows = list(await cursor.fetchmany(max_rows + 1))
+        # A list of tuples (no row factory is set), typed by aiosqlite as Iterable[Row].
+        rows = cast(list[tuple[Any, ...]], await cursor.fetchmany(max_rows + 1))
         columns = tuple(d[0] for d in cursor.description or ())
     finally:
         await cursor.close()
     truncated = len(rows) > max_rows
-    return QueryResult(columns, tuple(tuple(r) for r in rows[:max_rows]), truncated)
+    del rows[max_rows:]
+    # sqlite3's rows are tuples already: the result holds them, not copies of them.
+    return QueryResult(columns, tuple(rows), truncated)
 
 
 def is_busy(err: sqlite3.OperationalError) -> bool:

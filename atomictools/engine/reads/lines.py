@@ -266,6 +266,11 @@ async def _forward(source: _Source, lines: LineRange) -> _Window:
         pending = ""
         if data and found and found[-1][-1] != "\n":
             pending = found.pop()  # unfinished, or a CR that the next block may pair with LF
+            if len(pending) > limits.max_read_bytes:  # a minified file: one line, no end
+                raise TooLargeError(
+                    f"line {number + len(found) + 1} of {source.location.display} is longer "
+                    f"than the {limits.max_read_bytes}-byte limit of a reply"
+                )
         for line in found:
             number += 1
             if number < lines.first:

@@ -1,0 +1,272 @@
+"""The database tools end to end over stdio: a 10,000-statement transaction, a 100,000-row query.
+
+    python tests/benchmarks/bench_db_stdio.py [--statements N] [--rounds R] [--rows M]
+        [--durability full|fast]
+
+The real server (``python -m atomictools serve --db bench=FILE``, started with this process's
+environment from a neutral cwd, so ``PYTHONPATH=/other/checkout`` measures that checkout) is
+driven over stdio two ways: the Python SDK client (``mcp.Client(..., mode="legacy")``) and raw
+JSON-RPC lines written and read by this process (no client-side validation).
+
+1. **Transaction.** ``db_transaction`` of ``--statements`` single-row INSERTs with bound
+   parameters, against raw ``sqlite3`` in this process doing the same (``BEGIN IMMEDIATE``, N x
+   ``execute``, ``COMMIT``) on its own file with the same journal mode (WAL) and ``synchronous``
+   level. The three run interleaved, ``--rounds`` rounds, the order rotating; tables are
+   emptied between rounds, untimed. Printed: p50 and mean per variant and the ratio to raw
+   (target: at most 3x).
+2. **Query memory.** A file of ``--rows`` rows ``(id, name, score)``; a 1-row ``db_query`` warms
+   the server up, then ``SELECT *`` with ``maxRows`` = M runs three times over raw JSON-RPC, and
+   the server's VmHWM (/proc/PID/status) is read before and after. "One copy" is what the rows
+   cost as Python objects (tracemalloc of ``sqlite3`` ``fetchall`` in this process). The rows
+   once, plus the JSON text the transport has to build, is about 1.3 copies; every further copy
+   of the rows held at once adds one (target: at most 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+from mcp import Client, StdioServerParameters
+from mcp.client.stdio import stdio_client
+
+MiB = 1024 * 1024
+SCHEMA = "CREATE TABLE t (id INTEGER PRIMARY KEY, a INTEGER NOT NULL, b TEXT NOT NULL)"
+INSERT = "INSERT INTO t (a, b) VALUES (?, ?)"
+TARGET_TRANSACTION = 3.0
+TARGET_COPIES = 2.0
+
+
+def server_command(root: Path, db: Path, state: Path, durability: str) -> list[str]:
+    command = [sys.executable, "-m", "atomictools", "serve", "--root", str(root)]
+    return [*command, "--db", f"bench={db}", "--state-dir", str(state), "--durability", durability]
+
+
+def fresh_database(path: Path, schema: str = SCHEMA) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(schema)
+    finally:
+        conn.close()
+
+
+def empty(path: Path) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("DELETE FROM t")
+    finally:
+        conn.close()
+
+
+class RawServer:
+    """The server as a subprocess, spoken to in JSON-RPC lines by this process."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=tempfile.gettempdir(),
+        )
+        self.next_id = 0
+        self.request(
+            "initialize",
+            {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "bench", "version": "1"},
+            },
+        )
+        self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+    def send(self, message: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def request(self, method: str, params: dict[str, Any]) -> bytes:
+        self.next_id += 1
+        self.send({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params})
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        reply = json.loads(line)
+        if reply.get("id") != self.next_id or "error" in reply or reply["result"].get("isError"):
+            raise RuntimeError(f"{method} failed: {line[:500]!r}")
+        return line
+
+    def call(self, tool: str, arguments: dict[str, Any]) -> bytes:
+        return self.request("tools/call", {"name": tool, "arguments": arguments})
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def vm(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
+
+
+# -- 1. the transaction -------------------------------------------------------------------------
+
+
+def statements(n: int) -> list[dict[str, Any]]:
+    return [{"sql": INSERT, "params": [i, f"row {i}"]} for i in range(n)]
+
+
+async def transaction_rounds(args: argparse.Namespace, base: Path) -> dict[str, list[float]]:
+    level = "FULL" if args.durability == "full" else "NORMAL"
+    files = {name: base / f"{name}.db" for name in ("raw", "sdk", "rpc")}
+    for path in files.values():
+        fresh_database(path)
+    raw = sqlite3.connect(files["raw"], isolation_level=None)
+    raw.execute(f"PRAGMA synchronous={level}")
+    batch = statements(args.statements)
+    params = [s["params"] for s in batch]
+    samples: dict[str, list[float]] = {"raw sqlite3": [], "MCP, SDK client": [], "MCP, raw": []}
+
+    def raw_transaction() -> None:
+        cursor = raw.cursor()
+        cursor.execute("BEGIN IMMEDIATE")
+        for p in params:
+            cursor.execute(INSERT, p)
+        cursor.execute("COMMIT")
+
+    # Two servers (one per driver), each on its own file, so every variant's table starts alike.
+    sdk_params = StdioServerParameters(
+        command=sys.executable,
+        args=server_command(base, files["sdk"], base / "state-sdk", args.durability)[1:],
+        cwd=tempfile.gettempdir(),
+        env=dict(os.environ),  # the SDK passes only a few variables; PYTHONPATH must reach it
+    )
+    rpc = RawServer(server_command(base, files["rpc"], base / "state-rpc", args.durability))
+    arguments = {"database": "bench", "statements": batch}
+    try:
+        async with Client(stdio_client(sdk_params), mode="legacy") as client:
+
+            async def sdk_transaction() -> None:
+                result = await client.call_tool("db_transaction", arguments)
+                if result.is_error:
+                    raise RuntimeError(f"db_transaction failed: {result.content}")
+
+            variants: list[tuple[str, Callable[[], Any], Path]] = [
+                ("raw sqlite3", raw_transaction, files["raw"]),
+                ("MCP, SDK client", sdk_transaction, files["sdk"]),
+                ("MCP, raw", lambda: rpc.call("db_transaction", arguments), files["rpc"]),
+            ]
+            for warm in range(2 + args.rounds):
+                for name, op, path in variants[warm % 3 :] + variants[: warm % 3]:
+                    start = time.perf_counter()
+                    outcome = op()
+                    if hasattr(outcome, "__await__"):
+                        await outcome
+                    elapsed = time.perf_counter() - start
+                    if warm >= 2:
+                        samples[name].append(elapsed)
+                    empty(path)
+    finally:
+        rpc.close()
+        raw.close()
+    return samples
+
+
+# -- 2. query memory ----------------------------------------------------------------------------
+
+
+def one_copy(path: Path) -> int:
+    """Bytes the rows take as Python objects (sqlite3 tuples), by tracemalloc."""
+    with sqlite3.connect(path) as conn:
+        tracemalloc.start()
+        rows = conn.execute("SELECT * FROM q").fetchall()
+        size = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        del rows
+    return size
+
+
+def query_memory(args: argparse.Namespace, base: Path) -> dict[str, float]:
+    db = base / "query.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE q(id INTEGER PRIMARY KEY, name TEXT, score REAL)")
+        conn.executemany(
+            "INSERT INTO q VALUES (?, ?, ?)",
+            ((i, f"name number {i:08d}", i / 7) for i in range(args.rows)),
+        )
+    copy = one_copy(db)
+    server = RawServer(server_command(base, db, base / "state-query", args.durability))
+    query = {"database": "bench", "sql": "SELECT * FROM q"}
+    try:
+        server.call("db_query", {**query, "maxRows": 1})
+        before = vm(server.proc.pid, "VmHWM")
+        reply = b""
+        for _ in range(3):
+            reply = server.call("db_query", {**query, "maxRows": args.rows})
+        after = vm(server.proc.pid, "VmHWM")
+    finally:
+        server.close()
+    count = json.loads(reply)["result"]["structuredContent"]["rowCount"]
+    if count != args.rows:
+        raise RuntimeError(f"db_query returned {count} rows, not {args.rows}")
+    return {"one_copy": copy, "reply": len(reply), "before": before, "after": after}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--statements", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--durability", choices=("full", "fast"), default="full")
+    args = parser.parse_args(argv)
+    import atomictools  # which checkout is measured: PYTHONPATH decides
+
+    print(f"atomictools package: {Path(atomictools.__file__).parent}; durability {args.durability}")
+    with tempfile.TemporaryDirectory() as scratch:
+        base = Path(scratch)
+        samples = anyio.run(transaction_rounds, args, base)
+        memory = query_memory(args, base)
+    raw_p50 = statistics.median(samples["raw sqlite3"])
+    print(f"\n1. db_transaction of {args.statements:,} INSERTs, {args.rounds} rounds")
+    print(f"{'variant':<18} {'p50 ms':>9} {'mean ms':>9} {'x raw (p50)':>12}")
+    for name, values in samples.items():
+        p50 = statistics.median(values)
+        mean = statistics.fmean(values)
+        print(f"{name:<18} {p50 * 1000:9.1f} {mean * 1000:9.1f} {p50 / raw_p50:11.2f}x")
+    copies = (memory["after"] - memory["before"]) / memory["one_copy"]
+    print(f"\n2. db_query of {args.rows:,} rows (raw JSON-RPC)")
+    print(
+        f"one copy of the rows as Python objects: {memory['one_copy'] / MiB:.1f} MiB; the reply "
+        f"line: {memory['reply'] / MiB:.1f} MiB"
+    )
+    print(
+        f"server VmHWM {memory['before'] / MiB:.1f} -> {memory['after'] / MiB:.1f} MiB: growth "
+        f"= {copies:.2f} copies of the rows"
+    )
+    worst = max(statistics.median(v) for k, v in samples.items() if k != "raw sqlite3")
+    print(
+        f"\ntargets: transaction <= {TARGET_TRANSACTION:g}x raw: "
+        f"{'PASS' if worst / raw_p50 <= TARGET_TRANSACTION else 'FAIL'}; query growth <= "
+        f"{TARGET_COPIES:g} copies: {'PASS' if copies <= TARGET_COPIES else 'FAIL'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
