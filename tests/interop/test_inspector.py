@@ -40,7 +40,6 @@ EXIT_TOOL_ERROR = 5  # the Inspector's exit code for an isError tool result
 SQL_VALUE = "a SQLite value is any JSON scalar or {'$blob': base64}; deliberately untyped"
 KNOWN_WARNINGS: dict[tuple[str, str, str, str], str] = {
     ("db_query", "inputSchema", "properties.params.anyOf[0].items", "untyped-schema"): SQL_VALUE,
-    ("db_query", "outputSchema", "properties.rows.items.items", "untyped-schema"): SQL_VALUE,
     ("db_execute", "inputSchema", "properties.params.anyOf[0].items", "untyped-schema"): SQL_VALUE,
     (
         "db_transaction",
