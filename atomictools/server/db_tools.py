@@ -85,7 +85,7 @@ def decode_params(params: list[Any] | dict[str, Any] | None) -> Params:
         return None
     if isinstance(params, dict):
         return {key: _decode_value(value) for key, value in params.items()}
-    if all(type(value) in _BINDABLE for value in params):
+    if _BINDABLE.issuperset(map(type, params)):
         return params  # the common case, checked at a fraction of a per-value call's cost
     return [_decode_value(value) for value in params]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import stat
@@ -181,6 +182,29 @@ async def _serve(server: MCPServer[Any], read_stream: Any, write_stream: Any) ->
         tasks.cancel_scope.cancel()
 
 
+LARGE_LINE = 64 * 1024
+"""From this length on, a line is parsed by ``json.loads`` before the message is validated."""
+
+
+def _parse(line: str) -> Any:
+    """One JSON-RPC message from one line, validated as the SDK validates it.
+
+    pydantic's JSON mode builds the arguments once for every member of the message union it
+    tries: a 10,000-statement ``db_transaction`` line took 49 ms, against 21 ms for the
+    standard library's parser followed by validation of the parsed value. A short line is
+    faster the SDK's way. A line the standard parser refuses goes the SDK's way too, so it gets
+    the same answer (both accept NaN and Infinity, as the SDK's parser does).
+    """
+    if len(line) >= LARGE_LINE:
+        try:
+            data = json.loads(line)
+        except ValueError:
+            pass
+        else:
+            return jsonrpc_message_adapter.validate_python(data, by_name=False)
+    return jsonrpc_message_adapter.validate_json(line, by_name=False)
+
+
 async def _serve_lines(server: MCPServer[Any], stdin: _LineReader, stdout: _LineWriter) -> None:
     """The low-level server on the loop's pipes: each line parsed and handed straight to it.
 
@@ -196,7 +220,7 @@ async def _serve_lines(server: MCPServer[Any], stdin: _LineReader, stdout: _Line
             async with to_server:
                 async for line in stdin:
                     try:
-                        message = jsonrpc_message_adapter.validate_json(line, by_name=False)
+                        message = _parse(line)
                     except Exception as err:  # what the SDK's reader hands on, answered here
                         await _answer_unreadable(outbound, err)
                         continue

@@ -108,6 +108,13 @@ def test_http_says_where_it_listens_and_how_to_authenticate(tmp_path: Path) -> N
         proc.wait(timeout=30)
 
 
+INITIALIZE_PARAMS = {
+    "protocolVersion": "2025-06-18",
+    "capabilities": {},
+    "clientInfo": {"name": "raw", "version": "0"},
+}
+
+
 def test_a_line_that_is_not_json_rpc_gets_an_error_and_the_session_goes_on(
     tmp_path: Path,
 ) -> None:
@@ -121,17 +128,66 @@ def test_a_line_that_is_not_json_rpc_gets_an_error_and_the_session_goes_on(
             "clientInfo": {"name": "raw", "version": "0"},
         },
     }
-    lines = ["this is not json", json.dumps({"no": "method"}), json.dumps(initialize)]
+    # Long lines (64 KiB and more) are parsed another way: the same answers, NaN (which the
+    # SDK's parser accepts) included.
+    pad = "x" * 70_000
+    long_not_json = '{"jsonrpc": "2.0", "id": 5, "method": "ping", "params": {"pad": "' + pad
+    long_nan = json.dumps({"jsonrpc": "2.0", "id": 6, "method": "ping", "params": {"n": "NAN"}})
+    long_nan = long_nan.replace('"NAN"', "NaN").replace("}}", f', "pad": "{pad}"}}}}')
+    lines = [
+        "this is not json",
+        json.dumps({"no": "method"}),
+        long_not_json,
+        long_nan,
+        json.dumps(initialize),
+    ]
     done = atomictools("serve", "--root", str(tmp_path), stdin="\n".join(lines) + "\n")
     replies = [json.loads(line) for line in done.stdout.splitlines()]
-    assert replies[0] == {
+    parse_error = {
         "jsonrpc": "2.0",
         "id": None,
         "error": {"code": -32700, "message": "Parse error: the line is not a JSON-RPC 2.0 message"},
     }
+    assert replies[0] == replies[2] == parse_error
+    assert replies[3] == {"jsonrpc": "2.0", "id": 6, "result": {}}  # a ping, as when short
     assert replies[1]["error"]["code"] == -32600
-    assert replies[2]["id"] == 1
-    assert "result" in replies[2]  # the session still serves
+    assert replies[4]["id"] == 1
+    assert "result" in replies[4]  # the session still serves
+
+
+def test_a_long_line_is_served_like_a_short_one(tmp_path: Path) -> None:
+    """A 10,000-statement transaction or a large write arrives as one long line (parsed by the
+    standard library's JSON parser, then validated): the call is served as any other."""
+    command = [sys.executable, "-m", "atomictools", "serve", "--root", str(tmp_path)]
+    server = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert server.stdin is not None
+    assert server.stdout is not None
+    content = '\u00e9 long line \\ with "quotes"\n' * 4000
+    write = {"path": str(tmp_path / "long.txt"), "content": content}
+    messages = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INITIALIZE_PARAMS},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "write_file", "arguments": write},
+        },
+    ]
+    try:
+        replies = []
+        for message in messages:
+            server.stdin.write(json.dumps(message) + "\n")
+            server.stdin.flush()
+            if "id" in message:
+                replies.append(json.loads(server.stdout.readline()))
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)
+    assert len(json.dumps(messages[2])) > 64 * 1024
+    assert replies[1]["id"] == 2
+    assert replies[1]["result"]["structuredContent"]["size"] == len(content.encode())
+    assert (tmp_path / "long.txt").read_text() == content
 
 
 def test_db_in_a_missing_directory_fails_at_start(tmp_path: Path) -> None:
