@@ -230,7 +230,8 @@ async def _serve_lines(server: MCPServer[Any], stdin: _LineReader, stdout: _Line
             async with from_server:
                 async for item in from_server:
                     dumped = item.message.model_dump_json(by_alias=True, exclude_unset=True)
-                    await stdout.write(dumped + "\n")
+                    await stdout.write(dumped)  # not dumped + "\n": a large reply copied again
+                    await stdout.write("\n")
                     try:
                         await stdout.flush()
                     except anyio.ClosedResourceError:
