@@ -504,8 +504,8 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
             return [str(p) for p in ws.roots]
 
         directories = await runtime.call(ctx, roots)
-        out = AllowedDirectoriesOutput(directories=directories)
-        return tool_result(out, "Allowed directories:\n" + "\n".join(directories))
+        text = "Allowed directories:\n" + "\n".join(directories)
+        return structured_result({"directories": directories}, text)
 
     @server.tool(
         name="move_file",
