@@ -8,6 +8,7 @@ so one call cannot build a reply too large to send. Our own temp files are not s
 
 from __future__ import annotations
 
+import operator
 import os
 import stat
 from collections.abc import Generator
@@ -136,25 +137,29 @@ def _names_and_types(dir_fd: int, sizes: bool) -> list[DirEntry]:
     """Entries of an open directory, sorted by name, typed from the directory itself (d_type:
     no stat per entry, as ``ls`` does); a file is stat'ed for its size only when ``sizes``."""
     found: list[DirEntry] = []
+    append = found.append
     with os.scandir(dir_fd) as entries:
-        for entry in entries:
+        for entry in entries:  # per-entry work is most of a large listing: the common case first
             name = entry.name
-            if is_temp_name(name):
+            if name[:1] == "." and is_temp_name(name):
                 continue
             try:
-                if entry.is_symlink():
-                    found.append(DirEntry(name, "symlink", None))
-                elif entry.is_dir(follow_symlinks=False):
-                    found.append(DirEntry(name, "directory", None))
-                elif entry.is_file(follow_symlinks=False):
+                if entry.is_file(follow_symlinks=False):
                     size = entry.stat(follow_symlinks=False).st_size if sizes else None
-                    found.append(DirEntry(name, "file", size))
+                    append(DirEntry(name, "file", size))
+                elif entry.is_dir(follow_symlinks=False):
+                    append(DirEntry(name, "directory", None))
+                elif entry.is_symlink():
+                    append(DirEntry(name, "symlink", None))
                 else:
-                    found.append(DirEntry(name, "other", None))
+                    append(DirEntry(name, "other", None))
             except FileNotFoundError:
                 continue  # removed while we listed
-    found.sort(key=lambda item: item.name)
+    found.sort(key=_BY_NAME)
     return found
+
+
+_BY_NAME = operator.attrgetter("name")
 
 
 async def list_directory(location: Location, limits: Limits, *, sizes: bool = True) -> DirListing:
