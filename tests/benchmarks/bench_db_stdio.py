@@ -42,12 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from bench_db import INSERT, fresh_database
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
 MiB = 1024 * 1024
-SCHEMA = "CREATE TABLE t (id INTEGER PRIMARY KEY, a INTEGER NOT NULL, b TEXT NOT NULL)"
-INSERT = "INSERT INTO t (a, b) VALUES (?, ?)"
 TARGET_TRANSACTION = 3.0
 TARGET_COPIES = 2.0
 
@@ -55,15 +54,6 @@ TARGET_COPIES = 2.0
 def server_command(root: Path, db: Path, state: Path, durability: str) -> list[str]:
     command = [sys.executable, "-m", "atomictools", "serve", "--root", str(root)]
     return [*command, "--db", f"bench={db}", "--state-dir", str(state), "--durability", durability]
-
-
-def fresh_database(path: Path, schema: str = SCHEMA) -> None:
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(schema)
-    finally:
-        conn.close()
 
 
 def empty(path: Path) -> None:
