@@ -2,9 +2,11 @@
 
 The SDK's ``stdio_server`` reads and writes stdin/stdout through ``anyio.wrap_file``: a worker
 thread hop for every line read, every write and every flush, about 0.45 ms of a small tool
-call's 0.9 ms server CPU on a 2-core machine. On asyncio the pipes can be served by the loop's
-own pipe transports instead; the SDK's framing and JSON-RPC stay as they are (we hand it
-duck-typed files). Elsewhere (trio, stdin from a regular file) the SDK's transport is used.
+call's 0.9 ms server CPU on a 2-core machine. On asyncio the pipes are served by the loop's
+own pipe transports instead, and each line goes to the SDK's low-level server as the SDK's
+transport would hand it over (one JSON-RPC message per line, validated by the SDK's message
+model), minus one task hand-over. Elsewhere (trio, stdin from a regular file) the SDK's
+transport is used.
 
 Like the SDK, fd 0 and fd 1 point at the null device and at stderr while serving, so a stray
 ``print`` or a child process cannot corrupt the wire; they are restored on exit.
