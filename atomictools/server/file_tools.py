@@ -126,15 +126,13 @@ def _about_read(read: TextRead) -> str:
     """What a read returned, for the model: where the lines are, and the hash to change it by."""
     facts = f"{read.size} bytes, {read.encoding}, {read.newline} line endings"
     where = ""
-    if read.line_count is not None:
-        last = (read.first_line or 0) + read.line_count - 1
-        span = (
-            f"lines {read.first_line}-{last}"
-            if read.first_line is not None and read.line_count
-            else f"{read.line_count} lines"
-            if read.first_line is None
-            else f"no lines from line {read.first_line}"
-        )
+    if read.line_count is not None:  # a read of some lines: say which
+        if read.first_line is None:  # the tail of a large file: not numbered
+            span = f"the last {read.line_count} line(s)"
+        elif read.line_count == 0:
+            span = f"no lines from line {read.first_line}"
+        else:
+            span = f"lines {read.first_line}-{read.first_line + read.line_count - 1}"
         total = f" of {read.total_lines}" if read.total_lines is not None else ""
         where = f"; {span}{total}"
         if read.next_offset is not None:

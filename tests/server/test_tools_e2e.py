@@ -191,6 +191,7 @@ async def check_read_text_file(env: Env) -> None:
     assert part.structured_content["content"] == "00199999\n"
     assert "sha256" not in part.structured_content
     assert "read it whole and pass that sha256 as expectedSha256" in text_of(part)
+    assert "the last 1 line(s);" in text_of(part)  # a large file's tail is not numbered
     await env.error(
         "read_text_file", {"path": env.p("notes.txt"), "tail": 1, "offset": 2}, "tail alone"
     )
