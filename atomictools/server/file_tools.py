@@ -184,7 +184,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
         "Latin-1) and line endings. Returns the content (first text block) plus `sha256` of "
         "the whole file (in the result, and in a second text block): pass it as "
         "`expectedSha256` to write_file/edit_file/delete_file so the change is refused if "
-        "someone changed the file since. For part of a file over 1 MiB, `sha256` is null "
+        "someone changed the file since. For part of a file over 256 KiB, `sha256` is absent "
         "(hashing would read the whole file): read it whole to get one. Binary files are "
         "refused; use read_media_file."
     )

@@ -47,7 +47,7 @@ class ReadTextOutput(WireModel):
         default=None,
         description=(
             "Hash of the whole file; pass it back as expectedSha256. Absent for some lines of "
-            "a file over 1 MiB (read the file whole to get it)."
+            "a file over 256 KiB (read the file whole to get it)."
         ),
     )
     encoding: str
