@@ -193,18 +193,22 @@ def _window(
     before: bool,
     after: bool,
     total: int | None,
+    newline: str | None = None,
 ) -> _Window:
-    """Where the chosen lines sit, refusing a reply larger than the read limit."""
+    """Where the chosen lines sit, refusing a reply larger than the read limit. ``newline``:
+    the style to report when known (a whole file's); else that of the chosen lines."""
     content = "".join(chosen)
     if len(content) > limits.max_read_bytes:
         raise TooLargeError(
             f"the {len(chosen)} lines asked for from {location.display} are more than the "
             f"{limits.max_read_bytes}-byte limit of a reply; ask for fewer lines"
         )
-    newline, mixed = detect_newline(content)
+    if newline is None:
+        style, mixed = detect_newline(content)
+        newline = "mixed" if mixed else _NEWLINE_NAMES[style]
     return _Window(
         content=content,
-        newline="mixed" if mixed else _NEWLINE_NAMES[newline],
+        newline=newline,
         partial=before or after,
         first_line=first_line,
         line_count=len(chosen),
@@ -229,7 +233,7 @@ def _split_lines(text: str) -> list[str]:
 async def _from_whole(
     location: Location, limits: Limits, lines: LineRange, fd: int, st: os.stat_result
 ) -> TextRead:
-    """A small file: read and hash it whole, then pick the lines (same cost as one block)."""
+    """A small file: read and hash it whole, then pick the lines (what a whole read costs)."""
     data = await read_open(fd, st, location, limits, stable=True)
     text, fmt = decode(data, location.display)
     every = _split_lines(text)
@@ -248,9 +252,9 @@ async def _from_whole(
         before=start > 0,
         after=start + count < total,
         total=total,
+        newline=fmt.newline_name,  # the whole file's style, as a whole read reports it
     )
-    # The newline style of the whole file, as a whole read reports it.
-    return dataclasses.replace(window, newline=fmt.newline_name).read(
+    return window.read(
         location,
         size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
