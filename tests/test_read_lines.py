@@ -20,6 +20,7 @@ from atomictools import (
     ConcurrentChangeError,
     InvalidArgumentError,
     Limits,
+    TextEncodingError,
     TooLargeError,
     Workspace,
 )
@@ -230,3 +231,13 @@ async def test_the_tail_of_a_large_utf16_file(root: Path) -> None:
         39,
         40,
     )
+
+
+async def test_a_binary_file_is_refused_as_text_also_in_part(root: Path) -> None:
+    """A large file is judged by its first block: NUL bytes there mean binary, as for a whole
+    read."""
+    ws = Workspace([root], limits=Limits(hash_partial_bytes=0))
+    (root / "blob.bin").write_bytes(b"line\n" * 10 + b"\x00\x01" + b"tail\n" * 10)
+    for arguments in ({"head": 1}, {"tail": 1}, {"offset": 3, "limit": 1}):
+        with pytest.raises(TextEncodingError, match=r"binary file .* bytes/media"):
+            await ws.read_text("blob.bin", **arguments)

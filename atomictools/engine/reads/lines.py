@@ -24,7 +24,6 @@ from atomictools.engine.durable.steps import step
 from atomictools.engine.errors import (
     ConcurrentChangeError,
     InvalidArgumentError,
-    TextEncodingError,
     TooLargeError,
 )
 from atomictools.engine.reads.files import open_regular, read_open
@@ -34,7 +33,7 @@ from atomictools.engine.text.textcodec import (
     decode,
     detect_newline,
     incremental_decoder,
-    sniff_encoding,
+    sniff_block,
 )
 
 _TEXT_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
@@ -149,7 +148,7 @@ async def read_lines(location: Location, limits: Limits, lines: LineRange) -> Te
         if before.st_size <= min(limits.hash_partial_bytes, limits.max_read_bytes):
             return await _from_whole(location, limits, lines, fd, before)
         first = await run_blocking(True, os.pread, fd, _SNIFF_BYTES, 0)
-        encoding, bom = _sniff(first, location)
+        encoding, bom = sniff_block(first, location.display)
         source = _Source(location, limits, fd, before.st_size, encoding, len(bom))
         if lines.from_end and encoding in _ASCII_COMPATIBLE:
             window = await _tail(source, lines)
@@ -164,24 +163,6 @@ async def read_lines(location: Location, limits: Limits, lines: LineRange) -> Te
             f"the start, {after.st_size} now); retry"
         )
     return window.read(location, size=before.st_size, sha256=None, encoding=encoding, bom=bool(bom))
-
-
-def _sniff(first: bytes, location: Location) -> tuple[str, bytes]:
-    """Encoding of a large file from its first block: a BOM, else UTF-8, else Latin-1."""
-    encoding, bom = sniff_encoding(first)
-    if bom:
-        return encoding, bom
-    if b"\x00" in first:
-        raise TextEncodingError(
-            f"{location.display} looks like a binary file (it contains NUL bytes); "
-            "read it as bytes/media instead of text"
-        )
-    try:
-        first.decode("utf-8")
-    except UnicodeDecodeError as err:
-        if err.start < len(first) - 3:  # not just a character cut at the block's end
-            return "latin-1", b""
-    return "utf-8", b""
 
 
 def _window(

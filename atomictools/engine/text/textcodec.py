@@ -70,17 +70,37 @@ def decode(data: bytes, display: str) -> tuple[str, TextFormat]:
                 f"{display} starts with a {encoding} byte-order mark but is not valid {encoding}"
             ) from err
     else:
-        if b"\x00" in body:
-            raise TextEncodingError(
-                f"{display} looks like a binary file (it contains NUL bytes); "
-                "read it as bytes/media instead of text"
-            )
+        refuse_binary(body, display)
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             encoding, text = "latin-1", body.decode("latin-1")
     newline, mixed = detect_newline(text)
     return text, TextFormat(encoding=encoding, bom=bom, newline=newline, mixed_newlines=mixed)
+
+
+def refuse_binary(data: bytes, display: str) -> None:
+    """A NUL byte outside UTF-16/32 means binary content: refused as text."""
+    if b"\x00" in data:
+        raise TextEncodingError(
+            f"{display} looks like a binary file (it contains NUL bytes); "
+            "read it as bytes/media instead of text"
+        )
+
+
+def sniff_block(first: bytes, display: str) -> tuple[str, bytes]:
+    """Codec and BOM of a file too large to decode whole, judged by its first block: a BOM,
+    else UTF-8 if the block is (a character cut at its end aside), else Latin-1."""
+    encoding, bom = sniff_encoding(first)
+    if bom:
+        return encoding, bom
+    refuse_binary(first, display)
+    try:
+        first.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(first) - 3:  # not just a character cut at the block's end
+            return "latin-1", b""
+    return "utf-8", b""
 
 
 def encode(text: str, fmt: TextFormat, display: str) -> bytes:
