@@ -32,7 +32,6 @@ import os
 import signal
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from typing import Any
 
 import anyio
 from bench_db import INSERT, fresh_database
+from bench_tree import RawServer
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
@@ -64,50 +64,21 @@ def empty(path: Path) -> None:
         conn.close()
 
 
-class RawServer:
-    """The server as a subprocess, spoken to in JSON-RPC lines by this process."""
+def start_raw(command: list[str], log: Path) -> RawServer:
+    """bench_tree's raw JSON-RPC driver on ``command``, with this process's environment (so
+    PYTHONPATH reaches the server) from a neutral cwd."""
+    params = StdioServerParameters(
+        command=command[0], args=command[1:], env=dict(os.environ), cwd=tempfile.gettempdir()
+    )
+    return RawServer("atomictools", params, log)
 
-    def __init__(self, command: list[str]) -> None:
-        self.proc = subprocess.Popen(
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            cwd=tempfile.gettempdir(),
-        )
-        self.next_id = 0
-        self.request(
-            "initialize",
-            {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "bench", "version": "1"},
-            },
-        )
-        self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
 
-    def send(self, message: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def request(self, method: str, params: dict[str, Any]) -> bytes:
-        self.next_id += 1
-        self.send({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params})
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        reply = json.loads(line)
-        if reply.get("id") != self.next_id or "error" in reply or reply["result"].get("isError"):
-            raise RuntimeError(f"{method} failed: {line[:500]!r}")
-        return line
-
-    def call(self, tool: str, arguments: dict[str, Any]) -> bytes:
-        return self.request("tools/call", {"name": tool, "arguments": arguments})
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+def call(server: RawServer, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """One tools/call; its reply, or an error when the tool reports one."""
+    _, reply = server.request("tools/call", {"name": tool, "arguments": arguments})
+    if reply["result"].get("isError"):
+        raise RuntimeError(f"{tool} failed: {json.dumps(reply)[:500]}")
+    return reply
 
 
 def vm(pid: int, field: str) -> int:
@@ -150,7 +121,9 @@ async def transaction_rounds(args: argparse.Namespace, base: Path) -> dict[str, 
         cwd=tempfile.gettempdir(),
         env=dict(os.environ),  # the SDK passes only a few variables; PYTHONPATH must reach it
     )
-    rpc = RawServer(server_command(base, files["rpc"], base / "state-rpc", args.durability))
+    rpc = start_raw(
+        server_command(base, files["rpc"], base / "state-rpc", args.durability), base / "rpc.log"
+    )
     arguments = {"database": "bench", "statements": batch}
     try:
         async with Client(stdio_client(sdk_params), mode="legacy") as client:
@@ -163,7 +136,7 @@ async def transaction_rounds(args: argparse.Namespace, base: Path) -> dict[str, 
             variants: list[tuple[str, Callable[[], Any], Path]] = [
                 ("raw sqlite3", raw_transaction, files["raw"]),
                 ("MCP, SDK client", sdk_transaction, files["sdk"]),
-                ("MCP, raw", lambda: rpc.call("db_transaction", arguments), files["rpc"]),
+                ("MCP, raw", lambda: call(rpc, "db_transaction", arguments), files["rpc"]),
             ]
             for warm in range(2 + args.rounds):
                 for name, op, path in variants[warm % 3 :] + variants[: warm % 3]:
@@ -215,13 +188,14 @@ def traced_peak(args: argparse.Namespace, base: Path, db: Path) -> int:
     """Bytes the server allocated (Python objects, tracemalloc) at the peak of one query."""
     log = base / "traced.log"
     command = server_command(base, db, base / "state-traced", args.durability)
-    server = RawServer([sys.executable, "-c", TRACED_SERVER, str(log), *command[3:]])
+    traced = [sys.executable, "-c", TRACED_SERVER, str(log), *command[3:]]
+    server = start_raw(traced, base / "traced-server.log")
     query = {"database": "bench", "sql": "SELECT * FROM q"}
     try:
-        server.call("db_query", {**query, "maxRows": 1})
-        for call in (None, {**query, "maxRows": args.rows}):
-            if call is not None:
-                server.call("db_query", call)
+        call(server, "db_query", {**query, "maxRows": 1})
+        for arguments in (None, {**query, "maxRows": args.rows}):
+            if arguments is not None:
+                call(server, "db_query", arguments)
             lines = len(log.read_text().splitlines()) if log.exists() else 0
             server.proc.send_signal(signal.SIGUSR1)
             deadline = time.monotonic() + 10
@@ -246,24 +220,25 @@ def query_memory(args: argparse.Namespace, base: Path) -> dict[str, float]:
             ((i, f"name number {i:08d}", i / 7) for i in range(args.rows)),
         )
     copy = one_copy(db)
-    server = RawServer(server_command(base, db, base / "state-query", args.durability))
+    command = server_command(base, db, base / "state-query", args.durability)
+    server = start_raw(command, base / "query-server.log")
     query = {"database": "bench", "sql": "SELECT * FROM q"}
     try:
-        server.call("db_query", {**query, "maxRows": 1})
-        before = vm(server.proc.pid, "VmHWM")
-        reply = b""
+        call(server, "db_query", {**query, "maxRows": 1})
+        before = vm(server.pid, "VmHWM")
+        reply: dict[str, Any] = {}
         for _ in range(3):
-            reply = server.call("db_query", {**query, "maxRows": args.rows})
-        after = vm(server.proc.pid, "VmHWM")
+            reply = call(server, "db_query", {**query, "maxRows": args.rows})
+        after = vm(server.pid, "VmHWM")
     finally:
         server.close()
-    count = json.loads(reply)["result"]["structuredContent"]["rowCount"]
+    count = reply["result"]["structuredContent"]["rowCount"]
     if count != args.rows:
         raise RuntimeError(f"db_query returned {count} rows, not {args.rows}")
     traced = traced_peak(args, base, db)
     return {
         "one_copy": copy,
-        "reply": len(reply),
+        "reply": len(json.dumps(reply, separators=(",", ":")).encode()),
         "before": before,
         "after": after,
         "traced": traced,
@@ -296,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n2. db_query of {args.rows:,} rows (raw JSON-RPC)")
     print(
         f"one copy of the rows as Python objects: {memory['one_copy'] / MiB:.1f} MiB; the reply "
-        f"line: {memory['reply'] / MiB:.1f} MiB"
+        f"as JSON: {memory['reply'] / MiB:.1f} MiB"
     )
     print(
         f"server's Python allocations at the peak of the call (tracemalloc): "
