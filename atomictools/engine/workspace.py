@@ -46,6 +46,13 @@ from atomictools.engine.errors import (
     ReadOnlyError,
     RecoveryNeededError,
 )
+from atomictools.engine.history.recording import (
+    DEFAULT_MAX_AGE,
+    DEFAULT_MAX_BYTES,
+    History,
+    Recording,
+    WriteRecording,
+)
 from atomictools.engine.reads import files, listing
 from atomictools.engine.reads.lines import LineRange, read_lines
 from atomictools.engine.results import (
@@ -99,6 +106,9 @@ class Workspace:
         read_only: bool = False,
         state_dir: PathArg | None = None,
         idempotency_ttl: float = DEFAULT_TTL_SECONDS,
+        history: bool = True,
+        history_max_bytes: int = DEFAULT_MAX_BYTES,
+        history_max_age: float = DEFAULT_MAX_AGE,
     ) -> None:
         self.sandbox = Sandbox(roots)
         self.durability = Durability(durability)
@@ -106,6 +116,13 @@ class Workspace:
         self.read_only = read_only
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self.idempotency_ttl = idempotency_ttl
+        self.history = History(
+            self.state_dir,
+            enabled=history,
+            max_bytes=history_max_bytes,
+            max_age=history_max_age,
+        )
+        """Every change is recorded with what it replaced (see ``history`` and ``undo``)."""
         self._locks = ChangeLocks()
         self._unfinished = UnfinishedSets(self.sandbox, self.journal_dir)
         self._key_scope = fingerprint(sorted(str(root) for root in self.roots))
@@ -141,6 +158,7 @@ class Workspace:
             state_dir=self.state_dir,
             idempotency_ttl=self.idempotency_ttl,
         )
+        view.history = self.history
         view._locks = self._locks
         view._unfinished = self._unfinished
         view._key_scope = self._key_scope
@@ -292,6 +310,13 @@ class Workspace:
 
     # -- changes ----------------------------------------------------------------------------
 
+    def _recording(self, op: str) -> Recording | None:
+        return self.history.recording(op, self.durability, self.limits)
+
+    def _write_hook(self, op: str, location: Location) -> WriteRecording | None:
+        recording = self._recording(op)
+        return WriteRecording(recording, location) if recording is not None else None
+
     def _refuse_if_read_only(self, action: str, path: PathArg) -> None:
         if self.read_only:
             raise ReadOnlyError(
@@ -365,6 +390,7 @@ class Workspace:
                     expected_sha256=expected_sha256,
                     limits=self.limits,
                     progress=progress,
+                    recording=self._recording("write"),
                 )
 
     @asynccontextmanager
@@ -386,6 +412,7 @@ class Workspace:
                     limits=self.limits,
                     create_only=create_only,
                     expected_sha256=expected_sha256,
+                    hook=self._write_hook("write", location),
                 ) as writer,
             ):
                 yield writer
@@ -429,6 +456,7 @@ class Workspace:
                     limits=self.limits,
                     dry_run=dry_run,
                     expected_sha256=expected_sha256,
+                    recording=None if dry_run else self._recording("edit"),
                 )
 
     async def move(
@@ -469,6 +497,7 @@ class Workspace:
                                 durability=self.durability,
                                 limits=self.limits,
                                 expected_sha256=expected_sha256,
+                                recording=self._recording("move"),
                             )
                         except direct.CrossesMounts:
                             pass  # no rename can do it: the journal's copy-and-delete can
@@ -515,6 +544,7 @@ class Workspace:
                     durability=self.durability,
                     limits=self.limits,
                     expected_sha256=expected_sha256,
+                    recording=self._recording("copy"),
                 )
 
     async def delete(
@@ -537,6 +567,7 @@ class Workspace:
                     durability=self.durability,
                     expected_sha256=expected_sha256,
                     limits=self.limits,
+                    recording=self._recording("delete"),
                 )
 
     async def mkdir(self, path: PathArg, *, idempotency_key: str | None = None) -> MkdirResult:
@@ -547,7 +578,9 @@ class Workspace:
             return MkdirResult(done.path, created=done.created)
         await step("mkdir.before")
         # Inline, with no await inside: a cancel never splits a ``mkdir -p``.
-        return direct.make_directories(self.sandbox, os.fspath(path), self.durability)
+        return direct.make_directories(
+            self.sandbox, os.fspath(path), self.durability, self._recording("mkdir")
+        )
 
     async def apply_changes(
         self,
@@ -609,11 +642,16 @@ class Workspace:
         dry_run: bool,
         progress: Progress | None,
         receipt: Receipt | None,
+        history_op: str | None = None,
+        undoes: Sequence[str] = (),
     ) -> ChangeSetResult:
         runner = ChangeSetRunner(
             self.sandbox, self.journal_dir, durability=self.durability, limits=self.limits
         )
         runner.receipt = receipt
+        runner.history = self.history
+        runner.history_op = history_op or (changes[0].op if len(changes) == 1 else "apply_changes")
+        runner.undoes = tuple(undoes)
         planned = runner.plan(changes, dry_run=dry_run)
         locations = [p.target for p in planned]
         locations += [p.source for p in planned if p.source is not None]

@@ -21,13 +21,19 @@ from atomictools.engine.config import Durability, Limits
 from atomictools.engine.durable import fsutil
 from atomictools.engine.durable.blocking import run_blocking
 from atomictools.engine.durable.steps import step
-from atomictools.engine.durable.writer import PendingWrite, open_atomic_writer
+from atomictools.engine.durable.writer import CommitHook, PendingWrite, open_atomic_writer
 from atomictools.engine.errors import (
     AlreadyExistsError,
     AtomicToolsError,
     PartlyDoneError,
     from_os_error,
     not_synced,
+)
+from atomictools.engine.history.recording import (
+    Recording,
+    WriteRecording,
+    dir_evidence,
+    rows_moved,
 )
 from atomictools.engine.reads.files import read_whole
 from atomictools.engine.results import (
@@ -52,6 +58,7 @@ def open_writer(
     create_only: bool = False,
     expected_sha256: str | None = None,
     action: str = "write",
+    hook: CommitHook | None = None,
 ) -> PendingWrite:
     """The streaming writer, with a write's preconditions checked before the temp is made."""
 
@@ -65,6 +72,7 @@ def open_writer(
         create_only=create_only,
         limits=limits,
         precheck=precheck,
+        hook=hook,
     )
 
 
@@ -78,8 +86,13 @@ async def write(
     expected_sha256: str | None = None,
     progress: Progress | None = None,
     action: str = "write",
+    hook: CommitHook | None = None,
+    recording: Recording | None = None,
 ) -> WriteResult:
-    """Replace (or create) the file with ``data`` atomically; ``progress`` hears of each chunk."""
+    """Replace (or create) the file with ``data`` atomically; ``progress`` hears of each chunk;
+    ``recording`` (or a ready ``hook``) records it in the history at its commit point."""
+    if hook is None and recording is not None:
+        hook = WriteRecording(recording, location)
     async with open_writer(
         location,
         durability=durability,
@@ -87,6 +100,7 @@ async def write(
         create_only=create_only,
         expected_sha256=expected_sha256,
         action=action,
+        hook=hook,
     ) as writer:
         if progress is None or len(data) <= limits.chunk_bytes:
             await writer.write(data, last=True)
@@ -109,6 +123,7 @@ async def edit(
     limits: Limits,
     dry_run: bool = False,
     expected_sha256: str | None = None,
+    recording: Recording | None = None,
 ) -> EditResult:
     """Apply exact replacements all-or-nothing, keeping encoding, BOM and line endings."""
     checks.check_edit(location, location.lstat(), edits, limits)
@@ -127,6 +142,9 @@ async def edit(
             limits=limits,
             expected_sha256=before_sha,
             action="edit",
+            hook=WriteRecording(recording, location, known=data, diff=diff)
+            if recording is not None
+            else None,
         )
     return EditResult(
         path=location.display,
@@ -146,6 +164,7 @@ async def move(
     durability: Durability,
     limits: Limits,
     expected_sha256: str | None = None,
+    recording: Recording | None = None,
 ) -> MoveResult:
     """Rename a file, symlink or directory on one file system; without ``overwrite`` an
     existing target is kept: the no-clobber check is the rename itself (``RENAME_NOREPLACE``)."""
@@ -155,6 +174,13 @@ async def move(
     assert src_st is not None  # refused by the checks
     await checks.check_sha256(source, src_st, expected_sha256, limits, "move")
     await step("move.before")
+    if recording is not None:
+        moved = await recording.capture(source, keep=False)
+        replaced = await recording.capture(destination, keep=True)
+        for row in rows_moved(source, destination, moved, replaced):
+            recording.add(row)
+        recording.evidence.append(dir_evidence(destination, src_st.st_ino))
+        await _begin(recording)
     try:  # one rename, inline: no cancel can split it
         if overwrite:
             os.replace(
@@ -168,9 +194,13 @@ async def move(
                 source.dir_fd, source.name, destination.dir_fd, destination.name
             )
     except OSError as err:
+        if recording is not None:
+            recording.abandoned()
         if err.errno == errno.EXDEV and stat.S_ISREG(src_st.st_mode):
             raise CrossesMounts from err
         raise _move_error(err, source, destination) from err
+    if recording is not None:
+        recording.committed()
     if durability is Durability.FULL:
         try:
             for directory in fsutil.distinct_directories((destination.dir_fd, source.dir_fd)):
@@ -180,6 +210,16 @@ async def move(
     return MoveResult(
         source=source.display, destination=destination.display, replaced=dst_st is not None
     )
+
+
+async def _begin(recording: Recording) -> None:
+    """Record the entry just before an inline commit; a cancel or failure discards it."""
+    try:
+        await recording.begin()
+        await step("history.before_commit")
+    except BaseException:
+        recording.abandoned()
+        raise
 
 
 class CrossesMounts(Exception):
@@ -208,6 +248,7 @@ async def copy(
     durability: Durability,
     limits: Limits,
     expected_sha256: str | None = None,
+    recording: Recording | None = None,
 ) -> CopyResult:
     """Copy a regular file through a temp next to the destination (streamed, bounded memory)."""
     src_st = source.lstat()
@@ -222,6 +263,7 @@ async def copy(
             create_only=dst_st is None,
             mode_from=src_st,
             limits=limits,
+            hook=WriteRecording(recording, destination) if recording is not None else None,
         ) as writer:
             await copy_into(writer, source, fd, src_st, limits, expected_sha256=expected_sha256)
     finally:
@@ -241,6 +283,7 @@ async def delete(
     durability: Durability,
     limits: Limits,
     expected_sha256: str | None = None,
+    recording: Recording | None = None,
 ) -> DeleteResult:
     """Remove a file or a symlink (the link, not its target); directories are refused."""
     st = location.lstat()
@@ -248,10 +291,18 @@ async def delete(
     assert st is not None
     await checks.check_sha256(location, st, expected_sha256, limits, "delete")
     await step("delete.before")
+    if recording is not None:
+        before = await recording.capture(location, keep=True)
+        recording.add(before.row(str(location.abspath), "absent"), dir_evidence(location, None))
+        await _begin(recording)
     try:  # one unlink, inline: no cancel can split it
         os.unlink(location.name, dir_fd=location.dir_fd)
     except OSError as err:
+        if recording is not None:
+            recording.abandoned()
         raise from_os_error(err, location.display, "delete") from err
+    if recording is not None:
+        recording.committed()
     if durability is Durability.FULL:
         try:
             fsutil.sync_directory(location.dir_fd)
@@ -275,14 +326,24 @@ def directory_maker(durability: Durability) -> MakeDir:
     return make
 
 
-def make_directories(sandbox: Sandbox, path: str, durability: Durability) -> MkdirResult:
+def make_directories(
+    sandbox: Sandbox, path: str, durability: Durability, recording: Recording | None = None
+) -> MkdirResult:
     """``mkdir -p`` inside the roots, synchronously (a cancel never splits it); a stop half-way
-    says which parents it made, since they are kept."""
+    says which parents it made, since they are kept. ``recording``: each directory is in the
+    history entry (durably) before it is made, and taken out again if making it fails."""
     maker = directory_maker(durability)
     made: list[str] = []
 
     def make(dir_fd: int, name: str, parent: Path) -> None:
-        maker(dir_fd, name, parent)
+        if recording is not None:
+            recording.add_directory(dir_fd, parent / name)
+        try:
+            maker(dir_fd, name, parent)
+        except BaseException:
+            if recording is not None:
+                recording.drop_directory(parent / name)
+            raise
         made.append(str(parent / name))
 
     try:
@@ -290,15 +351,23 @@ def make_directories(sandbox: Sandbox, path: str, durability: Durability) -> Mkd
             st = location.lstat()
             checks.check_mkdir(location, st)
             if st is not None:
+                if recording is not None and made:
+                    recording.committed()
                 return MkdirResult(location.display, created=False)
             try:
                 make(location.dir_fd, location.name, location.abspath.parent)
             except FileExistsError:
+                if recording is not None and made:
+                    recording.committed()
                 return MkdirResult(location.display, created=False)
             except OSError as err:
                 raise from_os_error(err, location.display, "create directory") from err
+            if recording is not None:
+                recording.committed()
             return MkdirResult(location.display, created=True)
     except AtomicToolsError as err:
+        if recording is not None and made:
+            recording.committed()  # the parents made are kept, and so is their entry
         if made and not err.changed:
             raise PartlyDoneError(
                 f"{err.message}; the parent directories {', '.join(made)} were created before "

@@ -37,7 +37,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 
@@ -69,6 +69,10 @@ from atomictools.engine.errors import (
     from_os_error,
     state_dir_error,
 )
+from atomictools.engine.history.capture import Before, capture, diff_counts
+from atomictools.engine.history.model import PathChange
+from atomictools.engine.history.recording import History, rows_moved
+from atomictools.engine.history.store import KeptContent, new_change_id
 from atomictools.engine.reads.files import read_whole
 from atomictools.engine.results import (
     ChangeOutcome,
@@ -192,6 +196,11 @@ class _Planned:
     type: EntryType | None = None
     virtual: str | None = None
     """Dry run only: the path lies in a directory the set would create (not checked)."""
+    rows: tuple[PathChange, ...] = ()
+    """The history's view of this change: each path before and after."""
+    kept: tuple[tuple[KeptContent, str], ...] = ()
+    """Content the history keeps, with the backup member (in the target's directory) it is
+    linked from, or re-read from by a recovery that records the entry."""
 
     @property
     def members(self) -> tuple[_Backup | None, ...]:
@@ -278,6 +287,11 @@ class ChangeSetRunner:
         self.dry_run = False
         self.receipt: Receipt | None = None
         """A keyed call: its committed record carries the key, for recovery to record."""
+        self.history: History | None = None
+        """Where the set is recorded once applied (None: not recorded)."""
+        self.history_op = "apply_changes"
+        self.undoes: tuple[str, ...] = ()
+        self.change_id = new_change_id()
         self.record_path = os.path.join(os.path.realpath(journal_dir), self.txid + RECORD_SUFFIX)
         """Where the record lives; every claim points here."""
         self._claimed: dict[tuple[int, int], Location] = {}
@@ -388,6 +402,12 @@ class ChangeSetRunner:
                 await progress(index, total * 2)
 
     async def _prepare_one(self, planned: _Planned, dry_run: bool) -> None:
+        known = await self._stage_one(planned, dry_run)
+        if not dry_run and self.history is not None and self.history.enabled:
+            await self._capture(planned, known)
+
+    async def _stage_one(self, planned: _Planned, dry_run: bool) -> bytes | None:
+        """Check and stage one change; returns the target's old bytes if they were read."""
         change, target = planned.change, planned.target
         if not dry_run:
             _refuse_removed_directory(target, planned.source)
@@ -403,7 +423,7 @@ class ChangeSetRunner:
             planned.existed = not any(
                 (str(target.abspath.parent), target.name) == made for made in self.created_dirs
             )
-            return
+            return None
         if op == "delete":
             checks.check_delete(target, st)
             assert st is not None
@@ -433,6 +453,7 @@ class ChangeSetRunner:
             planned.diff = diff
             planned.previous_sha256 = before
             await self._stage_bytes(planned, st, new, dry_run)
+            return data
         else:
             assert planned.source is not None
             source = planned.source
@@ -440,6 +461,72 @@ class ChangeSetRunner:
             checks.check_copy(source, src_st, target, st, overwrite=change.overwrite)
             assert src_st is not None
             await self._stage_copy(planned, st, source, src_st, dry_run=dry_run)
+        return None
+
+    async def _capture(self, planned: _Planned, known: bytes | None) -> None:
+        """The history's rows for a prepared change, with its old content (off the loop when
+        large): read from the target, kept through its backup member."""
+        op, target = planned.change.op, planned.target
+        if op == "mkdir":
+            return  # the directories made are rows of their own (see history_entry)
+        backup = planned.backup.name if planned.backup is not None else None
+        dir_path = str(target.abspath.parent)
+
+        def take(location: Location, member: str | None, keep: bool, data: bytes | None) -> Before:
+            keep_from = (location.dir_fd, member) if member is not None else None
+            return capture(
+                location.dir_fd, location.name, keep=keep, known=data, keep_from=keep_from
+            )
+
+        largest = max(_size_of(target), _size_of(planned.source) if planned.source else 0)
+        inline = self.limits.inline(largest)
+        if op == "delete":
+            before = await run_blocking(inline, take, target, backup, True, None)
+            planned.rows = (before.row(str(target.abspath), "absent"),)
+        elif op == "move":
+            source = planned.source
+            assert source is not None
+            moved = await run_blocking(inline, take, source, None, False, None)
+            replaced = await run_blocking(inline, take, target, backup, backup is not None, None)
+            planned.rows = tuple(rows_moved(source, target, moved, replaced))
+            before = replaced
+        else:
+            before = await run_blocking(inline, take, target, backup, backup is not None, known)
+            added, removed = diff_counts(planned.diff)
+            planned.rows = (
+                before.row(
+                    str(target.abspath),
+                    "file",
+                    planned.sha256,
+                    planned.size,
+                    added=added,
+                    removed=removed,
+                ),
+            )
+        if before.kept is not None and backup is not None:
+            planned.kept = ((before.kept, f"{dir_path}/{backup}"),)
+
+    def history_rows(self) -> list[PathChange]:
+        """Every path of the set: the directories it made, then each change's paths."""
+        rows = [
+            PathChange(f"{parent}/{name}", "absent", "directory")
+            for parent, name in (self.created_dirs)
+        ]
+        return rows + [row for p in self.planned for row in p.rows]
+
+    def history_entry(self) -> dict[str, Any]:
+        """The set's entry as the committed record carries it."""
+        return {
+            "id": self.change_id,
+            "op": self.history_op,
+            "undoes": list(self.undoes),
+            "paths": [row.to_json() for row in self.history_rows()],
+            "kept": [
+                {"sha256": k.sha256, "size": k.size, "member": member}
+                for p in self.planned
+                for k, member in p.kept
+            ],
+        }
 
     async def _prepare_move(
         self, planned: _Planned, st: os.stat_result | None, dry_run: bool
@@ -653,6 +740,7 @@ class ChangeSetRunner:
         keyed = None
         if state == "committed" and self.receipt is not None:
             keyed = self.receipt.as_record(self.outcomes(applied=True).to_json())
+        recorded = self.history is not None and self.history.enabled
         return JournalRecord(
             txid=self.txid,
             state=state,
@@ -662,7 +750,38 @@ class ChangeSetRunner:
             ops=tuple(op for p in self.planned for op in p.records()),
             created_dirs=tuple(self.created_dirs),
             idempotency=keyed,
+            history=self.history_entry() if state == "committed" and recorded else None,
         )
+
+    def record_history(self) -> None:
+        """Write the set's entry, durably, before its journal goes (raises StateDirError)."""
+        if self.history is None or not self.history.enabled:
+            return
+        rows = self.history_rows()
+        kept = []
+        for planned in self.planned:
+            for content, member in planned.kept:
+                name = member.rsplit("/", 1)[1]
+                kept.append(
+                    KeptContent(
+                        content.sha256,
+                        content.size,
+                        data=content.data,
+                        dir_fd=planned.target.dir_fd,
+                        name=name,
+                    )
+                )
+        self.history.store.record(
+            self.change_id,
+            self.history_op,
+            rows,
+            kept,
+            durability=self.durability,
+            pending=False,
+            undoes=self.undoes,
+        )
+        crash_point("changeset.history_recorded")
+        self.history.after_change()
 
     # -- commit and apply ------------------------------------------------------------------
 
@@ -857,6 +976,7 @@ async def apply_change_set(
             runner.sync_applied()
         except OSError as err:
             unsynced = err  # applied: the set is finished; the message says what is unknown
+        _record_history(runner)
         _record_key(runner)
         runner.finish()
         if unsynced is not None:
@@ -870,6 +990,29 @@ async def apply_change_set(
         return runner.outcomes(applied=True)
     finally:
         runner.close_locations()
+
+
+def _record_history(runner: ChangeSetRunner) -> None:
+    """The set's history entry, before its journal goes (the journal could still write it).
+
+    If the store cannot take it, the journal stays for recovery to record it, and the error
+    says the change was made.
+    """
+    try:
+        runner.record_history()
+    except StateDirError as err:
+        if runner.journal is not None:
+            runner.journal.close()  # unlocked: recovery records the entry and finishes the set
+        raise RecoveryNeededError(
+            f"the change set was applied, but its history entry could not be recorded: "
+            f"{err.message}; its journal {runner.txid} is kept so that `atomictools recover` "
+            "(or the next start) records it once that is fixed"
+        ) from err
+
+
+def _size_of(location: Location) -> int:
+    st = location.lstat()
+    return st.st_size if st is not None else 0
 
 
 def _record_key(runner: ChangeSetRunner) -> None:

@@ -98,6 +98,9 @@ class JournalRecord:
     """Directories a ``mkdir`` change made, as (parent, name), in creation order."""
     idempotency: dict[str, Any] | None = None
     """A keyed call's receipt and result (see ``idempotency.Receipt.as_record``)."""
+    history: dict[str, Any] | None = None
+    """The set's history entry and where its kept content is (see ``history_entry``), so
+    the recovery that rolls the set forward records it if the set could not."""
 
     @property
     def committed(self) -> bool:
@@ -120,6 +123,8 @@ class JournalRecord:
         }
         if self.idempotency is not None:
             body["idempotency"] = self.idempotency
+        if self.history is not None:
+            body["history"] = self.history
         return body
 
     def encode(self) -> bytes:
@@ -165,6 +170,9 @@ def decode(data: bytes) -> JournalRecord:
     idempotency = body.get("idempotency")
     if idempotency is not None and not isinstance(idempotency, dict):
         raise UntrustedRecordError("idempotency is not an object")
+    history = body.get("history")
+    if history is not None and not isinstance(history, dict):
+        raise UntrustedRecordError("history is not an object")
     return JournalRecord(
         txid=_text(body, "txid", "the record"),
         state=state,  # type: ignore[arg-type]  # checked against _STATES above
@@ -174,6 +182,7 @@ def decode(data: bytes) -> JournalRecord:
         ops=tuple(OpRecord.from_json(op, f"ops[{i}]") for i, op in enumerate(ops_raw)),
         created_dirs=tuple(_pair(made, f"created_dirs[{i}]") for i, made in enumerate(dirs_raw)),
         idempotency=idempotency,
+        history=history,
     )
 
 

@@ -17,6 +17,7 @@ import os
 import stat
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from typing import Protocol
 
 import anyio
 import anyio.lowlevel
@@ -199,6 +200,19 @@ Precheck = Callable[[os.stat_result | None], Awaitable[None]]
 """Called with the target's current stat before the temp is made: the caller's preconditions."""
 
 
+class CommitHook(Protocol):
+    """Told about the commit point of one write (the history records the change with it)."""
+
+    async def before_commit(self, pending: PendingFile, sha256: str, size: int) -> None:
+        """The content is staged and synced; the rename comes next (a raise prevents it)."""
+
+    def committed(self) -> None:
+        """The rename happened (also when syncing the directory after it failed)."""
+
+    def abandoned(self) -> None:
+        """The write ends without its rename, after ``before_commit`` was entered."""
+
+
 def open_atomic_writer(
     location: Location,
     *,
@@ -207,6 +221,7 @@ def open_atomic_writer(
     mode_from: os.stat_result | None = None,
     limits: Limits = DEFAULT_LIMITS,
     precheck: Precheck | None = None,
+    hook: CommitHook | None = None,
 ) -> PendingWrite:
     """Stream new content for ``location``; it replaces the target atomically at a clean exit.
 
@@ -215,7 +230,8 @@ def open_atomic_writer(
     them, so a cancel cannot split the commit. An exception or cancellation before that leaves
     the target untouched and no temp behind. ``mode_from`` gives a new file the mode of another
     (a copy's source). ``precheck`` refuses the write before anything is made (the preconditions
-    live with the changes, not here); ``create_only`` publishes without replacing.
+    live with the changes, not here); ``create_only`` publishes without replacing. ``hook``
+    hears of the commit point (it runs between the fsync and the rename).
     """
     return PendingWrite(
         location,
@@ -224,6 +240,7 @@ def open_atomic_writer(
         mode_from=mode_from,
         limits=limits,
         precheck=precheck,
+        hook=hook,
     )
 
 
@@ -239,9 +256,11 @@ class PendingWrite:
         mode_from: os.stat_result | None,
         limits: Limits,
         precheck: Precheck | None,
+        hook: CommitHook | None = None,
     ) -> None:
         self._location = location
         self._precheck = precheck
+        self._hook = hook
         self._mode_from = mode_from
         self._limits = limits
         self._pending = PendingFile(location, durability=durability, replace=not create_only)
@@ -261,13 +280,23 @@ class PendingWrite:
         return self._writer
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        pending = self._pending
+        pending, hook = self._pending, self._hook
+        hooked = False
         try:
             if exc_type is None and self._writer is not None:
                 await step("write.written")
                 if not pending.synced:
                     await run_blocking(self._limits.inline(self._writer.size), pending.sync)
                 await step("write.synced")
+                if hook is not None:
+                    hooked = True
+                    await hook.before_commit(pending, self._writer.sha256, self._writer.size)
+                    await step("write.recorded")
                 pending.publish()  # the commit point, inline: nothing can cancel half of it
         finally:
+            if hooked and hook is not None:
+                if pending.committed:
+                    hook.committed()
+                else:
+                    hook.abandoned()
             pending.discard()

@@ -1,0 +1,97 @@
+"""What the history holds: one entry per change, and per path the state before and after.
+
+Paths are stored absolute (resolved inside the roots at the time of the change), so an entry
+means the same file whichever root configuration reads it later; results show them relative
+to the reader's roots, and paths outside those roots are never shown or touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Kind = Literal["absent", "file", "directory", "symlink", "other"]
+EntryState = Literal["pending", "done"]
+
+
+@dataclass(frozen=True, slots=True)
+class PathChange:
+    """One path of a change: what it was before, and what the change left there.
+
+    ``blob`` is the sha256 under which the previous content is kept (None when nothing was
+    replaced, or when it was pruned: then ``pruned`` is True and the path cannot be undone).
+    """
+
+    path: str
+    before: Kind
+    after: Kind
+    before_sha256: str | None = None
+    before_size: int | None = None
+    after_sha256: str | None = None
+    after_size: int | None = None
+    blob: str | None = None
+    pruned: bool = False
+    moved_from: str | None = None
+    """A move's destination: where the entry came from (its source is another path row)."""
+    added: int | None = None
+    removed: int | None = None
+    """Lines added and removed (None until known; binary files stay None)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> PathChange:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in fields})
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One recorded change. ``undoes`` lists the changes an undo took back (redo = undo it)."""
+
+    id: str
+    seq: int
+    time: float
+    op: str
+    paths: tuple[PathChange, ...]
+    undoes: tuple[str, ...] = ()
+    database: str | None = None
+    """Database calls: the database's name (their entries are audit only, not undoable)."""
+    statements: tuple[str, ...] = ()
+    rows_changed: int | None = None
+    state: EntryState = "done"
+
+    @property
+    def undoable(self) -> bool:
+        """Whether every path's previous state can still be restored."""
+        if self.database is not None:
+            return False
+        return all(not p.pruned for p in self.paths)
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """How recovery tells whether a pending (direct) change reached its commit point: the entry
+    ``name`` in ``dir`` is the inode ``ino`` once committed, or absent when ``ino`` is None."""
+
+    dir: str
+    name: str
+    dev: int
+    ino: int | None
+    temp: str | None = None
+    """The staged temp's name: still there (and unlocked) means the rename never happened."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Evidence:
+        return cls(
+            dir=str(raw["dir"]),
+            name=str(raw["name"]),
+            dev=int(raw["dev"]),
+            ino=None if raw.get("ino") is None else int(raw["ino"]),
+            temp=raw.get("temp"),
+        )
