@@ -150,6 +150,19 @@ class ConcurrentChangeError(AtomicToolsError):
     code = "concurrent_change"
 
 
+class ConflictError(AtomicToolsError):
+    """A path is not in the state the call needs (changed since the change being undone, a
+    directory that is not empty); the message names it and the way out."""
+
+    code = "conflict"
+
+
+class NotUndoableError(AtomicToolsError):
+    """A recorded change cannot be taken back (its old content was pruned, a database call)."""
+
+    code = "not_undoable"
+
+
 class StateDirError(AtomicToolsError):
     """The state directory (journals, idempotency keys) cannot be written or read."""
 

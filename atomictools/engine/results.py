@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 EntryType = Literal["file", "directory", "symlink", "other"]
-OpName = Literal["write", "edit", "move", "copy", "delete", "mkdir"]
-"""The kinds of file change (``Change.op``)."""
+OpName = Literal["write", "edit", "move", "copy", "delete", "mkdir", "rmdir"]
+"""The kinds of file change (``Change.op``); ``rmdir`` (an empty directory) is how an undo
+takes back a ``mkdir``."""
 
 
 def entry_type(st: os.stat_result) -> EntryType:
@@ -222,6 +223,37 @@ class ChangeOutcome:
     """What a delete removed or a move moved."""
 
 
+RestoreAction = Literal[
+    "restored", "deleted", "created_directory", "removed_directory", "moved_back"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RestoredPath:
+    """What an undo does (or, in a dry run, would do) to one path."""
+
+    path: str
+    action: RestoreAction
+    sha256: str | None = None
+    """The content hash restored (``restored``)."""
+    source: str | None = None
+    """Where the entry or content comes back from (``moved_back``, a restore by copy)."""
+    diff: str | None = None
+    """Unified diff from the current text to the restored one (text files up to 1 MiB)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UndoResult:
+    """An undo: every path of the changes undone back as it was, or (dry run) what would be.
+    Guarantee: all paths or none, also across a crash. ``change_id`` is the undo's own entry
+    in the history: undoing it is a redo."""
+
+    undone: tuple[str, ...]
+    applied: bool
+    change_id: str | None
+    paths: tuple[RestoredPath, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class ChangeSetResult:
     """What a change set did. Guarantee: with ``applied`` every change is in place, and a
@@ -232,6 +264,8 @@ class ChangeSetResult:
     applied: bool
     """False for a dry run: the checks passed, nothing was written."""
     txid: str | None
+    change_id: str | None = None
+    """The set's entry in the history (None for a dry run, or with history off)."""
 
     def to_json(self) -> str:
         """The form an idempotency record stores (and a retry turns back into this)."""
@@ -241,4 +275,9 @@ class ChangeSetResult:
     def from_json(cls, text: str) -> ChangeSetResult:
         data = json.loads(text)
         changes = tuple(ChangeOutcome(**change) for change in data["changes"])
-        return cls(changes, applied=bool(data["applied"]), txid=data["txid"])
+        return cls(
+            changes,
+            applied=bool(data["applied"]),
+            txid=data["txid"],
+            change_id=data.get("change_id"),
+        )

@@ -35,17 +35,23 @@ from atomictools.engine.changes.model import Change
 from atomictools.engine.changes.recovery import recover_journals
 from atomictools.engine.changes.recovery_report import RecoveryReport, Resolve, UnfinishedSet
 from atomictools.engine.changes.sweep import sweep_temps
+from atomictools.engine.changes.undo import plan_undo
 from atomictools.engine.changes.unfinished import LockKey, UnfinishedSets, lock_key
 from atomictools.engine.config import Durability, Limits, default_state_dir
 from atomictools.engine.durable.locks import ChangeLocks
 from atomictools.engine.durable.steps import step
 from atomictools.engine.durable.writer import AtomicWriter
 from atomictools.engine.errors import (
+    AtomicToolsError,
     InvalidArgumentError,
     NotFoundError,
+    NotUndoableError,
     ReadOnlyError,
     RecoveryNeededError,
 )
+from atomictools.engine.history import view as history_view
+from atomictools.engine.history.model import HistoryEntry
+from atomictools.engine.history.reconcile import reconcile_pending
 from atomictools.engine.history.recording import (
     DEFAULT_MAX_AGE,
     DEFAULT_MAX_BYTES,
@@ -70,6 +76,7 @@ from atomictools.engine.results import (
     SearchResult,
     TextRead,
     TreeNode,
+    UndoResult,
     WriteResult,
 )
 from atomictools.engine.sandbox import Location, Sandbox
@@ -186,8 +193,22 @@ class Workspace:
         """Finish or undo the change sets a crash interrupted (their journal records), in a
         worker thread; what cannot be done now makes only its own paths refused."""
         report = await anyio.to_thread.run_sync(recover_journals, self.sandbox, self.journal_dir)
+        await anyio.to_thread.run_sync(self._reconcile_history, report, False)
         self.note_unfinished(report)
         return report
+
+    def _reconcile_history(self, report: RecoveryReport, dry_run: bool) -> None:
+        """Decide the history entries a crash left pending (after the journals, before the
+        sweep: the sweep would remove the staged temps that say a rename never happened)."""
+        if not self.history.exists():
+            return
+        try:
+            done = reconcile_pending(self.sandbox, self.history.store, dry_run=dry_run)
+        except AtomicToolsError as err:
+            report.history_problem = str(err)
+            return
+        report.history_confirmed.extend(done.confirmed)
+        report.history_dropped.extend(done.dropped)
 
     async def sweep(self, after: RecoveryReport | None = None) -> RecoveryReport:
         """Remove our orphaned temp files under the roots, in a worker thread (abandoned on
@@ -218,6 +239,7 @@ class Workspace:
         report = recover_journals(
             self.sandbox, self.journal_dir, rollback=rollback, dry_run=dry_run
         )
+        self._reconcile_history(report, dry_run)
         return sweep_temps(
             self.sandbox,
             report,
@@ -673,6 +695,129 @@ class Workspace:
                 )
                 self._unfinished.block(unfinished, keys)
                 raise
+
+    # -- history and undo -----------------------------------------------------------------
+
+    async def history_entries(
+        self,
+        *,
+        path: PathArg | None = None,
+        since: float | None = None,
+        limit: int | None = 50,
+        ids: Sequence[str] | None = None,
+        database: bool = True,
+    ) -> list[HistoryEntry]:
+        """Recorded changes, newest first: those that touched ``path`` (or anything below it)
+        if given, else anything inside the roots; ``since``: a Unix time; ``database``: also
+        the database calls. Paths are shown relative to their root; paths outside the roots
+        are left out. Each path's ``added``/``removed`` line counts are filled in when both
+        versions are known text."""
+        if not self.history.exists():
+            return []
+        if path is not None:
+            prefixes = [str(self.absolute_unresolved(path))]
+        else:
+            prefixes = [str(root) for root in self.roots]
+        return await anyio.to_thread.run_sync(
+            functools.partial(
+                history_view.entries_shown,
+                self.sandbox,
+                self.history.store,
+                prefixes,
+                since=since,
+                limit=limit,
+                ids=ids,
+                database=database and path is None,
+            )
+        )
+
+    async def undo(
+        self,
+        change_id: str | None = None,
+        *,
+        last: int | None = None,
+        paths: Sequence[PathArg] | None = None,
+        dry_run: bool = False,
+        force: bool = False,
+        progress: Progress | None = None,
+    ) -> UndoResult:
+        """Take back one recorded change (``change_id``) or the ``last`` N changes inside the
+        roots: every path goes back to its state before, as one change set (all or none, also
+        across a crash). A path changed since is refused, naming it, unless ``force``;
+        ``paths`` restores only those; ``dry_run`` returns the diffs and changes nothing. The
+        undo is recorded too: undoing it is a redo."""
+        if (change_id is None) == (last is None):
+            raise InvalidArgumentError("give either change_id or last (how many changes)")
+        if last is not None and not 1 <= last <= 100:
+            raise InvalidArgumentError("last must be between 1 and 100")
+        if not dry_run:
+            self._refuse_if_read_only("undo a change to", self.roots[0])
+        if not self.history.exists():
+            raise NotFoundError(
+                "there is no history to undo from (history is off, or nothing was changed yet)"
+            )
+        if change_id is not None:
+            entries = await self.history_entries(ids=[change_id], limit=None)
+            if not entries:
+                raise NotFoundError(
+                    f"no recorded change {change_id!r} inside the allowed directories; "
+                    "list_changes shows the recorded changes and their ids"
+                )
+        else:
+            assert last is not None
+            entries = await self.history_entries(limit=last, database=False)
+            if not entries:
+                raise NotFoundError("no recorded change inside the allowed directories to undo")
+        for entry in entries:
+            if entry.database is not None:
+                raise NotUndoableError(
+                    f"change {entry.id} is a database call ({entry.op} on {entry.database}); "
+                    "database calls are recorded for audit and cannot be undone"
+                )
+        only = None if paths is None else [str(self.absolute_unresolved(p)) for p in paths]
+        ids = [entry.id for entry in entries]
+        raw = await anyio.to_thread.run_sync(
+            functools.partial(
+                self.history.store.entries, ids=ids, include_pending=False, limit=None
+            )
+        )
+        plan = await anyio.to_thread.run_sync(
+            functools.partial(
+                plan_undo,
+                self.sandbox,
+                self.history.store,
+                raw,
+                only=only,
+                force=force,
+                max_bytes=self.limits.max_write_bytes,
+            )
+        )
+        undone = tuple(sorted(ids, key=lambda i: -next(e.seq for e in raw if e.id == i)))
+        if dry_run or not plan.changes:
+            return UndoResult(
+                undone, applied=not dry_run, change_id=None, paths=tuple(plan.restored)
+            )
+        done = await self._apply(
+            plan.changes,
+            dry_run=False,
+            progress=progress,
+            receipt=None,
+            history_op="undo",
+            undoes=undone,
+        )
+        return UndoResult(
+            undone, applied=True, change_id=done.change_id, paths=tuple(plan.restored)
+        )
+
+    def absolute_unresolved(self, path: PathArg) -> Path:
+        """``path`` as an absolute path inside the roots, its last component not followed
+        (a link is named, not its target; the entry need not exist)."""
+        with self.sandbox.resolve(path, follow_final=False) as location:
+            return location.abspath
+
+    def prune_history(self) -> int:
+        """A retention pass now (it also runs every few hundred changes); the bytes freed."""
+        return self.history.prune() if self.history.exists() else 0
 
     @asynccontextmanager
     async def changeset(self) -> AsyncIterator[ChangeSet]:

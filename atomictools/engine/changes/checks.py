@@ -17,6 +17,7 @@ from atomictools.engine.durable import fsutil
 from atomictools.engine.durable.blocking import run_blocking
 from atomictools.engine.errors import (
     AlreadyExistsError,
+    ConflictError,
     InvalidArgumentError,
     NotFoundError,
     PreconditionFailedError,
@@ -161,6 +162,31 @@ def check_delete(location: Location, st: os.stat_result | None) -> None:
         raise WrongTypeError(
             f"cannot delete {location.display}: it is a directory; only files and symlinks "
             "are deleted"
+        )
+
+
+def check_rmdir(
+    location: Location, st: os.stat_result | None, leaving: frozenset[str] = frozenset()
+) -> None:
+    """Only an empty directory is removed (an undo of the change that made it); ``leaving``:
+    entries that changes before it in the same set remove."""
+    refuse_root(location, "remove")
+    if st is None:
+        raise missing(location, "remove directory")
+    if not stat.S_ISDIR(st.st_mode):
+        raise WrongTypeError(f"cannot remove directory {location.display}: it is not a directory")
+    fd = os.open(
+        location.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=location.dir_fd
+    )
+    try:
+        entries = os.listdir(fd)
+    finally:
+        os.close(fd)
+    entries = [name for name in entries if name not in leaving]
+    if entries:
+        raise ConflictError(
+            f"cannot remove directory {location.display}: it is not empty (it holds "
+            f"{len(entries)} entries, e.g. {sorted(entries)[0]}); move or delete them first"
         )
 
 

@@ -212,6 +212,17 @@ class _Planned:
         target = self.target
         if op == "mkdir":
             return ()
+        if op == "rmdir":
+            return (
+                OpRecord(
+                    op="rmdir",
+                    dir=str(target.abspath.parent),
+                    name=target.name,
+                    staged=None,
+                    backup=None,
+                    sha256=None,
+                ),
+            )
         if op == "move" and self.source_backup is None:
             assert self.source is not None
             return (
@@ -312,7 +323,7 @@ class ChangeSetRunner:
         virtual_dirs: list[str] = []  # dry run: directories mkdir changes would create
         try:
             for index, change in enumerate(changes, start=1):
-                follow = change.op not in ("move", "delete")
+                follow = change.op not in ("move", "delete", "rmdir")
                 make = self._make_dir if change.op == "mkdir" and not dry_run else None
                 label = _label(index, len(changes), change.op)
                 if dry_run and self._virtual_in_dry_run(change, virtual_dirs):
@@ -424,6 +435,10 @@ class ChangeSetRunner:
                 (str(target.abspath.parent), target.name) == made for made in self.created_dirs
             )
             return None
+        if op == "rmdir":
+            checks.check_rmdir(target, st, self._leaving(target))
+            planned.type = "directory"
+            return None
         if op == "delete":
             checks.check_delete(target, st)
             assert st is not None
@@ -463,12 +478,25 @@ class ChangeSetRunner:
             await self._stage_copy(planned, st, source, src_st, dry_run=dry_run)
         return None
 
+    def _leaving(self, directory: Location) -> frozenset[str]:
+        """Names in ``directory`` that this set removes (deletes, rmdirs, moves away)."""
+        gone = []
+        for planned in self.planned:
+            if planned.change.op in ("delete", "rmdir"):
+                gone.append(planned.target)
+            elif planned.change.op == "move" and planned.source is not None:
+                gone.append(planned.source)
+        return frozenset(g.name for g in gone if g.abspath.parent == directory.abspath)
+
     async def _capture(self, planned: _Planned, known: bytes | None) -> None:
         """The history's rows for a prepared change, with its old content (off the loop when
         large): read from the target, kept through its backup member."""
         op, target = planned.change.op, planned.target
         if op == "mkdir":
             return  # the directories made are rows of their own (see history_entry)
+        if op == "rmdir":
+            planned.rows = (PathChange(str(target.abspath), "directory", "absent"),)
+            return
         backup = planned.backup.name if planned.backup is not None else None
         dir_path = str(target.abspath.parent)
 
@@ -894,7 +922,12 @@ class ChangeSetRunner:
             ),
             applied=applied,
             txid=self.txid if applied else None,
+            change_id=self.change_id if applied and self._recorded else None,
         )
+
+    @property
+    def _recorded(self) -> bool:
+        return self.history is not None and self.history.enabled
 
 
 def _refuse_removed_directory(*locations: Location | None) -> None:
@@ -939,6 +972,8 @@ def _apply_op(planned: _Planned) -> None:
             os.unlink(planned.source.name, dir_fd=planned.source.dir_fd)
     elif op == "delete":
         os.unlink(target.name, dir_fd=target.dir_fd)
+    elif op == "rmdir":  # emptied by the changes before it (an undo orders them so)
+        os.rmdir(target.name, dir_fd=target.dir_fd)
     elif op == "move":  # one rename on one file system
         source = planned.source
         assert source is not None

@@ -18,9 +18,9 @@ RECORD_SUFFIX = ".journal.json"
 RECORD_VERSION = 2
 """2: members are named after their change set and a claim points to the record."""
 
-OpKind = Literal["replace", "delete", "move"]
+OpKind = Literal["replace", "delete", "move", "rmdir"]
 State = Literal["preparing", "committed"]
-_OP_KINDS = ("replace", "delete", "move")
+_OP_KINDS = ("replace", "delete", "move", "rmdir")
 _STATES = ("preparing", "committed")
 
 

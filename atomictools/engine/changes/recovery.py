@@ -21,6 +21,7 @@ whose journal it has not read.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -38,6 +39,7 @@ from atomictools.engine.changes.record import (
 )
 from atomictools.engine.changes.recovery_report import RecoveryReport, UnfinishedSet
 from atomictools.engine.changes.sweep import sweep_one
+from atomictools.engine.config import Durability
 from atomictools.engine.durable import fsutil
 from atomictools.engine.durable.fsutil import lstat_at, same_file, sha256_at, unlink_at
 from atomictools.engine.durable.tempfiles import (
@@ -47,6 +49,8 @@ from atomictools.engine.durable.tempfiles import (
     parse_member,
 )
 from atomictools.engine.errors import AtomicToolsError
+from atomictools.engine.history.model import PathChange
+from atomictools.engine.history.store import KeptContent, store_for
 from atomictools.engine.sandbox import Sandbox
 
 logger = logging.getLogger("atomictools.engine.changes.recovery")
@@ -102,6 +106,13 @@ def _roll_forward(op: OpRecord, dirs: _Dirs) -> str | None:
         current = lstat_at(d, name)
         if current is not None and same_file(current, lstat_at(d, backup)):
             os.unlink(name, dir_fd=d)
+    elif op.op == "rmdir":
+        current = lstat_at(d, name)
+        if current is not None and stat.S_ISDIR(current.st_mode):
+            try:
+                os.rmdir(name, dir_fd=d)
+            except OSError:
+                return f"{op.dir}/{name}: not empty any more; the directory was kept"
     elif op.op == "move":
         assert op.source_dir is not None
         assert op.source_name is not None
@@ -139,6 +150,9 @@ def _roll_back(op: OpRecord, dirs: _Dirs) -> str | None:
             os.rename(backup, name, src_dir_fd=d, dst_dir_fd=d)
         else:
             unlink_at(d, backup)
+    elif op.op == "rmdir":
+        if lstat_at(d, name) is None:
+            os.mkdir(name, dir_fd=d)
     elif op.op == "move":
         assert op.source_dir is not None
         assert op.source_name is not None
@@ -343,11 +357,13 @@ def _recover_trusted(
         conflicts: list[str] = []
         try:
             if forward:
+                _record_history(record, dirs, path.parent.parent)
                 conflicts = [c for op in record.ops if (c := _roll_forward(op, dirs)) is not None]
             elif record.committed:
                 conflicts = [
                     c for op in reversed(record.ops) if (c := _roll_back(op, dirs)) is not None
                 ]
+                _forget_history(record, path.parent.parent)
             else:  # never committed: no target was touched; drop what it staged
                 for op in record.ops:
                     d = dirs.fd(op.dir)
@@ -405,6 +421,49 @@ def _outside_dirs(record: JournalRecord, dirs: _Dirs) -> set[str]:
         except (AtomicToolsError, OSError):
             outside.add(directory)
     return outside
+
+
+def _record_history(record: JournalRecord, dirs: _Dirs, state_dir: Path) -> None:
+    """A set rolled forward gets the history entry it carries, unless it has it already;
+    its kept content comes from the backup members, which are still there (raises
+    ``StateDirError`` when the store cannot take it: the record is then kept)."""
+    entry = record.history
+    if entry is None:
+        return
+    store = store_for(state_dir)
+    change_id = str(entry["id"])
+    if store.exists(change_id):
+        return
+    kept, available = [], set()
+    for item in entry.get("kept", []):
+        directory, name = str(item["member"]).rsplit("/", 1)
+        d = dirs.fd(directory)
+        if lstat_at(d, name) is None:
+            continue  # gone (a power loss before it was synced): that path cannot be undone
+        kept.append(KeptContent(str(item["sha256"]), int(item["size"]), dir_fd=d, name=name))
+        available.add(str(item["sha256"]))
+    rows = []
+    for raw in entry.get("paths", []):
+        row = PathChange.from_json(raw)
+        if row.blob is not None and row.blob not in available:
+            row = dataclasses.replace(row, blob=None, pruned=True)
+        rows.append(row)
+    store.record(
+        change_id,
+        str(entry.get("op", "apply_changes")),
+        rows,
+        kept,
+        durability=Durability(record.durability),
+        pending=False,
+        undoes=[str(u) for u in entry.get("undoes", [])],
+        when=record.created,
+    )
+
+
+def _forget_history(record: JournalRecord, state_dir: Path) -> None:
+    """A committed set rolled back on request: its entry (if it got one) goes."""
+    if record.history is not None:
+        store_for(state_dir).discard(str(record.history["id"]))
 
 
 def _record_key(record: JournalRecord, report: RecoveryReport, conflicts: list[str]) -> bool:

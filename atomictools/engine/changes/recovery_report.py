@@ -76,16 +76,29 @@ class RecoveryReport:
     """Change sets whose record this run read and finished: their leftovers are orphans."""
     journals_unreadable: str | None = None
     """Why the journal directory could not be listed (then no change-set file is swept)."""
+    history_confirmed: list[str] = field(default_factory=list)
+    """History entries a crash left pending whose change had committed: kept."""
+    history_dropped: list[str] = field(default_factory=list)
+    """History entries a crash left pending whose change never committed: removed."""
+    history_problem: str | None = None
+    """Why the history could not be reconciled."""
 
     @property
     def problems(self) -> list[str]:
         """What needs a person, one sentence each."""
         unreadable = [self.journals_unreadable] if self.journals_unreadable else []
+        unreadable += [self.history_problem] if self.history_problem else []
         return [*self.conflicts, *unreadable, *(u.describe() for u in self.unfinished.values())]
 
     @property
     def fixed_something(self) -> bool:
-        return bool(self.rolled_forward or self.rolled_back or self.removed)
+        return bool(
+            self.rolled_forward
+            or self.rolled_back
+            or self.removed
+            or self.history_confirmed
+            or self.history_dropped
+        )
 
     @property
     def exit_code(self) -> int:
@@ -108,6 +121,8 @@ class RecoveryReport:
             "removedTempFiles": self.removed,
             "liveChangeSets": self.live,
             "otherRoots": self.other_roots,
+            "historyConfirmed": self.history_confirmed,
+            "historyDropped": self.history_dropped,
             "problems": self.problems,
             "unfinished": [u.as_dict() for u in self.unfinished.values()],
             "scanned": self.scanned,

@@ -7,6 +7,7 @@ change lock, so no other atomictools writer changes it between the capture and t
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import stat
@@ -124,4 +125,24 @@ def diff_counts(diff: str | None) -> tuple[int | None, int | None]:
             added += 1
         elif line.startswith("-") and not line.startswith("---"):
             removed += 1
+    return added, removed
+
+
+def line_counts(before: bytes | None, after: bytes | None) -> tuple[int, int] | None:
+    """Lines added and removed between two versions (None when either is not text)."""
+    if before is None or after is None:
+        return None
+    try:
+        old = before.decode("utf-8").splitlines()
+        new = after.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        return None
+    added = removed = 0
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(
+        None, old, new, autojunk=False
+    ).get_opcodes():
+        if tag in ("replace", "delete"):
+            removed += i2 - i1
+        if tag in ("replace", "insert"):
+            added += j2 - j1
     return added, removed

@@ -24,7 +24,14 @@ from atomictools.engine.durable.writer import PendingFile
 from atomictools.engine.errors import AtomicToolsError
 from atomictools.engine.history.capture import Before, capture, diff_counts
 from atomictools.engine.history.model import Evidence, PathChange
-from atomictools.engine.history.store import HistoryStore, KeptContent, new_change_id, store_for
+from atomictools.engine.history.store import (
+    DB_NAME,
+    HISTORY_DIR,
+    HistoryStore,
+    KeptContent,
+    new_change_id,
+    store_for,
+)
 from atomictools.engine.sandbox import Location
 
 logger = logging.getLogger("atomictools.engine.history")
@@ -47,6 +54,10 @@ class History:
     @property
     def store(self) -> HistoryStore:
         return store_for(self.state_dir)
+
+    def exists(self) -> bool:
+        """Whether there is a history to read (on, or left by an earlier run with it on)."""
+        return self.enabled or (self.state_dir / HISTORY_DIR / DB_NAME).exists()
 
     def recording(self, op: str, durability: Durability, limits: Limits) -> Recording | None:
         """A recording for one direct change, or None when history is off."""

@@ -368,9 +368,10 @@ class HistoryStore:
         ids: Sequence[str] | None = None,
         limit: int | None = None,
         include_pending: bool = False,
+        include_audit: bool = False,
     ) -> list[HistoryEntry]:
         """Entries newest first. ``path_prefixes``: only changes that touched a path equal
-        to or below one of them (absolute)."""
+        to or below one of them (absolute), and with ``include_audit`` database calls."""
         where = [] if include_pending else ["state = 'done'"]
         args: list[Any] = []
         if since is not None:
@@ -388,9 +389,10 @@ class HistoryStore:
                 tests.append("(p.path = ? OR substr(p.path, 1, ?) = ?)")
                 under = prefix.rstrip("/") + "/"
                 args.extend([prefix, len(under), under])
-            where.append(
+            touched = (
                 "id IN (SELECT change_id FROM paths p WHERE " + " OR ".join(tests or ["0"]) + ")"
             )
+            where.append(f"({touched} OR audit IS NOT NULL)" if include_audit else touched)
         sql = "SELECT seq, id, time, op, state, undoes, audit FROM changes"
         if where:
             sql += " WHERE " + " AND ".join(where)

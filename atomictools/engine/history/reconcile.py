@@ -1,0 +1,93 @@
+"""After a crash: decide every pending history entry from the files, so history and files agree.
+
+A direct change writes its entry ``pending`` before its commit point and marks it ``done``
+after; a crash in between leaves it pending. Its evidence says what the entry's first path is
+once the change committed (the staged temp's inode, absent, or any entry). A temp that still
+holds the staged inode means the rename never happened. Entries of live processes are left
+alone (in flight), as are entries whose directory lies outside the roots given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+from atomictools.engine.durable.fsutil import lstat_at
+from atomictools.engine.errors import AtomicToolsError
+from atomictools.engine.history.model import Evidence
+from atomictools.engine.history.store import HistoryStore
+from atomictools.engine.sandbox import Sandbox
+
+logger = logging.getLogger("atomictools.engine.history")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(slots=True)
+class Reconciled:
+    """What a pass decided: entries kept (their change committed) and dropped (it did not)."""
+
+    confirmed: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+
+def reconcile_pending(
+    sandbox: Sandbox, store: HistoryStore, *, dry_run: bool = False
+) -> Reconciled:
+    """Confirm or drop the pending entries of dead processes (see the module doc)."""
+    done = Reconciled()
+    for entry, pid, evidence in store.pending():
+        if _alive(pid):
+            continue
+        decided = _committed(sandbox, evidence[0]) if evidence else False
+        if decided is None:
+            continue  # outside these roots: a recovery with them decides it
+        (done.confirmed if decided else done.dropped).append(entry.id)
+        if dry_run:
+            continue
+        try:
+            if decided:
+                store.confirm(entry.id)
+            else:
+                store.discard(entry.id)
+        except AtomicToolsError as err:
+            logger.warning("history entry %s could not be reconciled: %s", entry.id, err)
+    return done
+
+
+def _committed(sandbox: Sandbox, evidence: Evidence) -> bool | None:
+    try:
+        with sandbox.resolve(evidence.dir) as location:
+            dir_fd = os.open(location.name, _DIR_FLAGS, dir_fd=location.dir_fd)
+    except (AtomicToolsError, OSError):
+        return None
+    try:
+        if evidence.temp is not None:
+            staged = lstat_at(dir_fd, evidence.temp)
+            if staged is not None and staged.st_ino == evidence.ino:
+                return False  # the staged file is still next to the target: never renamed
+        current = lstat_at(dir_fd, evidence.name)
+        if evidence.ino is None:
+            return current is None
+        if evidence.ino == 0:
+            return current is not None
+        return current is not None and current.st_ino == evidence.ino
+    finally:
+        os.close(dir_fd)
+
+
+def _alive(pid: int) -> bool:
+    """Another live process (ours is never in doubt: its own in-flight entries are skipped)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as stat_file:
+        # a zombie (killed, not yet reaped by its parent) is dead for our purposes
+        return stat_file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
