@@ -8,6 +8,7 @@ from the folders below (checked by the import-linter contracts in ``pyproject.to
 - ``reads`` and ``text``: reading, listing, decoding, exact-match edits;
 - ``changes``: every file change, one pipeline (checks, direct and journaled commits, the
   journal record, recovery, idempotency);
+- ``history``: every change recorded with what it replaced, for ``Workspace.undo``;
 - ``db``: SQLite work inside savepoints, the statement guard, the database catalog;
 - ``workspace``: the object that joins them for a caller.
 """
@@ -34,6 +35,7 @@ from atomictools.engine.errors import (
     AlreadyExistsError,
     AtomicToolsError,
     ConcurrentChangeError,
+    ConflictError,
     DiskFullError,
     DurabilityUnknownError,
     EditAmbiguousError,
@@ -43,6 +45,7 @@ from atomictools.engine.errors import (
     InvalidArgumentError,
     InvalidPathError,
     NotFoundError,
+    NotUndoableError,
     OutsideRootsError,
     PartlyDoneError,
     PermissionDeniedError,
@@ -56,6 +59,14 @@ from atomictools.engine.errors import (
     from_os_error,
     spelled,
 )
+from atomictools.engine.history.model import (
+    HistoryEntry,
+    PathChange,
+    parse_duration,
+    parse_since,
+)
+from atomictools.engine.history.recording import DEFAULT_MAX_AGE as DEFAULT_HISTORY_MAX_AGE
+from atomictools.engine.history.recording import DEFAULT_MAX_BYTES as DEFAULT_HISTORY_MAX_BYTES
 from atomictools.engine.results import (
     BytesRead,
     ChangeOutcome,
@@ -69,9 +80,11 @@ from atomictools.engine.results import (
     MkdirResult,
     MoveResult,
     Progress,
+    RestoredPath,
     SearchResult,
     TextRead,
     TreeNode,
+    UndoResult,
     WriteResult,
 )
 from atomictools.engine.text.edits import Edit
@@ -86,6 +99,8 @@ from atomictools.engine.workspace import (
 __all__ = [
     "CRASH_ENV",
     "CRASH_SIGNAL_ENV",
+    "DEFAULT_HISTORY_MAX_AGE",
+    "DEFAULT_HISTORY_MAX_BYTES",
     "DEFAULT_TTL_SECONDS",
     "MAX_CHANGES",
     "MAX_KEY_LENGTH",
@@ -100,6 +115,7 @@ __all__ = [
     "ChangeSetResult",
     "CommitUnknownError",
     "ConcurrentChangeError",
+    "ConflictError",
     "CopyResult",
     "Database",
     "DatabaseCatalog",
@@ -117,6 +133,7 @@ __all__ = [
     "EditResult",
     "FileInfo",
     "FileSystemError",
+    "HistoryEntry",
     "InvalidArgumentError",
     "InvalidPathError",
     "Limits",
@@ -124,9 +141,11 @@ __all__ = [
     "MkdirResult",
     "MoveResult",
     "NotFoundError",
+    "NotUndoableError",
     "OutsideRootsError",
     "Params",
     "PartlyDoneError",
+    "PathChange",
     "PermissionDeniedError",
     "PreconditionFailedError",
     "Progress",
@@ -134,6 +153,7 @@ __all__ = [
     "ReadOnlyError",
     "RecoveryNeededError",
     "RecoveryReport",
+    "RestoredPath",
     "SearchResult",
     "StateDirError",
     "Statement",
@@ -144,6 +164,7 @@ __all__ = [
     "TooLargeError",
     "Transaction",
     "TreeNode",
+    "UndoResult",
     "UnfinishedSet",
     "Workspace",
     "WriteResult",
@@ -152,6 +173,8 @@ __all__ = [
     "atomic_writer",
     "from_os_error",
     "is_temp_name",
+    "parse_duration",
+    "parse_since",
     "recover",
     "spelled",
 ]

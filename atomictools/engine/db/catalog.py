@@ -139,6 +139,7 @@ class DatabaseCatalog:
                     idempotency_ttl=self.workspace.idempotency_ttl,
                     pinned=pinned,
                 )
+                database.history = self.workspace.history
                 self._open[key] = database
             elif pinned is not None:
                 pinned.close()  # another call opened it meanwhile

@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 import aiosqlite
 import anyio
+import anyio.to_thread
 
 from atomictools.engine.changes import idempotency
 from atomictools.engine.config import Durability
@@ -49,6 +50,7 @@ from atomictools.engine.errors import (
     ReadOnlyError,
     TooLargeError,
 )
+from atomictools.engine.history.recording import History
 from atomictools.engine.results import Progress
 
 logger = logging.getLogger("atomictools.engine.db.database")
@@ -64,6 +66,8 @@ STATEMENT_ERRORS = (sqlite3.Error, OverflowError, ValueError)
 BATCH_SECONDS = 0.02
 """How long one worker call runs statements before progress is reported."""
 MAX_READERS = 4
+AUDIT_STATEMENTS = 20
+"""Statements an audit entry lists; the rest are counted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +441,8 @@ class Database:
         self._reader_count = 0
         self._write_lock = anyio.Lock()
         self._reader_slots = anyio.Semaphore(MAX_READERS)
+        self.history: History | None = None
+        """Where ``run_statements`` records an audit entry after each commit (not undoable)."""
 
     async def __aenter__(self) -> Database:
         return self
@@ -662,7 +668,29 @@ class Database:
             if receipt is not None:
                 stored = json.dumps([[r.rowcount, r.lastrowid] for r in results])
                 await tx._c.in_worker(_record_key, tx._c, receipt, stored)
+        if self.history is not None and self.history.enabled:
+            await self._audit(statements, results)
         return results
+
+    async def _audit(
+        self, statements: Sequence[Statement], results: Sequence[StatementResult]
+    ) -> None:
+        """The history's audit entry of a committed call: which database, what ran, how many
+        rows changed. After the commit, so a failure here is logged, never raised."""
+        history = self.history
+        assert history is not None
+        shown = [_short(s.sql, 200) for s in statements[:AUDIT_STATEMENTS]]
+        if len(statements) > AUDIT_STATEMENTS:
+            shown.append(f"... and {len(statements) - AUDIT_STATEMENTS} more")
+        rows = sum(max(r.rowcount, 0) for r in results)
+        op = "db_execute" if len(statements) == 1 else "db_transaction"
+        with anyio.CancelScope(shield=True):
+            try:
+                await anyio.to_thread.run_sync(
+                    history.store.record_audit, op, self.name, shown, rows
+                )
+            except AtomicToolsError as err:
+                logger.warning("the history's audit entry for %s failed: %s", self.name, err)
 
     # -- reads ------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ to the reader's roots, and paths outside those roots are never shown or touched.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -95,3 +96,41 @@ class Evidence:
             ino=None if raw.get("ino") is None else int(raw["ino"]),
             temp=raw.get("temp"),
         )
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``30m``, ``2h``, ``7d``, ``1w`` (or plain seconds) as seconds (ValueError)."""
+    value = text.strip().lower()
+    unit = _UNITS.get(value[-1:]) if value else None
+    number = value[:-1] if unit is not None else value
+    try:
+        seconds = float(number) * (unit or 1.0)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a duration; write a number with s, m, h, d or w (e.g. 30m, 7d)"
+        ) from None
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"{text!r} is not a duration: it must be zero or more, and finite")
+    return seconds
+
+
+def parse_since(text: str, now: float) -> float:
+    """A point in time as a Unix time: ISO 8601 (``2026-12-07T10:00:00Z``, a date, a time
+    without zone is UTC), or a duration back from ``now`` (``30m``, ``2h``) (ValueError)."""
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        moment = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"since={text!r} is neither a time (ISO 8601, e.g. 2026-12-07T10:00:00Z) nor a "
+            "duration back from now (e.g. 30m, 2h, 7d)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
