@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from atomictools.engine.config import Limits
 from atomictools.engine.durable import fsutil
@@ -166,10 +166,10 @@ def check_delete(location: Location, st: os.stat_result | None) -> None:
 
 
 def check_rmdir(
-    location: Location, st: os.stat_result | None, leaving: frozenset[str] = frozenset()
+    location: Location, st: os.stat_result | None, leaving: Callable[[str], bool]
 ) -> None:
-    """Only an empty directory is removed (an undo of the change that made it); ``leaving``:
-    entries that changes before it in the same set remove."""
+    """Only an empty directory is removed (an undo of the change that made it); ``leaving``
+    tells the entries that go with it (removed by the same set, or the set's own files)."""
     refuse_root(location, "remove")
     if st is None:
         raise missing(location, "remove directory")
@@ -182,7 +182,7 @@ def check_rmdir(
         entries = os.listdir(fd)
     finally:
         os.close(fd)
-    entries = [name for name in entries if name not in leaving]
+    entries = [name for name in entries if not leaving(name)]
     if entries:
         raise ConflictError(
             f"cannot remove directory {location.display}: it is not empty (it holds "

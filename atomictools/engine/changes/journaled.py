@@ -34,7 +34,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +55,8 @@ from atomictools.engine.durable.tempfiles import (
     claim_name_for,
     create_locked_temp,
     member_name_for,
+    parse_member,
+    remove_set_files,
 )
 from atomictools.engine.durable.writer import AtomicWriter, PendingFile
 from atomictools.engine.errors import (
@@ -478,15 +480,23 @@ class ChangeSetRunner:
             await self._stage_copy(planned, st, source, src_st, dry_run=dry_run)
         return None
 
-    def _leaving(self, directory: Location) -> frozenset[str]:
-        """Names in ``directory`` that this set removes (deletes, rmdirs, moves away)."""
+    def _leaving(self, directory: Location) -> Callable[[str], bool]:
+        """Which names in ``directory`` go before it does: what this set removes (deletes,
+        rmdirs, moves away) and the set's own files (backups, the claim)."""
         gone = []
         for planned in self.planned:
             if planned.change.op in ("delete", "rmdir"):
                 gone.append(planned.target)
             elif planned.change.op == "move" and planned.source is not None:
                 gone.append(planned.source)
-        return frozenset(g.name for g in gone if g.abspath.parent == directory.abspath)
+        names = {g.name for g in gone if g.abspath.parent == directory.abspath}
+        names.add(claim_name_for(self.txid))
+
+        def leaving(name: str) -> bool:
+            member = parse_member(name)
+            return name in names or (member is not None and member.txid == self.txid)
+
+        return leaving
 
     async def _capture(self, planned: _Planned, known: bytes | None) -> None:
         """The history's rows for a prepared change, with its old content (off the loop when
@@ -846,6 +856,9 @@ class ChangeSetRunner:
         """
         for planned in self.planned:
             crash_point("changeset.apply")
+            if planned.change.op == "rmdir":  # its backups of deleted files go with it
+                target = planned.target
+                remove_set_files(target.dir_fd, target.name, self.txid)
             _apply_op(planned)
 
     def sync_applied(self) -> None:
@@ -996,6 +1009,9 @@ async def apply_change_set(
         finally:
             if not committed:
                 runner.undo_prepare()
+        # Committed: the set will happen (recovery rolls it forward), so its history entry is
+        # written now, while every backup it keeps content from is still in place.
+        unrecorded = _record_history(runner)
         try:
             runner.apply()
         except OSError as err:
@@ -1011,7 +1027,14 @@ async def apply_change_set(
             runner.sync_applied()
         except OSError as err:
             unsynced = err  # applied: the set is finished; the message says what is unknown
-        _record_history(runner)
+        if unrecorded is not None:
+            if runner.journal is not None:
+                runner.journal.close()  # unlocked: recovery records the entry, then finishes
+            raise RecoveryNeededError(
+                f"the change set was applied, but its history entry could not be recorded: "
+                f"{unrecorded.message}; its journal {runner.txid} is kept so that `atomictools "
+                "recover` (or the next start) records it once that is fixed"
+            ) from unrecorded
         _record_key(runner)
         runner.finish()
         if unsynced is not None:
@@ -1027,22 +1050,17 @@ async def apply_change_set(
         runner.close_locations()
 
 
-def _record_history(runner: ChangeSetRunner) -> None:
-    """The set's history entry, before its journal goes (the journal could still write it).
+def _record_history(runner: ChangeSetRunner) -> StateDirError | None:
+    """The set's history entry, right after its commit point (the record carries it too).
 
-    If the store cannot take it, the journal stays for recovery to record it, and the error
-    says the change was made.
+    If the store cannot take it, the set is still applied, its journal stays for recovery to
+    record the entry, and the error says the change was made (the caller raises it).
     """
     try:
         runner.record_history()
     except StateDirError as err:
-        if runner.journal is not None:
-            runner.journal.close()  # unlocked: recovery records the entry and finishes the set
-        raise RecoveryNeededError(
-            f"the change set was applied, but its history entry could not be recorded: "
-            f"{err.message}; its journal {runner.txid} is kept so that `atomictools recover` "
-            "(or the next start) records it once that is fixed"
-        ) from err
+        return err
+    return None
 
 
 def _size_of(location: Location) -> int:

@@ -47,6 +47,7 @@ from atomictools.engine.durable.tempfiles import (
     is_single_temp_name,
     is_temp_name,
     parse_member,
+    remove_set_files,
 )
 from atomictools.engine.errors import AtomicToolsError
 from atomictools.engine.history.model import PathChange
@@ -80,7 +81,7 @@ class _Dirs:
         self._fds.clear()
 
 
-def _roll_forward(op: OpRecord, dirs: _Dirs) -> str | None:
+def _roll_forward(op: OpRecord, dirs: _Dirs, txid: str) -> str | None:
     """Finish one operation of a committed change set; returns a conflict, if any."""
     d = dirs.fd(op.dir)
     name, staged, backup = op.name, op.staged, op.backup
@@ -110,6 +111,7 @@ def _roll_forward(op: OpRecord, dirs: _Dirs) -> str | None:
         current = lstat_at(d, name)
         if current is not None and stat.S_ISDIR(current.st_mode):
             try:
+                remove_set_files(d, name, txid)
                 os.rmdir(name, dir_fd=d)
             except OSError:
                 return f"{op.dir}/{name}: not empty any more; the directory was kept"
@@ -358,7 +360,9 @@ def _recover_trusted(
         try:
             if forward:
                 _record_history(record, dirs, path.parent.parent)
-                conflicts = [c for op in record.ops if (c := _roll_forward(op, dirs)) is not None]
+                conflicts = [
+                    c for op in record.ops if (c := _roll_forward(op, dirs, txid)) is not None
+                ]
             elif record.committed:
                 conflicts = [
                     c for op in reversed(record.ops) if (c := _roll_back(op, dirs)) is not None

@@ -21,12 +21,14 @@ from atomictools.engine.errors import (
     AtomicToolsError,
     ConflictError,
     InvalidArgumentError,
+    NotFoundError,
     NotUndoableError,
     OutsideRootsError,
 )
 from atomictools.engine.history.capture import kind_of
 from atomictools.engine.history.model import HistoryEntry, Kind, PathChange
 from atomictools.engine.history.store import HistoryStore
+from atomictools.engine.history.view import shown_path
 from atomictools.engine.results import RestoredPath
 from atomictools.engine.sandbox import Location, Sandbox, open_entry
 from atomictools.engine.text.edits import unified_diff
@@ -122,6 +124,9 @@ def _locate(sandbox: Sandbox, spans: dict[str, _Span], names: str) -> None:
                         span.current_data = _read(location)
         except OutsideRootsError:
             outside.append(span.path)
+        except NotFoundError:  # its directory is gone too (the set made it): absent
+            span.display = shown_path(sandbox, span.path) or span.path
+            span.current = "absent"
     if outside:
         raise OutsideRootsError(
             f"cannot undo change {names}: it also changed {', '.join(sorted(outside))}, "

@@ -23,6 +23,7 @@ on SIGKILL); the pid in the name is a second signal where there is no lock to ta
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -128,6 +129,20 @@ def parse_claim(name: str) -> str | None:
     """The txid a claim's name carries, or None when ``name`` is not a claim."""
     match = _CLAIM_RE.match(name)
     return match["txid"] if match else None
+
+
+def remove_set_files(dir_fd: int, name: str, txid: str) -> None:
+    """Remove a change set's own members and claim from the directory ``name`` in ``dir_fd``
+    (before the set removes that directory: they are no longer needed once it committed)."""
+    inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        for entry in os.listdir(inner):
+            member = parse_member(entry)
+            if entry == claim_name_for(txid) or (member is not None and member.txid == txid):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry, dir_fd=inner)
+    finally:
+        os.close(inner)
 
 
 def temp_owner_pid(name: str) -> int | None:

@@ -554,13 +554,19 @@ def raise_too_large(size: int, max_bytes: int) -> None:
 
 _stores: dict[str, HistoryStore] = {}
 _stores_lock = threading.Lock()
+MAX_OPEN_STORES = 8
+"""Stores kept open per process; the least recently used one beyond this is closed (it
+reconnects if used again), so a process that meets many state directories keeps few files."""
 
 
 def store_for(state_dir: Path) -> HistoryStore:
     """This process's store for ``state_dir`` (one connection shared by all workspaces)."""
     key = os.path.realpath(state_dir)
     with _stores_lock:
-        store = _stores.get(key)
+        store = _stores.pop(key, None)
         if store is None:
-            store = _stores[key] = HistoryStore(Path(key))
+            store = HistoryStore(Path(key))
+        _stores[key] = store  # most recently used last
+        while len(_stores) > MAX_OPEN_STORES:
+            _stores.pop(next(iter(_stores))).close()
         return store

@@ -43,7 +43,7 @@ def entries_shown(
     ):
         rows = []
         for n, row in enumerate(entry.paths):
-            display = _display(sandbox, row.path)
+            display = shown_path(sandbox, row.path)
             if display is None:
                 continue
             counted = _with_counts(sandbox, store, entry.id, n, row) if row.added is None else row
@@ -52,7 +52,9 @@ def entries_shown(
     return shown
 
 
-def _display(sandbox: Sandbox, path: str) -> str | None:
+def shown_path(sandbox: Sandbox, path: str) -> str | None:
+    """An absolute path as results show it (relative to its root), or None when it lies
+    outside every root (by its spelling: it was resolved when the change was recorded)."""
     candidate = Path(path)
     for root in sandbox.roots:
         parts = root.contains(candidate)
@@ -64,7 +66,7 @@ def _display(sandbox: Sandbox, path: str) -> str | None:
 def _shown(sandbox: Sandbox, row: PathChange) -> str | None:
     if row.moved_from is None:
         return None
-    return _display(sandbox, row.moved_from) or row.moved_from
+    return shown_path(sandbox, row.moved_from) or row.moved_from
 
 
 def _with_counts(
