@@ -55,16 +55,7 @@ class Scenario:
 
 
 WRITE_STEPS = frozenset(
-    {
-        "write.created",
-        "write.chunk",
-        "write.written",
-        "write.synced",
-        "history.recorded",
-        "write.recorded",
-        "write.renamed",
-        "history.confirmed",
-    }
+    {"write.created", "write.written", "history.recorded", "write.renamed", "history.confirmed"}
 )
 SET_STEPS = frozenset(
     {
@@ -122,6 +113,10 @@ async def _copy(ws: Workspace, _arg: str | None) -> object:
 
 async def _mkdir(ws: Workspace, _arg: str | None) -> object:
     return await ws.mkdir("d1/d2/d3")
+
+
+async def _write_keyed(ws: Workspace, _arg: str | None) -> object:
+    return await ws.write("k.txt", b"keyed new\n", idempotency_key="history-crash-key")
 
 
 async def _apply(ws: Workspace, _arg: str | None) -> object:
@@ -210,6 +205,16 @@ def _scenarios() -> dict[str, Scenario]:
             prefixes=({**keep, "d1": DIR}, {**keep, "d1": DIR, "d1/d2": DIR}),
         ),
         Scenario(
+            "write-keyed",
+            "write",
+            {**keep, "k.txt": b"keyed old\n"},
+            {**keep, "k.txt": b"keyed new\n"},
+            _write_keyed,
+            SET_STEPS | {"changeset.key_recorded"},
+            "changeset.committed",
+            frozenset({"k.txt"}),
+        ),
+        Scenario(
             "apply-changes",
             "apply_changes",
             SET_BEFORE,
@@ -242,6 +247,7 @@ SCENARIO_NAMES = (
     "move",
     "copy",
     "mkdir-p",
+    "write-keyed",
     "apply-changes",
     "undo",
 )

@@ -220,7 +220,9 @@ async def test_pruned_content_says_it_can_no_longer_be_undone(root: Path) -> Non
     await ws.write("b.txt", "b\n")
     ws.prune_history()
     entries = await ws.history_entries(limit=None)
-    replaced = next(e for e in entries if e.paths[0].path == "a.txt" and e.paths[0].before == "file")
+    replaced = next(
+        e for e in entries if e.paths[0].path == "a.txt" and e.paths[0].before == "file"
+    )
     assert replaced.paths[0].pruned and not replaced.undoable
     with pytest.raises(NotUndoableError, match="pruned"):
         await ws.undo(replaced.id)

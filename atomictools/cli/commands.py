@@ -1,7 +1,8 @@
 """The ``atomictools`` command line: a thin layer that parses arguments and calls the library.
 
 ``serve`` runs the MCP server (stdio by default, or streamable HTTP), ``schemas`` writes or
-checks ``schemas/``, ``write`` replaces a file atomically from standard input. Logs go to
+checks ``schemas/``, ``write`` replaces a file atomically from standard input, ``history`` and
+``undo`` list and take back recorded changes (``atomictools.cli.history``). Logs go to
 standard error only: under stdio, standard output belongs to the MCP transport.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import anyio
 
 from atomictools import __version__
+from atomictools.cli import history
 from atomictools.engine import (
     DEFAULT_TTL_SECONDS,
     STATE_DIR_ENV,
@@ -124,6 +126,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long a retry with the same idempotencyKey gets the first result (default 1 day)",
     )
+    history.add_serve_flags(serve)
 
     recover = commands.add_parser(
         "recover",
@@ -158,6 +161,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"where journals live (default: ${STATE_DIR_ENV} or the user state directory); "
         "use the --state-dir of the server that was interrupted",
     )
+
+    history.add_commands(commands)
 
     config = commands.add_parser(
         "config",
@@ -237,6 +242,9 @@ def _serve(args: argparse.Namespace) -> int:
             read_only=args.read_only,
             state_dir=args.state_dir,
             idempotency_ttl=args.idempotency_ttl,
+            history=not args.no_history,
+            history_max_bytes=args.history_max_bytes,
+            history_max_age=args.history_max_age,
         )
         databases = dict(DatabaseCatalog.parse_option(value) for value in args.db)
     except ValueError as err:
@@ -419,8 +427,20 @@ async def _write_from_stdin(args: argparse.Namespace) -> None:
     print(f"wrote {args.path}: {writer.size} bytes, sha256 {writer.sha256}", file=sys.stderr)
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments; ``history`` and ``undo`` also take their positionals after options
+    (``undo ROOT --state-dir S ID``), which argparse alone refuses for a ``+`` list."""
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command in ("history", "undo") and not any(w.startswith("-") for w in extra):
+        history.take_positionals(args, extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         if args.command == "serve":
             return _serve(args)
@@ -430,6 +450,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _recover(args)
         if args.command == "config":
             return _config(args)
+        if args.command == "history":
+            return history.run_history(args)
+        if args.command == "undo":
+            return history.run_undo(args)
         if args.command == "demo":
             from atomictools.cli.demo import run
 

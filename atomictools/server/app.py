@@ -46,6 +46,8 @@ Work safely with it:
   nothing), and retry a timed-out call with the same idempotencyKey where a tool accepts one.
 - SQLite: db_query only reads; db_execute runs one statement, db_transaction several, each as
   one transaction (all or nothing). Bind values with params; never paste them into the SQL.
+- Every change is recorded with what it replaced: list_changes shows them, and undo_change
+  takes one back in one atomic step (last=1: your last change; dryRun=true previews it).
 - Errors say what to fix and whether anything changed; read them before retrying.
 """
 
@@ -131,6 +133,10 @@ def create_server(
                     # Before the first call is served: no tool may see a half-applied change set.
                     report = await startup_recovery(workspace)
                     background.start_soon(sweep_later, workspace, options.sweep_delay, report)
+                    if not workspace.read_only:  # a read-only server deletes nothing
+                        # After recovery (which settles the entries a crash left pending),
+                        # while the first calls are already served.
+                        background.start_soon(prune_history, workspace)
                 background.start_soon(retry_unfinished, workspace, options.retry_interval)
                 try:
                     yield
@@ -197,6 +203,20 @@ async def startup_recovery(workspace: Workspace) -> RecoveryReport:
     if report.fixed_something or report.problems:
         logger.warning("startup recovery: %s", report.as_dict())
     return report
+
+
+async def prune_history(workspace: Workspace) -> int:
+    """One history retention pass at start (``--history-max-bytes``, ``--history-max-age``);
+    the bytes freed. A failure is logged, never fatal: the history is a convenience, and a
+    server that cannot prune it still serves every tool."""
+    try:
+        freed = await anyio.to_thread.run_sync(workspace.prune_history)
+    except Exception:
+        logger.warning("the history retention pass at start failed", exc_info=True)
+        return 0
+    if freed:
+        logger.info("history retention: freed %d bytes of kept content", freed)
+    return freed
 
 
 async def sweep_later(workspace: Workspace, delay: float, startup: RecoveryReport) -> None:

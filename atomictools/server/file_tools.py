@@ -628,7 +628,8 @@ def register_change_set_tool(server: MCPServer[Any], runtime: ToolRuntime) -> No
             'edits:[{oldText,newText}], expectedSha256?}, {op:"move"|"copy", source, '
             'destination, overwrite?}, {op:"delete", path, expectedSha256?} or {op:"mkdir", '
             "path}; a path may appear in one change only. `dryRun` runs every check and returns "
-            "the diffs, writing nothing. Reports progress per change."
+            "the diffs, writing nothing. Reports progress per change. The result's `changeId` "
+            "names the set in the history: undo_change with it takes the whole set back."
         ),
         annotations=mutating(destructive=True, idempotent=False),
     )
@@ -648,7 +649,12 @@ def register_change_set_tool(server: MCPServer[Any], runtime: ToolRuntime) -> No
         )
         out = ApplyChangesOutput.model_validate(result)
         verb = "Would apply" if dryRun else "Applied"
-        lines = [f"{verb} {len(out.changes)} change(s) atomically:"]
+        undo = (
+            f" (recorded as change {out.change_id}: undo_change with this id takes them all back)"
+            if out.change_id
+            else ""
+        )
+        lines = [f"{verb} {len(out.changes)} change(s) atomically{undo}:"]
         for c in out.changes:
             arrow = f"{c.source} -> {c.path}" if c.source else c.path
             lines.append(f"- {c.op} {arrow}" + (f" (sha256 {c.sha256})" if c.sha256 else ""))

@@ -324,3 +324,77 @@ class ApplyChangesOutput(WireModel):
     applied: bool = Field(description="False for a dry run: checked, nothing written.")
     changes: list[ChangeOutput]
     txid: str | None = None
+    change_id: str | None = Field(
+        default=None,
+        description=(
+            "This change set's id in the history: undo_change with this id takes the whole "
+            "set back (null for a dry run, or when the server keeps no history)."
+        ),
+    )
+
+
+PathKind = Literal["absent", "file", "directory", "symlink", "other"]
+
+
+class PathChangeOutput(WireModel):
+    path: str = Field(description="Relative to its root.")
+    before: PathKind
+    after: PathKind
+    before_sha256: str | None = None
+    before_size: int | None = None
+    after_sha256: str | None = None
+    after_size: int | None = None
+    moved_from: str | None = Field(default=None, description="A move's source.")
+    added: int | None = Field(default=None, description="Lines added (text files).")
+    removed: int | None = Field(default=None, description="Lines removed (text files).")
+    pruned: bool = Field(
+        description="The previous content was dropped by history retention: this path can "
+        "no longer be undone."
+    )
+
+
+class ChangeEntryOutput(WireModel):
+    id: str = Field(description="Pass it to undo_change as `id`.")
+    time: str = Field(description="When, ISO 8601 UTC (usable as list_changes' `since`).")
+    op: str = Field(
+        description="write, edit, move, copy, delete, mkdir, apply_changes, undo, db_execute "
+        "or db_transaction."
+    )
+    undoable: bool = Field(description="False: pruned content, or a database call.")
+    paths: list[PathChangeOutput]
+    undoes: list[str] = Field(description="For an undo: the ids of the changes it took back.")
+    database: str | None = Field(
+        default=None, description="For a database call (recorded for audit, not undoable)."
+    )
+    statements: list[str] | None = None
+    rows_changed: int | None = None
+
+
+class ListChangesOutput(WireModel):
+    changes: list[ChangeEntryOutput] = Field(description="Newest first.")
+    truncated: bool = Field(description="More changes match: raise limit, or narrow it.")
+
+
+RestoreActionName = Literal[
+    "restored", "deleted", "created_directory", "removed_directory", "moved_back"
+]
+
+
+class RestoredPathOutput(WireModel):
+    path: str
+    action: RestoreActionName
+    sha256: str | None = Field(default=None, description="The content restored.")
+    source: str | None = Field(default=None, description="Where it came back from.")
+    diff: str | None = Field(
+        default=None, description="Unified diff from the current file to the restored one."
+    )
+
+
+class UndoChangeOutput(WireModel):
+    applied: bool = Field(description="False for a dry run: nothing was changed.")
+    undone: list[str] = Field(description="The ids of the changes taken back, newest first.")
+    change_id: str | None = Field(
+        default=None,
+        description="This undo's own id in the history: undo_change with it redoes the change.",
+    )
+    paths: list[RestoredPathOutput]

@@ -1,9 +1,10 @@
-"""One call that puts atomictools' tools on any MCPServer: files, change sets, databases.
+"""One call that puts atomictools' tools on any MCPServer: files, change sets, history, databases.
 
 ``register_tools(server, runtime, databases=catalog)`` is what ``create_server`` does and what an
 embedder calls to put our tools next to their own. Parts can be left out (``files=False``,
-``change_sets=False``, no catalog). A read-only workspace gets only the tools that can succeed:
-advertising ``write_file`` to a model that can only be refused wastes its turns.
+``change_sets=False``, ``history=False``, no catalog). A read-only workspace gets only the
+tools that can succeed: advertising ``write_file`` to a model that can only be refused wastes
+its turns.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from mcp.server.mcpserver import MCPServer
 from atomictools.engine import DatabaseCatalog
 from atomictools.server.db_tools import register_db_tools
 from atomictools.server.file_tools import register_change_set_tool, register_file_tools
+from atomictools.server.history_tools import register_history_tools
 from atomictools.server.runtime import ToolRuntime
 
 MUTATING_TOOLS = frozenset(
@@ -26,13 +28,15 @@ MUTATING_TOOLS = frozenset(
         "copy_file",
         "delete_file",
         "apply_changes",
+        "undo_change",
         "db_execute",
         "db_transaction",
     }
 )
 """The tools that change something (``readOnlyHint`` false)."""
-HIDDEN_WHEN_READ_ONLY = MUTATING_TOOLS - {"edit_file"}
-"""Left out in read-only mode: all of them but ``edit_file``, whose ``dryRun`` preview works."""
+HIDDEN_WHEN_READ_ONLY = MUTATING_TOOLS - {"edit_file", "undo_change"}
+"""Left out in read-only mode: all of them but ``edit_file`` and ``undo_change``, whose
+``dryRun`` previews work."""
 
 
 def register_tools(
@@ -41,19 +45,23 @@ def register_tools(
     *,
     files: bool = True,
     change_sets: bool = True,
+    history: bool = True,
     databases: DatabaseCatalog | None = None,
 ) -> list[str]:
     """Add atomictools' tools to ``server``; returns the names added.
 
     ``files``: the 17 file tools (reads, listings, write/edit/move/copy/delete/mkdir);
-    ``change_sets``: ``apply_changes``; ``databases``: the five SQLite tools over that catalog
-    (close it when your server stops: ``await catalog.close()``).
+    ``change_sets``: ``apply_changes``; ``history``: ``list_changes`` and ``undo_change`` (the
+    workspace's recorded changes, and taking them back); ``databases``: the five SQLite tools
+    over that catalog (close it when your server stops: ``await catalog.close()``).
     """
     before = set(_names(server))
     if files:
         register_file_tools(server, runtime)
     if change_sets:
         register_change_set_tool(server, runtime)
+    if history:
+        register_history_tools(server, runtime)
     if databases is not None:
         register_db_tools(server, runtime, databases)
     added = [name for name in _names(server) if name not in before]

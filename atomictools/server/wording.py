@@ -13,6 +13,7 @@ MCP_TERMS = {
     "create_only": "createOnly",
     "idempotency_key": "idempotencyKey",
     "dry_run": "dryRun",
+    "change_id": "id",
     "max_rows": "maxRows",
     "Edit.old": "oldText",
     "Edit.new": "newText",

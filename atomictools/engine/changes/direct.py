@@ -103,7 +103,8 @@ async def write(
         hook=hook,
     ) as writer:
         if progress is None or len(data) <= limits.chunk_bytes:
-            await writer.write(data, last=True)
+            # A recorded write fsyncs at its commit point, alongside the history entry's fsync.
+            await writer.write(data, last=hook is None)
         else:
             view, chunk = memoryview(data), limits.chunk_bytes
             for start in range(0, len(view), chunk):

@@ -203,8 +203,11 @@ Precheck = Callable[[os.stat_result | None], Awaitable[None]]
 class CommitHook(Protocol):
     """Told about the commit point of one write (the history records the change with it)."""
 
-    async def before_commit(self, pending: PendingFile, sha256: str, size: int) -> None:
-        """The content is staged and synced; the rename comes next (a raise prevents it)."""
+    async def before_commit(
+        self, pending: PendingFile, sha256: str, size: int, sync: Callable[[], None] | None
+    ) -> None:
+        """The content is staged; ``sync`` (when not None) must run before this returns (the
+        hook may run it alongside its own fsync); the rename comes next (a raise prevents it)."""
 
     def committed(self) -> None:
         """The rename happened (also when syncing the directory after it failed)."""
@@ -285,13 +288,13 @@ class PendingWrite:
         try:
             if exc_type is None and self._writer is not None:
                 await step("write.written")
-                if not pending.synced:
-                    await run_blocking(self._limits.inline(self._writer.size), pending.sync)
-                await step("write.synced")
                 if hook is not None:
                     hooked = True
-                    await hook.before_commit(pending, self._writer.sha256, self._writer.size)
-                    await step("write.recorded")
+                    sync = None if pending.synced else pending.sync
+                    await hook.before_commit(pending, self._writer.sha256, self._writer.size, sync)
+                elif not pending.synced:
+                    await run_blocking(self._limits.inline(self._writer.size), pending.sync)
+                await step("write.synced")
                 pending.publish()  # the commit point, inline: nothing can cancel half of it
         finally:
             if hooked and hook is not None:

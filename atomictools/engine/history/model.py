@@ -40,12 +40,15 @@ class PathChange:
     """Lines added and removed (None until known; binary files stay None)."""
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: getattr(self, name) for name in _PATH_FIELDS}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> PathChange:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in fields})
+
+
+_PATH_FIELDS = tuple(f.name for f in dataclasses.fields(PathChange))
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +88,13 @@ class Evidence:
     """The staged temp's name: still there (and unlocked) means the rename never happened."""
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {
+            "dir": self.dir,
+            "name": self.name,
+            "dev": self.dev,
+            "ino": self.ino,
+            "temp": self.temp,
+        }
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Evidence:

@@ -14,9 +14,10 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from atomictools.engine.config import Durability
 from atomictools.engine.durable.fsutil import lstat_at
-from atomictools.engine.errors import AtomicToolsError
-from atomictools.engine.history.model import Evidence
+from atomictools.engine.errors import AtomicToolsError, NotFoundError
+from atomictools.engine.history.model import Evidence, HistoryEntry
 from atomictools.engine.history.store import HistoryStore
 from atomictools.engine.sandbox import Sandbox
 
@@ -48,12 +49,32 @@ def reconcile_pending(
             continue
         try:
             if decided:
+                for n in _never_made(sandbox, entry):
+                    store.remove_path(entry.id, n, Durability.FULL)
                 store.confirm(entry.id)
             else:
                 store.discard(entry.id)
         except AtomicToolsError as err:
             logger.warning("history entry %s could not be reconciled: %s", entry.id, err)
     return done
+
+
+def _never_made(sandbox: Sandbox, entry: HistoryEntry) -> list[int]:
+    """Rows of directories the entry made that are not there: ``mkdir -p`` adds each directory
+    to its entry just before making it, so a crash in between leaves one that was never made."""
+    missing = []
+    for n, row in enumerate(entry.paths):
+        if (row.before, row.after, row.moved_from) != ("absent", "directory", None):
+            continue
+        try:
+            with sandbox.resolve(row.path, follow_final=False) as location:
+                if location.lstat() is None:
+                    missing.append(n)
+        except NotFoundError:
+            missing.append(n)  # its parent is not there either
+        except AtomicToolsError:
+            continue  # outside these roots: left as recorded
+    return missing
 
 
 def _committed(sandbox: Sandbox, evidence: Evidence) -> bool | None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from atomictools.engine.config import Durability, Limits
-from atomictools.engine.durable.blocking import run_blocking
+from atomictools.engine.durable.blocking import alongside, run_blocking
 from atomictools.engine.durable.steps import crash_point
 from atomictools.engine.durable.writer import PendingFile
 from atomictools.engine.errors import AtomicToolsError
@@ -150,13 +150,14 @@ class Recording:
 
     # -- around the commit point -----------------------------------------------------------
 
-    async def begin(self) -> None:
-        """Write the entry, pending and durable, with the content it keeps."""
+    async def begin(self, sync: Callable[[], None] | None = None, size: int = 0) -> None:
+        """Write the entry, pending and durable, with the content it keeps. ``sync``: the
+        staged file's fsync (of ``size`` bytes), run alongside the entry's own fsync."""
         self.begun = True  # before the write: a cancel while it runs still discards it
         big = sum(k.size for k in self.kept if k.data is None)
-        await run_blocking(
-            self.limits.inline(big),
-            lambda: self.history.store.record(
+
+        def record() -> None:
+            self.history.store.record(
                 self.change_id,
                 self.op,
                 self.paths,
@@ -164,8 +165,14 @@ class Recording:
                 durability=self.durability,
                 pending=True,
                 evidence=self.evidence,
-            ),
-        )
+            )
+
+        if sync is None:
+            await run_blocking(self.limits.inline(big), record)
+        elif self.limits.inline(big) and self.limits.inline(size):
+            alongside(sync, record)  # two fsyncs side by side, inline like a small write's
+        else:
+            await run_blocking(False, alongside, sync, record)
         crash_point("history.recorded")
 
     def committed(self) -> None:
@@ -204,7 +211,9 @@ class WriteRecording:
         self.known = known
         self.diff = diff
 
-    async def before_commit(self, pending: PendingFile, sha256: str, size: int) -> None:
+    async def before_commit(
+        self, pending: PendingFile, sha256: str, size: int, sync: Callable[[], None] | None
+    ) -> None:
         loc = self.location
         before = await self.recording.capture(loc, keep=True, known=self.known)
         added, removed = diff_counts(self.diff)
@@ -215,7 +224,7 @@ class WriteRecording:
                 str(loc.abspath.parent), loc.name, st.st_dev, st.st_ino, temp=pending.temp_name
             ),
         )
-        await self.recording.begin()
+        await self.recording.begin(sync, size)
 
     def committed(self) -> None:
         self.recording.committed()

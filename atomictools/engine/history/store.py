@@ -42,7 +42,7 @@ _COPY_CHUNK = 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS changes (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
     time REAL NOT NULL,
     op TEXT NOT NULL,
@@ -59,17 +59,18 @@ CREATE TABLE IF NOT EXISTS paths (
     body TEXT NOT NULL,
     blob TEXT,
     PRIMARY KEY (change_id, n)
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS paths_by_path ON paths (path);
-CREATE INDEX IF NOT EXISTS paths_by_blob ON paths (blob);
-CREATE INDEX IF NOT EXISTS changes_by_time ON changes (time);
 CREATE TABLE IF NOT EXISTS blobs (
     sha256 TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
     data BLOB,
     created REAL NOT NULL
-);
+) WITHOUT ROWID;
 """
+"""Few indexes on purpose: each is one more page in every entry's fsynced commit. Entries are
+found by id, by path, or in ``seq`` order (the order they were recorded); retention and the
+kept-content totals scan, and run every few hundred changes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,21 +101,24 @@ class HistoryStore:
         self.directory = state_dir / HISTORY_DIR
         self.blobs = self.directory / BLOBS_DIR
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
+        self._conns: dict[str, sqlite3.Connection] = {}
+        """By ``synchronous`` setting: FULL commits are fsynced, OFF ones (marking entries done,
+        caches) are not; a later FULL commit syncs the WAL with them."""
         self._blobs_fd = -1
-        self._synchronous: str | None = None
         self.changes_since_prune = 0
 
     # -- connection ------------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        if self._conn is not None:
-            return self._conn
-        try:
-            fsutil.make_dirs_durably(self.blobs)
-            self._blobs_fd = os.open(self.blobs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as err:
-            raise state_dir_error(err, self.directory, "create the history in") from err
+    def _connect(self, synchronous: str = "FULL") -> sqlite3.Connection:
+        conn = self._conns.get(synchronous)
+        if conn is not None:
+            return conn
+        if self._blobs_fd < 0:
+            try:
+                fsutil.make_dirs_durably(self.blobs)
+                self._blobs_fd = os.open(self.blobs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as err:
+                raise state_dir_error(err, self.directory, "create the history in") from err
         try:
             conn = sqlite3.connect(
                 self.directory / DB_NAME,
@@ -123,17 +127,19 @@ class HistoryStore:
                 check_same_thread=False,
             )
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            if not self._conns:
+                conn.executescript(_SCHEMA)
         except sqlite3.Error as err:
             raise self._failure(err) from err
-        self._conn = conn
+        self._conns[synchronous] = conn
         return conn
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            for conn in self._conns.values():
+                conn.close()
+            self._conns.clear()
             if self._blobs_fd >= 0:
                 os.close(self._blobs_fd)
                 self._blobs_fd = -1
@@ -157,12 +163,8 @@ class HistoryStore:
     def _transaction(self, durability: Durability | None) -> Iterator[sqlite3.Connection]:
         """A write transaction; committed durably unless ``durability`` is FAST or None."""
         with self._lock:
-            conn = self._connect()
-            wanted = "FULL" if durability is Durability.FULL else "OFF"
             try:
-                if wanted != self._synchronous:
-                    conn.execute(f"PRAGMA synchronous={wanted}")
-                    self._synchronous = wanted
+                conn = self._connect("FULL" if durability is Durability.FULL else "OFF")
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -176,7 +178,7 @@ class HistoryStore:
     @contextlib.contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            conn = self._connect()
+            conn = self._connect("OFF")
             try:
                 yield conn
             except sqlite3.Error as err:
@@ -255,10 +257,14 @@ class HistoryStore:
 
     def confirm(self, change_id: str) -> None:
         """The change passed its commit point. Not synced: if lost, recovery re-derives it."""
-        with self._transaction(None) as conn:
-            conn.execute(
-                "UPDATE changes SET state = 'done', evidence = NULL WHERE id = ?", (change_id,)
-            )
+        with self._lock:
+            try:  # one statement in autocommit mode: its own transaction
+                self._connect("OFF").execute(
+                    "UPDATE changes SET state = 'done', evidence = NULL WHERE id = ?",
+                    (change_id,),
+                )
+            except sqlite3.Error as err:
+                raise self._failure(err) from err
 
     def discard(self, change_id: str, durability: Durability = Durability.FULL) -> None:
         """The change never committed: its entry goes (its kept content goes at the next
@@ -290,12 +296,17 @@ class HistoryStore:
     def _keep(self, conn: sqlite3.Connection, content: KeptContent) -> bool:
         """Store ``content`` under its sha256 unless it is kept already; True if a file was
         linked or copied into ``blobs/`` (which then needs a directory fsync)."""
+        data = content.data
+        if data is not None and len(data) <= INLINE_BYTES:
+            conn.execute(
+                "INSERT OR IGNORE INTO blobs (sha256, size, data, created) VALUES (?, ?, ?, ?)",
+                (content.sha256, len(data), data, time.time()),
+            )
+            return False
         if conn.execute("SELECT 1 FROM blobs WHERE sha256 = ?", (content.sha256,)).fetchone():
             return False
-        data = content.data
-        if data is None and content.size <= INLINE_BYTES and content.name is not None:
+        if content.size <= INLINE_BYTES and content.name is not None:
             data = _read_at(content.dir_fd, content.name)
-        if data is not None and len(data) <= INLINE_BYTES:
             conn.execute(
                 "INSERT INTO blobs (sha256, size, data, created) VALUES (?, ?, ?, ?)",
                 (content.sha256, len(data), data, time.time()),
@@ -559,9 +570,15 @@ MAX_OPEN_STORES = 8
 reconnects if used again), so a process that meets many state directories keeps few files."""
 
 
+_real: dict[str, str] = {}
+
+
 def store_for(state_dir: Path) -> HistoryStore:
     """This process's store for ``state_dir`` (one connection shared by all workspaces)."""
-    key = os.path.realpath(state_dir)
+    given = str(state_dir)
+    key = _real.get(given)
+    if key is None:
+        key = _real[given] = os.path.realpath(state_dir)
     with _stores_lock:
         store = _stores.pop(key, None)
         if store is None:
