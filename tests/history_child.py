@@ -29,7 +29,9 @@ DIR = "<dir>"
 Tree = dict[str, bytes | str]
 """Relative path -> file content, or ``DIR`` for a directory."""
 
-BIG_OLD = b"".join(hashlib.sha256(str(i).encode()).hexdigest().encode() + b"\n" for i in range(2000))
+BIG_OLD = b"".join(
+    hashlib.sha256(str(i).encode()).hexdigest().encode() + b"\n" for i in range(2000)
+)
 """130 KB: more than the history keeps inline, so its old version is linked into ``blobs/``."""
 BIG_NEW = BIG_OLD.replace(b"a", b"A")
 

@@ -60,7 +60,8 @@ async def test_every_kind_of_change_is_recorded_with_before_and_after(
     )  # fmt: skip
     assert (row.added, row.removed) == (1, 1)
     assert (edit.paths[0].added, edit.paths[0].removed) == (1, 1)
-    assert copy.paths[0].before == "absent" and copy.paths[0].path == "b.txt"
+    assert copy.paths[0].before == "absent"
+    assert copy.paths[0].path == "b.txt"
     assert [(p.path, p.before, p.after) for p in move.paths] == [
         ("b.txt", "file", "absent"), ("c.txt", "absent", "file")
     ]  # fmt: skip
@@ -142,7 +143,8 @@ async def test_dry_run_shows_diffs_and_changes_nothing(ws: Workspace, root: Path
     await ws.write("a.txt", "one\n2\n")
     count = len(await ws.history_entries(limit=None))
     result = await ws.undo(last=1, dry_run=True)
-    assert not result.applied and result.change_id is None
+    assert not result.applied
+    assert result.change_id is None
     assert result.paths[0].diff is not None
     assert "-2\n+two\n" in result.paths[0].diff
     assert (root / "a.txt").read_text() == "one\n2\n"
@@ -223,7 +225,8 @@ async def test_pruned_content_says_it_can_no_longer_be_undone(root: Path) -> Non
     replaced = next(
         e for e in entries if e.paths[0].path == "a.txt" and e.paths[0].before == "file"
     )
-    assert replaced.paths[0].pruned and not replaced.undoable
+    assert replaced.paths[0].pruned
+    assert not replaced.undoable
     with pytest.raises(NotUndoableError, match="pruned"):
         await ws.undo(replaced.id)
     assert (root / "a.txt").read_text() == "second\n"
@@ -312,3 +315,30 @@ async def test_an_undo_leaves_no_temp_files(ws: Workspace, root: Path) -> None:
     await ws.apply_changes([Change("write", "a.txt", content=b"2"), Change("mkdir", "d")])
     await ws.undo(last=1)
     assert temp_files(root) == []
+
+
+async def test_undo_refuses_what_another_process_changed_since(
+    ws: Workspace, root: Path, private_state_dir: Path
+) -> None:
+    import subprocess
+    import sys
+
+    mine = await ws.write("shared.txt", "mine\n")
+    assert mine.sha256 == sha(b"mine\n")
+    own = (await ws.history_entries(limit=1))[0]
+    script = (
+        "import anyio, sys\n"
+        "from atomictools import Workspace\n"
+        "ws = Workspace([sys.argv[1]], state_dir=sys.argv[2])\n"
+        "anyio.run(ws.write, 'shared.txt', 'theirs\\n')\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, str(root), str(private_state_dir)], check=True, timeout=60
+    )
+    theirs = (await ws.history_entries(limit=1))[0]
+    assert theirs.id != own.id
+    with pytest.raises(
+        ConflictError, match=rf"shared\.txt was changed after it last by change {theirs.id}"
+    ):
+        await ws.undo(own.id)
+    assert (root / "shared.txt").read_text() == "theirs\n"

@@ -214,7 +214,7 @@ def check_after_kill(sc: Scenario, lane: Lane, point: str, expected: Tree, serve
             return
         assert len(new) == 1, f"{where}: files changed, entries {new}"
         entry = new[0]
-        assert entry.state == "done" and entry.op == sc.op, f"{where}: {entry}"
+        assert (entry.state, entry.op) == ("done", sc.op), f"{where}: {entry}"
         if lane.base_id is not None:
             assert entry.undoes == (lane.base_id,), f"{where}: {entry}"
         changed = {p for p in sc.changed if sc.before.get(p) != tree.get(p)}
@@ -242,7 +242,8 @@ def test_sigkill_at_every_crash_point_keeps_files_and_history_in_step(
     lanes = [make_lane(tmp_path / f"kill-{i}", sc) for i in range(len(points))]
     with ThreadPoolExecutor(WORKERS) as pool:
         runs: list[Future[subprocess.CompletedProcess[str]]] = [
-            pool.submit(run_child, sc, lane, point) for lane, point in zip(lanes, points, strict=True)
+            pool.submit(run_child, sc, lane, point)
+            for lane, point in zip(lanes, points, strict=True)
         ]
         for index, (point, lane, run) in enumerate(zip(points, lanes, runs, strict=True)):
             done = run.result()

@@ -245,6 +245,20 @@ async def test_servers_on_one_root_lose_no_update(
     assert sum(tally.conflicts.values()) > 0, "no conflict: the processes never overlapped"
     assert sum(tally.successes.values()) > 0
     assert temp_files(root) == []
+    # The history has every successful change exactly once, in the order they committed:
+    # each counter's entries, by sequence, step 0 -> 1 -> 2 ... with no gap and no repeat.
+    history = Workspace([root], state_dir=private_state_dir)
+    entries = sorted(await history.history_entries(limit=None), key=lambda e: e.seq)
+    assert len(entries) == sum(tally.successes.values())
+    for path in COUNTERS:
+        steps = [
+            (row.before_sha256, row.after_sha256)
+            for entry in entries
+            for row in entry.paths
+            if row.path == path
+        ]
+        values = range(int(final[path]))
+        assert steps == [(sha(f"{k}\n".encode()), sha(f"{k + 1}\n".encode())) for k in values]
 
 
 # -- the kernel lock ----------------------------------------------------------------------------

@@ -69,7 +69,7 @@ async def bad_change_set(env: Env) -> tuple[dict[str, Any], dict[str, bytes]]:
     env.f("util.py").write_text("def answer():\n    return 42\n")
     env.f("notes.md").write_text("keep me\n")
     before = files(env)
-    out = await env.ok(
+    result = await env.result(
         "apply_changes",
         {
             "changes": [
@@ -86,6 +86,11 @@ async def bad_change_set(env: Env) -> tuple[dict[str, Any], dict[str, bytes]]:
         },
         ApplyChangesOutput,
     )
+    out = result.structured_content
+    assert out is not None
+    assert out["changeId"]
+    # The text a model reads says how to take the set back.
+    assert f"recorded as change {out['changeId']}: undo_change" in text_of(result)
     return out, before
 
 
@@ -94,7 +99,9 @@ async def bad_change_set(env: Env) -> tuple[dict[str, Any], dict[str, bytes]]:
 
 @check
 async def check_list_changes_shows_every_change_newest_first(env: Env) -> None:
-    first = await env.ok("write_file", {"path": env.p("a.txt"), "content": "one\ntwo\n"}, WriteOutput)
+    first = await env.ok(
+        "write_file", {"path": env.p("a.txt"), "content": "one\ntwo\n"}, WriteOutput
+    )
     await env.ok(
         "edit_file",
         {"path": env.p("a.txt"), "edits": [{"oldText": "two", "newText": "TWO\nthree"}]},
@@ -149,7 +156,8 @@ async def check_list_changes_shows_every_change_newest_first(env: Env) -> None:
     # since: a duration back from now, or an ISO time (what an entry's `time` is)
     assert len(await changes(env, since="1h")) == 4
     assert await changes(env, since="2099-01-01T00:00:00Z") == []
-    assert [c["id"] for c in await changes(env, since=listed[0]["time"])][0] == listed[0]["id"]
+    recent = await changes(env, since=listed[0]["time"])
+    assert recent[0]["id"] == listed[0]["id"]
     await env.error("list_changes", {"since": "yesterday"}, "since='yesterday'", "30m")
     await env.error("list_changes", {"limit": 0}, "limit")
     # path: one file's changes only
@@ -280,9 +288,7 @@ async def check_conflict_is_refused_naming_the_path_then_paths_and_force(env: En
     assert files(env) == before
     assert forced["changeId"]
     # The overwritten change stays in the history (undoing the forced undo brings it back).
-    assert any(
-        p["afterSha256"] == later["sha256"] for c in await changes(env) for p in c["paths"]
-    )
+    assert any(p["afterSha256"] == later["sha256"] for c in await changes(env) for p in c["paths"])
     await env.ok("undo_change", {"id": forced["changeId"]}, UndoChangeOutput)
     assert env.f("util.py").read_text() == "# fixed by hand\n"
 
@@ -363,3 +369,133 @@ async def test_stdio_every_check(mode: str, root: Path, tmp_path: Path) -> None:
                 failures.append(f"{check_id(check_fn)}: {err}")
         await env.alive()
     assert not failures, "\n\n".join(failures)
+
+
+# -- servers of their own ------------------------------------------------------------------------
+
+
+async def test_read_only_server_lists_and_previews_but_refuses_undo(
+    mode: str, root: Path, tmp_path: Path
+) -> None:
+    (root / "ro").mkdir()
+    (root / "ro" / "a.txt").write_text("old\n")
+    await Workspace([root]).write("ro/a.txt", "new\n")
+    async with connect(create_server(Workspace([root], read_only=True)), mode) as client:
+        names = {tool.name for tool in (await client.list_tools()).tools}
+        assert {"list_changes", "undo_change"} <= names
+        assert "write_file" not in names
+        env = Env(client, root, tmp_path, "ro")
+        [entry] = await changes(env)
+        assert entry["op"] == "write"
+        before = snapshot(tmp_path)
+        await env.error("undo_change", {"last": 1}, "read-only", "dryRun")
+        await env.error("undo_change", {"id": entry["id"]}, "read-only")
+        preview = await env.ok("undo_change", {"last": 1, "dryRun": True}, UndoChangeOutput)
+        assert preview["applied"] is False
+        assert preview["paths"][0]["diff"].endswith("-new\n+old\n")
+        assert snapshot(tmp_path) == before
+        assert (root / "ro" / "a.txt").read_text() == "new\n"
+
+
+async def test_client_roots_bound_what_is_listed_and_undone(root: Path) -> None:
+    (root / "mine").mkdir()
+    (root / "theirs").mkdir()
+    ws = Workspace([root])
+    await ws.write("theirs/t.txt", "t\n")
+    await ws.write("mine/m.txt", "m\n")
+    [theirs] = await ws.history_entries(path="theirs")
+    callback = roots_callback([root / "mine"])
+    async with Client(
+        create_server(Workspace([root])), mode="legacy", list_roots_callback=callback
+    ) as client:
+        listed = await client.call_tool("list_changes", {})
+        assert not listed.is_error, text_of(listed)
+        assert listed.structured_content is not None
+        shown = listed.structured_content["changes"]
+        assert [[p["path"] for p in c["paths"]] for c in shown] == [["m.txt"]]
+        assert "t.txt" not in text_of(listed)
+        refused = await client.call_tool("undo_change", {"id": theirs.id})
+        assert refused.is_error
+        assert "no recorded change" in text_of(refused)
+        # last=1 is the newest change inside the client's roots, not the server's.
+        await ws.write("theirs/t.txt", "t2\n")
+        undone = await client.call_tool("undo_change", {"last": 1})
+        assert not undone.is_error, text_of(undone)
+    assert not (root / "mine" / "m.txt").exists()
+    assert (root / "theirs" / "t.txt").read_text() == "t2\n"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the database tools need asyncio
+async def test_database_calls_are_listed_for_audit_and_cannot_be_undone(
+    root: Path, tmp_path: Path
+) -> None:
+    server = create_server(Workspace([root]), databases={"main": tmp_path / "main.db"})
+    async with connect(server, "legacy") as client:
+        env = Env(client, root, tmp_path, ".")
+        for sql in ("CREATE TABLE t (x)", "INSERT INTO t VALUES (1)"):
+            done = await client.call_tool("db_execute", {"database": "main", "sql": sql})
+            assert not done.is_error, text_of(done)
+        out = await env.ok("list_changes", {"limit": 1}, ListChangesOutput)
+        [entry] = out["changes"]
+        assert entry["op"] == "db_execute"
+        assert entry["database"] == "main"
+        assert entry["statements"] == ["INSERT INTO t VALUES (1)"]
+        assert entry["rowsChanged"] == 1
+        assert entry["undoable"] is False
+        text = text_of(await client.call_tool("list_changes", {"limit": 1}))
+        assert "database call" in text
+        assert "cannot be undone" in text
+        assert "INSERT INTO t VALUES (1)" in text
+        await env.error("undo_change", {"id": entry["id"]}, "database", "cannot be undone")
+
+
+async def _poll_changes(client: Client, until: Callable[[list[dict[str, Any]]], bool]) -> str:
+    """list_changes until ``until`` holds for its changes (the start's retention pass runs in
+    the background); returns the last text."""
+    deadline = time.monotonic() + 15
+    while True:
+        result = await client.call_tool("list_changes", {})
+        assert not result.is_error, text_of(result)
+        assert result.structured_content is not None
+        if until(result.structured_content["changes"]):
+            return text_of(result)
+        assert time.monotonic() < deadline, text_of(result)
+        await anyio.sleep(0.05)
+
+
+async def test_serve_no_history_records_nothing(root: Path) -> None:
+    async with Client(stdio_params(root, "--no-history"), mode="legacy") as client:
+        written = await client.call_tool("write_file", {"path": "a.txt", "content": "x\n"})
+        assert not written.is_error, text_of(written)
+        listed = await client.call_tool("list_changes", {})
+        assert listed.structured_content == {"changes": [], "truncated": False}
+        assert "No recorded changes" in text_of(listed)
+        refused = await client.call_tool("undo_change", {"last": 1})
+        assert refused.is_error
+        assert "no recorded change" in text_of(refused) or "no history" in text_of(refused)
+    assert (root / "a.txt").read_text() == "x\n"
+
+
+async def test_serve_history_max_bytes_prunes_at_start(root: Path) -> None:
+    (root / "p.txt").write_text("v1\n")
+    await Workspace([root]).write("p.txt", "v2\n")
+    params = stdio_params(root, "--history-max-bytes", "0")
+    async with Client(params, mode="legacy") as client:
+        text = await _poll_changes(client, lambda found: not found[0]["undoable"])
+        assert "cannot be undone" in text
+        refused = await client.call_tool("undo_change", {"last": 1})
+        assert refused.is_error
+        assert "pruned" in text_of(refused)
+    assert (root / "p.txt").read_text() == "v2\n"
+
+
+async def test_serve_history_max_age_forgets_old_changes_at_start(root: Path) -> None:
+    ws = Workspace([root])
+    await ws.write("old.txt", "old\n")
+    await anyio.sleep(1.2)
+    await ws.write("new.txt", "new\n")
+    params = stdio_params(root, "--history-max-age", "1s")
+    async with Client(params, mode="legacy") as client:
+        await _poll_changes(
+            client, lambda found: [c["paths"][0]["path"] for c in found] == ["new.txt"]
+        )
