@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import sys
 from pathlib import Path
 
+import anyio
 import pytest
 
 from atomictools import (
@@ -320,9 +322,6 @@ async def test_an_undo_leaves_no_temp_files(ws: Workspace, root: Path) -> None:
 async def test_undo_refuses_what_another_process_changed_since(
     ws: Workspace, root: Path, private_state_dir: Path
 ) -> None:
-    import subprocess
-    import sys
-
     mine = await ws.write("shared.txt", "mine\n")
     assert mine.sha256 == sha(b"mine\n")
     own = (await ws.history_entries(limit=1))[0]
@@ -332,9 +331,10 @@ async def test_undo_refuses_what_another_process_changed_since(
         "ws = Workspace([sys.argv[1]], state_dir=sys.argv[2])\n"
         "anyio.run(ws.write, 'shared.txt', 'theirs\\n')\n"
     )
-    subprocess.run(
-        [sys.executable, "-c", script, str(root), str(private_state_dir)], check=True, timeout=60
+    other = await anyio.run_process(
+        [sys.executable, "-c", script, str(root), str(private_state_dir)]
     )
+    assert other.returncode == 0
     theirs = (await ws.history_entries(limit=1))[0]
     assert theirs.id != own.id
     with pytest.raises(
