@@ -1004,6 +1004,8 @@ async def apply_change_set(
             if dry_run:
                 return runner.outcomes(applied=False)
             await step("changeset.commit")
+            if runner.history is not None and runner.history.enabled:
+                runner.history.store.ready()
             runner.commit()
             committed = True
         finally:

@@ -135,6 +135,13 @@ class HistoryStore:
         self._conns[synchronous] = conn
         return conn
 
+    def ready(self) -> None:
+        """Open the store now (raises ``StateDirError`` if it is damaged or cannot be made):
+        a change set asks before its commit point, so it is refused instead of left half
+        finished."""
+        with self._lock:
+            self._connect("FULL")
+
     def close(self) -> None:
         with self._lock:
             for conn in self._conns.values():
