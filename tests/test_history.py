@@ -342,3 +342,13 @@ async def test_undo_refuses_what_another_process_changed_since(
     ):
         await ws.undo(own.id)
     assert (root / "shared.txt").read_text() == "theirs\n"
+
+
+async def test_history_of_a_path_whose_directory_is_gone(ws: Workspace, root: Path) -> None:
+    await ws.apply_changes([Change("mkdir", "gone"), Change("write", "gone/f.txt", content=b"f\n")])
+    await ws.undo(last=1)
+    assert not (root / "gone").exists()
+    entries = await ws.history_entries(path="gone/f.txt")
+    assert [e.op for e in entries] == ["undo", "apply_changes"]
+    await ws.undo(entries[0].id, paths=["gone/f.txt", "gone"])  # redo, by paths
+    assert (root / "gone" / "f.txt").read_text() == "f\n"

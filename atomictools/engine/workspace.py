@@ -811,9 +811,17 @@ class Workspace:
 
     def absolute_unresolved(self, path: PathArg) -> Path:
         """``path`` as an absolute path inside the roots, its last component not followed
-        (a link is named, not its target; the entry need not exist)."""
-        with self.sandbox.resolve(path, follow_final=False) as location:
-            return location.abspath
+        (a link is named, not its target; the entry need not exist). A path whose directory
+        is gone (a change removed it) is taken as spelled, and must lie inside the roots."""
+        try:
+            with self.sandbox.resolve(path, follow_final=False) as location:
+                return location.abspath
+        except NotFoundError:
+            spelled = Path(os.path.expanduser(os.fspath(path)))
+            candidate = Path(os.path.normpath(self.roots[0] / spelled))
+            if history_view.shown_path(self.sandbox, str(candidate)) is None:
+                raise
+            return candidate
 
     def prune_history(self) -> int:
         """A retention pass now (it also runs every few hundred changes); the bytes freed."""

@@ -9,6 +9,7 @@ traceback, and the session must still answer the next call).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import sys
 from collections.abc import AsyncIterator
@@ -21,6 +22,8 @@ from mcp import Client, StdioServerParameters
 from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel
 
+from atomictools import STATE_DIR_ENV
+
 NOTHING_CHANGED = "nothing was changed"
 OUTSIDE = "outside the allowed directories"
 TRACEBACK_MARKERS = re.compile(r'Traceback \(most recent call last\)|File "[^"]+", line \d+')
@@ -31,10 +34,17 @@ def sha(data: bytes) -> str:
 
 
 def stdio_params(root: Path, *extra: str) -> StdioServerParameters:
-    """The real server as a subprocess: ``python -m atomictools serve --root DIR``."""
+    """The real server as a subprocess: ``python -m atomictools serve --root DIR``.
+
+    The SDK passes a subprocess only a few safe variables; the test's own state directory
+    (``$ATOMICTOOLS_STATE_DIR``, set per test by the conftest) is passed on too, so the server
+    keeps its journals and history there, not in the user's state directory.
+    """
+    state = os.environ.get(STATE_DIR_ENV)
     return StdioServerParameters(
         command=sys.executable,
         args=["-m", "atomictools", "serve", "--root", str(root), *extra],
+        env={STATE_DIR_ENV: state} if state else None,
     )
 
 

@@ -404,9 +404,11 @@ class HistoryStore:
         if path_prefixes is not None:
             tests = []
             for prefix in path_prefixes:
-                tests.append("(p.path = ? OR substr(p.path, 1, ?) = ?)")
-                under = prefix.rstrip("/") + "/"
-                args.extend([prefix, len(under), under])
+                # Below ``prefix``: between "prefix/" and "prefix0" ("0" follows "/"), a range
+                # the path index serves.
+                tests.append("(p.path = ? OR (p.path >= ? AND p.path < ?))")
+                base = prefix.rstrip("/")
+                args.extend([prefix, base + "/", base + "0"])
             touched = (
                 "id IN (SELECT change_id FROM paths p WHERE " + " OR ".join(tests or ["0"]) + ")"
             )
