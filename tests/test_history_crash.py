@@ -204,16 +204,20 @@ def check_after_kill(sc: Scenario, lane: Lane, point: str, expected: Tree, serve
     try:
         pending = [e.id for e, _pid, _ev in store.pending()]
         assert pending == [], f"{where}: pending entries left: {pending}"
-        ws = lane.workspace()
-        entries = anyio.run(lambda: ws.history_entries(limit=None))
-        new = [e for e in entries if e.id != lane.base_id]
+        # Every entry of the store (the lane's own), whichever paths it names, if any.
+        stored = store.entries(include_pending=True, include_audit=True, limit=None)
+        assert all(e.state == "done" for e in stored), f"{where}: {stored}"
+        new_ids = [e.id for e in stored if e.id != lane.base_id]
         if lane.base_id is not None:
-            assert lane.base_id in {e.id for e in entries}, where
+            assert lane.base_id in {e.id for e in stored}, where
         if tree == sc.before:
-            assert new == [], f"{where}: files unchanged, but recorded: {new}"
+            assert new_ids == [], f"{where}: files unchanged, but recorded: {stored}"
             return
-        assert len(new) == 1, f"{where}: files changed, entries {new}"
-        entry = new[0]
+        assert len(new_ids) == 1, f"{where}: files changed, entries {stored}"
+        ws = lane.workspace()
+        shown = anyio.run(lambda: ws.history_entries(ids=new_ids, limit=None))
+        assert len(shown) == 1, f"{where}: the entry is not listed: {stored}"
+        entry = shown[0]
         assert (entry.state, entry.op) == ("done", sc.op), f"{where}: {entry}"
         if lane.base_id is not None:
             assert entry.undoes == (lane.base_id,), f"{where}: {entry}"

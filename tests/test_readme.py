@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from mcp import Client
 
+from atomictools import Workspace
 from atomictools.cli.commands import _build_parser
+from atomictools.server import create_server
 
 README = Path(__file__).parents[1] / "README.md"
 TEXT = README.read_text()
@@ -36,18 +39,22 @@ def test_every_atomictools_command_in_a_bash_block_parses() -> None:
 
 
 def test_the_host_config_block_has_the_shape_config_prints() -> None:
-    [block] = blocks("json")
+    [block] = [b for b in blocks("json") if "mcpServers" in b]
     entry = json.loads(block)["mcpServers"]["atomictools"]
     assert entry["args"][:2] == ["serve", "--root"]
     assert Path(entry["command"]).name == "atomictools"
 
 
-def test_the_embedding_example_runs(tmp_path: Path) -> None:
-    [example] = blocks("python")
-    code = example.replace('"/srv/project"', repr(str(tmp_path)))
-    done = subprocess.run(
+def run_example(example: str, root: Path) -> subprocess.CompletedProcess[str]:
+    code = example.replace('"/srv/project"', repr(str(root)))
+    return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
+
+
+def test_the_embedding_example_runs(tmp_path: Path) -> None:
+    [example] = [b for b in blocks("python") if "PreconditionFailedError" in b]
+    done = run_example(example, tmp_path)
     assert done.returncode == 0, done.stderr
     assert "changed since it was read" in done.stdout  # the stale write was refused
     assert (tmp_path / "docs" / "notes.txt").read_bytes() == b"hello, world\r\n"  # CRLF kept
@@ -57,3 +64,32 @@ def test_the_embedding_example_runs(tmp_path: Path) -> None:
 @pytest.mark.parametrize("link", re.findall(r"\]\((docs/[^)]+)\)", TEXT))
 def test_linked_docs_exist(link: str) -> None:
     assert (README.parent / link.split("#", maxsplit=1)[0]).is_file()
+
+
+def test_the_history_example_takes_the_change_set_back(tmp_path: Path) -> None:
+    [example] = [b for b in blocks("python") if "ws.undo(" in b]
+    done = run_example(example, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "apply_changes [('config.py', 1, 1), ('scratch.txt', 1, 0)]" in done.stdout
+    assert "-TIMEOUT = 0\n+TIMEOUT = 30\n" in done.stdout  # the dry run's diff
+    assert "undid (" in done.stdout
+    assert (tmp_path / "config.py").read_text() == "TIMEOUT = 30\n"
+    assert not (tmp_path / "scratch.txt").exists()
+
+
+@pytest.mark.anyio
+async def test_the_mcp_undo_call_works_as_written(tmp_path: Path) -> None:
+    [block] = [b for b in blocks("json") if "tools/call" in b]
+    request = json.loads(block)
+    assert request["method"] == "tools/call"
+    params = request["params"]
+    workspace = Workspace([tmp_path])
+    await workspace.write("a.txt", "before\n")
+    await workspace.write("a.txt", "after\n")
+    async with Client(create_server(workspace), mode="legacy") as client:
+        result = await client.call_tool(params["name"], params["arguments"])
+    assert not result.is_error, result
+    assert result.structured_content is not None
+    assert result.structured_content["applied"] is False  # the dry run the README promises
+    assert "-after\n+before\n" in result.structured_content["paths"][0]["diff"]
+    assert (tmp_path / "a.txt").read_text() == "after\n"

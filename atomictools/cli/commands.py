@@ -193,8 +193,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description=(
             "Start the real server over stdio on a temporary root and show, with timings and "
             "on-disk checks: an atomic write, a big write cancelled mid-way, a change set, a "
-            "server killed in the middle of a change set and recovered, and a cancelled "
-            "database transaction. Exit 1 if any guarantee shown did not hold."
+            "server killed in the middle of a change set and recovered, a cancelled "
+            "database transaction, and a bad multi-file change taken back with one undo. "
+            "Exit 1 if any guarantee shown did not hold."
         ),
     )
 

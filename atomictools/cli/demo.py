@@ -4,7 +4,8 @@ It starts ``atomictools serve`` over stdio, drives it with the MCP SDK's client 
 protocol mode, so a cancel travels as ``notifications/cancelled``), and checks on disk after
 every step that the guarantee it shows held: an atomic write, a big write cancelled mid-way, a
 change set, a server killed with SIGKILL in the middle of a change set and the restart that
-recovers it, and a cancelled database transaction. Exit status 1 if any check failed.
+recovers it, a cancelled database transaction, and an agent's bad multi-file change taken back
+with one ``undo_change`` call. Exit status 1 if any check failed.
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ async def step_change_set(demo: Demo, client: Client) -> None:
     start = time.perf_counter()
     result = await demo.call(client, "apply_changes", changes=changes)
     took = time.perf_counter() - start
-    demo.out(f"   {_text(result).splitlines()[0]} ({took * 1000:.1f} ms)")
+    demo.out(f"   {_text(result).splitlines()[0].rstrip(':')} ({took * 1000:.1f} ms)")
     demo.check(
         (demo.root / "src" / "app.py").read_text() == "import new\n"
         and (demo.root / "src" / "new.py").exists()
@@ -238,7 +239,7 @@ async def step_killed_change_set(demo: Demo) -> None:
         demo.check(not demo.journals(), "no journal record left")
         retry = await demo.call(client, "apply_changes", **arguments)
         demo.out("   the client retries the call with the same idempotencyKey:")
-        demo.out(f"   {_text(retry).splitlines()[0]}")
+        demo.out(f"   {_text(retry).splitlines()[0].rstrip(':')}")
         demo.check(
             retry.is_error is not True
             and (demo.root / "log.txt").read_text() == "one entry\nend\n",
@@ -319,6 +320,66 @@ async def step_cancelled_transaction(demo: Demo, client: Client) -> None:
     )
 
 
+def _files(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+async def step_undo(demo: Demo, client: Client) -> None:
+    demo.out("6. An agent's bad multi-file change taken back with one undo_change call")
+    app = demo.root / "app"
+    app.mkdir()
+    (app / "config.py").write_text("DEBUG = False\nTIMEOUT = 30\n")
+    (app / "server.py").write_text("from config import TIMEOUT\n\ndef serve():\n    return 1\n")
+    (app / "README.md").write_text("# app\n\nCall serve().\n")
+    before = _files(app)
+    bad = [
+        {
+            "op": "edit",
+            "path": "app/config.py",
+            "edits": [{"oldText": "TIMEOUT = 30", "newText": "TIMEOUT = 0"}],
+        },
+        {"op": "write", "path": "app/server.py", "content": "def serve():\n    raise SystemExit\n"},
+        {"op": "delete", "path": "app/README.md"},
+        {"op": "write", "path": "app/scratch.txt", "content": "notes the agent left behind\n"},
+    ]
+    applied = await demo.call(client, "apply_changes", changes=bad)
+    change_id = (applied.structured_content or {}).get("changeId")
+    demo.out(f"   the agent's apply_changes over four paths: change {change_id}")
+    listed = await demo.call(client, "list_changes", path="app", limit=1)
+    demo.out("   list_changes path=app limit=1:")
+    for line in _text(listed).splitlines()[1:]:
+        demo.out(f"     {line}")
+    newest = ((listed.structured_content or {}).get("changes") or [{}])[0]
+    demo.check(newest.get("id") == change_id, "the set is listed as one change, with its id")
+    after = _files(app)
+    preview = await demo.call(client, "undo_change", last=1, dryRun=True)
+    diffs = [p for p in (preview.structured_content or {}).get("paths", []) if p.get("diff")]
+    demo.out(f"   undo_change last=1 dryRun=true: {len(diffs)} diff(s), nothing written; one:")
+    config = next((p["diff"] for p in diffs if p.get("path") == "app/config.py"), "")
+    for line in config.splitlines():
+        demo.out(f"     {line}")
+    demo.check(preview.is_error is not True and _files(app) == after, "the preview changed nothing")
+    start = time.perf_counter()
+    undone = await demo.call(client, "undo_change", last=1)
+    took = time.perf_counter() - start
+    demo.out(f"   undo_change last=1: {_text(undone).splitlines()[0]} ({took * 1000:.1f} ms)")
+    demo.check(
+        undone.is_error is not True and _files(app) == before,
+        "every file is back, byte for byte; the new file is gone, the deleted one returned",
+    )
+    redo_id = (undone.structured_content or {}).get("changeId")
+    latest = await demo.call(client, "list_changes", path="app", limit=1)
+    entry = ((latest.structured_content or {}).get("changes") or [{}])[0]
+    demo.check(
+        redo_id is not None and entry.get("id") == redo_id and entry.get("undoes") == [change_id],
+        f"the undo is itself recorded (change {redo_id}): undoing it would redo the change",
+    )
+
+
 async def run(out: Callable[[str], None] = print) -> int:
     """The walkthrough; returns the process exit status."""
     began = time.perf_counter()
@@ -336,6 +397,7 @@ async def run(out: Callable[[str], None] = print) -> int:
                 await step_killed_change_set(demo)
                 async with demo.server() as client:
                     await step_cancelled_transaction(demo, client)
+                    await step_undo(demo, client)
             except Exception as err:  # report, do not hide: the demo failed
                 demo.failures.append(f"the demo stopped: {type(err).__name__}: {err}")
                 out(f"   [FAILED] the demo stopped: {type(err).__name__}: {err}")

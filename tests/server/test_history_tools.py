@@ -490,12 +490,12 @@ async def test_serve_history_max_bytes_prunes_at_start(root: Path) -> None:
 
 
 async def test_serve_history_max_age_forgets_old_changes_at_start(root: Path) -> None:
-    ws = Workspace([root])
-    await ws.write("old.txt", "old\n")
+    await Workspace([root]).write("old.txt", "old\n")
     await anyio.sleep(1.2)
-    await ws.write("new.txt", "new\n")
     params = stdio_params(root, "--history-max-age", "1s")
     async with Client(params, mode="legacy") as client:
+        written = await client.call_tool("write_file", {"path": "new.txt", "content": "new\n"})
+        assert not written.is_error, text_of(written)
         await _poll_changes(
             client, lambda found: [c["paths"][0]["path"] for c in found] == ["new.txt"]
         )

@@ -81,7 +81,7 @@ def test_requests_are_answered_with_only_json_on_stdout(tmp_path: Path) -> None:
     assert server.returncode == 0
     assert server.stdout.read() == b""
     assert replies[1]["result"]["serverInfo"]["name"]
-    assert len(replies[2]["result"]["tools"]) == 22
+    assert len(replies[2]["result"]["tools"]) == 24
     assert replies[3]["result"]["isError"] is False
     assert (root / "big.txt").stat().st_size == len(BIG)
     assert replies[4]["result"]["content"][0]["text"] == BIG
