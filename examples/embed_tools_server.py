@@ -2,7 +2,8 @@
 
 Run it over stdio with ``python examples/embed_tools_server.py /path/to/project`` (or point an
 MCP client at that command). Your server gets every atomictools file tool (write_file,
-edit_file, ...) and apply_changes, with the same guarantees, confined to the directory given;
+edit_file, ...), apply_changes, and list_changes/undo_change (every change recorded, and taken
+back in one call), with the same guarantees, confined to the directory given;
 pass ``databases=DatabaseCatalog(workspace)`` to ``register_tools`` for the SQLite tools too.
 """
 

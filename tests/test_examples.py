@@ -57,11 +57,23 @@ async def test_embedded_tools_server(tmp_path: Path) -> None:
     server = module.build_server(tmp_path)
     async with Client(server, mode="legacy") as client:
         names = {tool.name for tool in (await client.list_tools()).tools}
-        assert {"count_lines", "write_file", "edit_file", "delete_file", "apply_changes"} <= names
+        assert {
+            "count_lines",
+            "write_file",
+            "edit_file",
+            "delete_file",
+            "apply_changes",
+            "list_changes",
+            "undo_change",
+        } <= names
         written = await client.call_tool("write_file", {"path": "a.txt", "content": "1\n2\n"})
         assert not written.is_error
         counted = await client.call_tool("count_lines", {"path": "a.txt"})
         assert counted.structured_content == {"result": 2}
+        edited = await client.call_tool("write_file", {"path": "a.txt", "content": "3\n"})
+        assert not edited.is_error
+        undone = await client.call_tool("undo_change", {"last": 1})
+        assert not undone.is_error, undone
     assert (tmp_path / "a.txt").read_text() == "1\n2\n"
 
 
