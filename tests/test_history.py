@@ -338,7 +338,7 @@ async def test_undo_refuses_what_another_process_changed_since(
     theirs = (await ws.history_entries(limit=1))[0]
     assert theirs.id != own.id
     with pytest.raises(
-        ConflictError, match=rf"shared\.txt was changed after it last by change {theirs.id}"
+        ConflictError, match=rf"shared\.txt was changed after it, last by change {theirs.id}"
     ):
         await ws.undo(own.id)
     assert (root / "shared.txt").read_text() == "theirs\n"

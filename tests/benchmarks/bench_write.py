@@ -18,6 +18,7 @@ raw loop (mean latency). ``--profile N`` also profiles N API durable 4 KiB write
 from __future__ import annotations
 
 import argparse
+import atexit
 import cProfile
 import io
 import os
@@ -94,9 +95,19 @@ def size_label(size: int) -> str:
     return f"{size // MiB} MiB" if size >= MiB else f"{size // KiB} KiB"
 
 
+def _state_dir() -> Path:
+    """A private state directory (history and journals), removed at exit: the API variants
+    record history as users get it by default (``bench_history.py`` compares it with off)."""
+    state = Path(tempfile.mkdtemp(prefix="atomictools-bench-state-"))
+    atexit.register(shutil.rmtree, state, ignore_errors=True)
+    return state
+
+
 def build_variants(directory: Path, dir_fd: int) -> list[Variant]:
     variants = []
-    workspaces = {d: Workspace([directory], durability=d) for d in ("full", "fast")}
+    workspaces = {
+        d: Workspace([directory], durability=d, state_dir=_state_dir()) for d in ("full", "fast")
+    }
     for size in SIZES:
         data = os.urandom(size)
         for durability in ("full", "fast"):
@@ -174,7 +185,7 @@ def report(variants: list[Variant]) -> bool:
 
 
 async def profile(directory: Path, count: int) -> None:
-    workspace = Workspace([directory], durability="full")
+    workspace = Workspace([directory], durability="full", state_dir=_state_dir())
     data = os.urandom(4 * KiB)
     for _ in range(50):
         await workspace.write("profiled.bin", data)

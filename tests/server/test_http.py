@@ -239,6 +239,21 @@ async def test_tools_over_http(server: RunningServer, mode: str, anyio_backend: 
             assert "-beta" in edited.structured_content["diff"]
             assert "+gamma" in edited.structured_content["diff"]
 
+            # History over HTTP: the edit is listed, taken back, and the undo taken back.
+            changes = await client.call_tool("list_changes", {"path": relative})
+            assert not changes.is_error, text_of(changes)
+            assert changes.structured_content is not None
+            newest = changes.structured_content["changes"][0]
+            assert newest["op"] == "edit"
+            undone = await client.call_tool("undo_change", {"id": newest["id"]})
+            assert not undone.is_error, text_of(undone)
+            assert target.read_bytes() == b"alpha\nbeta\n"
+            assert undone.structured_content is not None
+            redo = {"id": undone.structured_content["changeId"]}
+            redone = await client.call_tool("undo_change", redo)
+            assert not redone.is_error, text_of(redone)
+            assert target.read_bytes() == b"alpha\ngamma\n"
+
             stale = await client.call_tool(
                 "write_file", {"path": relative, "content": "lost", "expectedSha256": first}
             )

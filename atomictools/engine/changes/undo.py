@@ -145,9 +145,12 @@ def _as_left(span: _Span) -> bool:
 def _conflict(store: HistoryStore, span: _Span, entries: Sequence[HistoryEntry]) -> str:
     newest = max(e.seq for e in entries)
     later = [e for e in store.entries(path_prefixes=[span.path], limit=20) if e.seq > newest]
-    by = f"last by change {later[0].id} ({later[0].op})" if later else "outside atomictools"
+    if later:
+        by = f", last by change {later[0].id} ({later[0].op})"
+    else:
+        by = " by another program (not through atomictools)"
     now = span.current if span.current != "file" else f"a file with sha256 {span.current_sha256}"
-    return f"{span.display} was changed after it {by} (it is now {now})"
+    return f"{span.display} was changed after it{by}; it is now {now}"
 
 
 def _restore(
