@@ -348,7 +348,7 @@ async def test_move_file(root: Path, tmp_path: Path, ws: Workspace, overwrite: b
         new={"a.txt": None, "dest/b.txt": data},
         operation=lambda: ws.move("a.txt", "dest/b.txt", overwrite=overwrite),
     )
-    assert sweep.steps == ["move.before"]
+    assert sweep.steps == ["move.before", "history.before_commit"]
 
 
 # -- copy ---------------------------------------------------------------------------------------
@@ -385,7 +385,7 @@ async def test_delete(root: Path, tmp_path: Path, ws: Workspace, with_sha: bool)
         new={"gone.txt": None},
         operation=lambda: ws.delete("gone.txt", expected_sha256=sha),
     )
-    assert sweep.steps == ["delete.before"]
+    assert sweep.steps == ["delete.before", "history.before_commit"]
 
 
 # -- mkdir --------------------------------------------------------------------------------------

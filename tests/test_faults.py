@@ -108,6 +108,12 @@ class Faults:
         return [what for what, _ in self.events]
 
 
+def warm_history(ws: Workspace, faults: Faults) -> None:
+    """Create the history store first: its directories' fsyncs are not the change's."""
+    ws.history.store.ready()
+    faults.events.clear()
+
+
 @pytest.fixture
 def faults(monkeypatch: pytest.MonkeyPatch) -> Faults:
     """Route the engine's write/fsync (fsutil) and its renames (writer, fsutil) through Faults."""
@@ -202,6 +208,7 @@ async def test_write_error(
     op = OPS[op_name]
     setup_files(root, op)
     ws = Workspace([root], limits=Limits(chunk_bytes=CHUNK))
+    warm_history(ws, faults)
     faults.write_error, faults.write_fail_at = code, fail_at
 
     with pytest.raises(ERRORS[code]) as excinfo:
@@ -230,6 +237,7 @@ async def test_file_fsync_error_is_not_retried(
     op = OPS[op_name]
     setup_files(root, op)
     ws = Workspace([root], limits=Limits(chunk_bytes=CHUNK))
+    warm_history(ws, faults)
     faults.file_fsync_error = code
 
     with pytest.raises(ERRORS[code]) as excinfo:
@@ -253,6 +261,7 @@ async def test_directory_fsync_error_after_rename(
     op = OPS[op_name]
     setup_files(root, op)
     ws = Workspace([root], limits=Limits(chunk_bytes=CHUNK))
+    warm_history(ws, faults)
     faults.dir_fsync_error = errno.EIO
 
     with pytest.raises(DurabilityUnknownError) as excinfo:
@@ -287,6 +296,7 @@ async def test_streaming_writer_fault(
     op = OPS["write"]
     setup_files(root, op)
     ws = Workspace([root], limits=Limits(chunk_bytes=CHUNK))
+    warm_history(ws, faults)
     if where == "write":
         faults.write_error, faults.write_fail_at = errno.ENOSPC, 2
     else:

@@ -352,3 +352,49 @@ async def test_history_of_a_path_whose_directory_is_gone(ws: Workspace, root: Pa
     assert [e.op for e in entries] == ["undo", "apply_changes"]
     await ws.undo(entries[0].id, paths=["gone/f.txt", "gone"])  # redo, by paths
     assert (root / "gone" / "f.txt").read_text() == "f\n"
+
+
+@pytest.mark.parametrize(("source", "destination"), [("a.txt", "z.txt"), ("z.txt", "a.txt")])
+async def test_undo_and_redo_of_a_move_whichever_name_sorts_first(
+    ws: Workspace, root: Path, source: str, destination: str
+) -> None:
+    (root / source).write_text("moving\n")
+    (root / source).chmod(0o751)
+    await ws.move(source, destination)
+    undo = await ws.undo(last=1)
+    assert [(p.path, p.action) for p in undo.paths] == [(source, "moved_back")]
+    assert (root / source).read_text() == "moving\n"
+    assert (root / source).stat().st_mode & 0o777 == 0o751  # the same inode came back
+    assert not (root / destination).exists()
+    assert undo.change_id is not None
+    await ws.undo(undo.change_id)  # redo
+    assert (root / destination).read_text() == "moving\n"
+    assert not (root / source).exists()
+
+
+async def test_undo_of_a_moved_directory_then_written_into(ws: Workspace, root: Path) -> None:
+    await ws.mkdir("z")
+    await ws.move("z", "a")
+    await ws.write("a/f.txt", "inside\n")
+    await ws.undo(last=2)  # the write, then the move: a goes back to z, emptied of f.txt
+    assert sorted(p.name for p in root.iterdir()) == ["z"]
+    assert list((root / "z").iterdir()) == []
+
+
+async def test_undo_finds_content_kept_by_another_change(ws: Workspace, root: Path) -> None:
+    await ws.write("a.txt", "original\n")
+    await ws.move("a.txt", "b.txt")
+    await ws.write("b.txt", "rewritten\n")  # keeps "original" (b's old content)
+    await ws.undo(last=2)
+    assert (root / "a.txt").read_text() == "original\n"
+    assert not (root / "b.txt").exists()
+
+
+async def test_paths_must_name_both_ends_of_a_move(ws: Workspace, root: Path) -> None:
+    await ws.write("a.txt", "x\n")
+    await ws.move("a.txt", "b.txt")
+    with pytest.raises(InvalidArgumentError, match="name both paths"):
+        await ws.undo(last=1, paths=["b.txt"])
+    assert (root / "b.txt").read_text() == "x\n"
+    await ws.undo(last=1, paths=["a.txt", "b.txt"])
+    assert (root / "a.txt").read_text() == "x\n"

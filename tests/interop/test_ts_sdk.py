@@ -263,7 +263,7 @@ def expected_tools() -> dict[str, dict[str, Any]]:
 def test_tools_list_matches_schemas(session: Session) -> None:
     listed = {tool["name"]: tool for tool in session.client.request("listTools")["tools"]}
     expected = expected_tools()
-    assert len(expected) == 22
+    assert len(expected) == 24
     assert sorted(listed) == sorted(expected)
     for name, tool in listed.items():
         want = expected[name]
@@ -435,6 +435,19 @@ def test_every_tool(session: Session) -> None:
     assert not (d / "sub" / "notes.md").exists()
     assert not (d / "made" / "moved.txt").exists()
     assert session.journals() == []
+
+    # The change set is in the history, and one undo_change takes all of it back.
+    listed = ok("list_changes", {"path": "tools", "limit": 1})["changes"]
+    assert (listed[0]["id"], listed[0]["op"]) == (applied["changeId"], "apply_changes")
+    undone = ok("undo_change", {"last": 1})
+    assert undone["undone"] == [applied["changeId"]]
+    assert (d / "hello.txt").read_bytes() == hello
+    assert (d / "sub" / "notes.md").read_bytes() == b"# notes\n"
+    assert not (d / "set").exists()
+    assert (d / "made" / "moved.txt").exists()
+    ok("undo_change", {"id": undone["changeId"]})  # redo
+    assert (d / "hello.txt").read_bytes() == b"hello\nthere\n"
+    assert not (d / "made" / "moved.txt").exists()
 
     databases = ok("db_list")["databases"]
     assert {"name": DB, "path": str(session.db_path), "configured": True} in databases

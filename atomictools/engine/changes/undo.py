@@ -90,6 +90,7 @@ def plan_undo(
                 f"{', '.join(unknown)} was not changed by change {names}; list_changes shows "
                 "each change's paths"
             )
+        _refuse_half_moves(spans, only)
         spans = {p: spans[p] for p in only}
     _locate(sandbox, spans, names)
     conflicts = [s for s in spans.values() if not _as_left(s)]
@@ -101,7 +102,11 @@ def plan_undo(
             "paths to restore only the other files"
         )
     plan = UndoPlan()
+    # Moves first: an entry moved away comes back by a move, which also takes care of the
+    # path it was moved to (a set names each path once).
     moved_back: set[str] = set()
+    for span in sorted(spans.values(), key=lambda s: s.path):
+        _move_back(span, spans, plan, moved_back)
     for span in sorted(spans.values(), key=lambda s: s.path):
         _restore(span, spans, store, plan, moved_back, force=force, max_bytes=max_bytes)
     # Directories: made first (parents before children), removed last (children first).
@@ -153,6 +158,43 @@ def _conflict(store: HistoryStore, span: _Span, entries: Sequence[HistoryEntry])
     return f"{span.display} was changed after it{by}; it is now {now}"
 
 
+def _refuse_half_moves(spans: dict[str, _Span], only: Sequence[str]) -> None:
+    """``paths`` must name both ends of a move: one alone would delete the entry it moved, or
+    bring back a second copy of it."""
+    for path in only:
+        for row in (spans[path].first, spans[path].last):
+            partner = row.moved_from or next(
+                (s.path for s in spans.values() if path in (s.first.moved_from, s.last.moved_from)),
+                None,
+            )
+            if partner is not None and partner not in only:
+                raise InvalidArgumentError(
+                    f"{path} was moved (to or from {partner}) by this change; name both paths "
+                    "to undo the move, or neither"
+                )
+
+
+def _is_as_before(span: _Span) -> bool:
+    first = span.first
+    return span.current == first.before and (
+        first.before != "file" or span.current_sha256 == first.before_sha256
+    )
+
+
+def _move_back(span: _Span, spans: dict[str, _Span], plan: UndoPlan, moved_back: set[str]) -> None:
+    """An entry this change moved away, still as it was, whose destination did not exist
+    before: move it back (contents, mode and all)."""
+    if span.path in moved_back or span.first.before == "absent" or _is_as_before(span):
+        return
+    origin = _moved_to(span, spans)
+    if origin is None or origin.path in moved_back or origin.first.before != "absent":
+        return
+    expected = origin.current_sha256 if origin.current == "file" else None
+    plan.changes.append(Change("move", span.path, source=origin.path, expected_sha256=expected))
+    moved_back.update((span.path, origin.path))
+    plan.restored.append(RestoredPath(span.display, "moved_back", source=origin.display))
+
+
 def _restore(
     span: _Span,
     spans: dict[str, _Span],
@@ -166,8 +208,8 @@ def _restore(
     first, path = span.first, span.path
     wanted, now = first.before, span.current
     if path in moved_back:
-        return  # its entry comes back through a move of the directory or link it holds
-    if wanted == now and (wanted != "file" or span.current_sha256 == first.before_sha256):
+        return  # moved back (either end of a move)
+    if _is_as_before(span):
         return  # already as it was (the change made no difference here)
     expected = None if force else span.current_sha256
     if wanted == "absent":
@@ -179,27 +221,22 @@ def _restore(
             plan.restored.append(RestoredPath(span.display, "deleted"))
         return
     if wanted == "directory":
-        origin = _moved_to(span, spans)
-        if origin is not None:  # a directory moved away: move it back, contents and all
-            plan.changes.append(Change("move", path, source=origin.path))
-            moved_back.add(origin.path)
-            plan.restored.append(RestoredPath(span.display, "moved_back", source=origin.display))
-        else:
-            plan.changes.append(Change("mkdir", path))
-            plan.restored.append(RestoredPath(span.display, "created_directory"))
+        if now != "absent":
+            raise NotUndoableError(
+                f"cannot restore the directory {span.display}: a {now} is there now (it was "
+                "moved onto or replaced); move it away first"
+            )
+        plan.changes.append(Change("mkdir", path))
+        plan.restored.append(RestoredPath(span.display, "created_directory"))
         return
     if wanted != "file":
-        origin = _moved_to(span, spans)
-        if origin is None:
-            raise NotUndoableError(
-                f"{span.display} was a {wanted} before; only files and directories are restored"
-            )
-        plan.changes.append(Change("move", path, source=origin.path))
-        moved_back.add(origin.path)
-        plan.restored.append(RestoredPath(span.display, "moved_back", source=origin.display))
-        return
+        raise NotUndoableError(
+            f"cannot restore {span.display}: it was a {wanted} before, and only files and "
+            "directories are restored (a moved link is moved back)"
+        )
     assert first.before_sha256 is not None
-    content = store.content(first.blob, max_bytes) if first.blob is not None else None
+    # The content this change kept, or the same content kept for another change.
+    content = store.content(first.blob or first.before_sha256, max_bytes)
     if content is not None:
         plan.changes.append(Change("write", path, content=content, expected_sha256=expected))
         plan.restored.append(
@@ -208,22 +245,22 @@ def _restore(
             )
         )
         return
-    moved = _moved_to(span, spans)
-    if moved is not None and moved.first.before == "absent":  # a file moved away: move it back
-        plan.changes.append(
-            Change("move", path, source=moved.path, expected_sha256=moved.current_sha256)
-        )
-        moved_back.add(moved.path)
-        plan.restored.append(RestoredPath(span.display, "moved_back", source=moved.display))
-        return
-    origin = moved or _holding(first.before_sha256, spans)
+    origin = _moved_to(span, spans) or _holding(first.before_sha256, spans)
     if origin is None:
         why = "was pruned (history retention)" if first.pruned or first.blob else "was not kept"
         raise NotUndoableError(
             f"cannot restore {span.display}: its previous content {why}; it can no longer be "
             "undone (pass paths to restore the other files)"
         )
-    plan.changes.append(Change("copy", path, source=origin.path, overwrite=True))
+    plan.changes.append(
+        Change(
+            "copy",
+            path,
+            source=origin.path,
+            overwrite=now != "absent",
+            expected_sha256=origin.current_sha256,
+        )
+    )
     plan.restored.append(
         RestoredPath(span.display, "restored", sha256=first.before_sha256, source=origin.display)
     )
@@ -232,7 +269,8 @@ def _restore(
 def _moved_to(span: _Span, spans: dict[str, _Span]) -> _Span | None:
     """Where the entry at this path was moved to, if it is still there (the same content)."""
     for other in spans.values():
-        if other.last.moved_from != span.path or other.current != span.first.before:
+        moved_here = span.path in (other.first.moved_from, other.last.moved_from)
+        if not moved_here or other.current != span.first.before:
             continue
         if other.current != "file" or other.current_sha256 == span.first.before_sha256:
             return other
