@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import sys
@@ -398,3 +399,62 @@ async def test_paths_must_name_both_ends_of_a_move(ws: Workspace, root: Path) ->
     assert (root / "b.txt").read_text() == "x\n"
     await ws.undo(last=1, paths=["a.txt", "b.txt"])
     assert (root / "a.txt").read_text() == "x\n"
+
+
+async def test_a_crashed_writer_with_our_pid_is_not_taken_for_us(
+    ws: Workspace, root: Path, private_state_dir: Path
+) -> None:
+    """A restarted server often has the same pid (pid 1 in a container): a pending entry of
+    its predecessor is still decided by recovery (the owner names the process start time)."""
+    await ws.write("a.txt", "v1\n")
+    entry = (await ws.history_entries(limit=1))[0]
+    with sqlite3.connect(private_state_dir / "history" / "history.sqlite3") as conn:
+        owner = conn.execute("SELECT owner FROM changes WHERE id = ?", (entry.id,)).fetchone()[0]
+        boot, pid, _start = owner.split(":")
+        assert int(pid) == os.getpid()
+        stale = f"{boot}:{pid}:1"  # same pid, another start: a predecessor
+        evidence = json.dumps(
+            [{"dir": str(root), "name": "a.txt", "dev": 0, "ino": (root / "a.txt").stat().st_ino}]
+        )
+        conn.execute(
+            "UPDATE changes SET state = 'pending', owner = ?, evidence = ? WHERE id = ?",
+            (stale, evidence, entry.id),
+        )
+    assert await ws.history_entries() == []
+    report = await ws.recover_interrupted()
+    assert report.history_confirmed == [entry.id]
+    assert [e.id for e in await ws.history_entries()] == [entry.id]
+
+
+async def test_a_pending_entry_is_kept_when_the_file_changed_again_before_recovery(
+    ws: Workspace, root: Path, private_state_dir: Path
+) -> None:
+    await ws.write("a.txt", "v0\n")
+    await ws.write("a.txt", "v1\n")
+    entry = (await ws.history_entries(limit=1))[0]
+    committed_inode = (root / "a.txt").stat().st_ino
+    with sqlite3.connect(private_state_dir / "history" / "history.sqlite3") as conn:
+        evidence = json.dumps(
+            [
+                {
+                    "dir": str(root),
+                    "name": "a.txt",
+                    "dev": 0,
+                    "ino": committed_inode,
+                    "temp": ".gone.tmp",
+                    "before_ino": 1,
+                }
+            ]
+        )
+        conn.execute(
+            "UPDATE changes SET state = 'pending', owner = 'x:1:1', evidence = ? WHERE id = ?",
+            (evidence, entry.id),
+        )
+    (root / "a.txt").unlink()
+    (root / "a.txt").write_text("v2 by someone else\n")  # a new inode: neither before nor after
+    report = await ws.recover_interrupted()
+    assert report.history_confirmed == [entry.id]
+    with pytest.raises(ConflictError):
+        await ws.undo(entry.id)
+    await ws.undo(entry.id, force=True)
+    assert (root / "a.txt").read_text() == "v0\n"

@@ -180,7 +180,7 @@ async def move(
         replaced = await recording.capture(destination, keep=True)
         for row in rows_moved(source, destination, moved, replaced):
             recording.add(row)
-        recording.evidence.append(dir_evidence(destination, src_st.st_ino))
+        recording.evidence.append(dir_evidence(destination, src_st.st_ino, replaced.ino))
         await _begin(recording)
     try:  # one rename, inline: no cancel can split it
         if overwrite:
@@ -294,7 +294,8 @@ async def delete(
     await step("delete.before")
     if recording is not None:
         before = await recording.capture(location, keep=True)
-        recording.add(before.row(str(location.abspath), "absent"), dir_evidence(location, None))
+        evidence = dir_evidence(location, None, before.ino)
+        recording.add(before.row(str(location.abspath), "absent"), evidence)
         await _begin(recording)
     try:  # one unlink, inline: no cancel can split it
         os.unlink(location.name, dir_fd=location.dir_fd)

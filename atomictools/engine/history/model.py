@@ -85,7 +85,9 @@ class Evidence:
     dev: int
     ino: int | None
     temp: str | None = None
-    """The staged temp's name: still there (and unlocked) means the rename never happened."""
+    """The staged temp's name: still there with the staged inode, the rename never happened."""
+    before_ino: int | None = None
+    """What the entry was before (None: absent): still that, the change never happened."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +96,7 @@ class Evidence:
             "dev": self.dev,
             "ino": self.ino,
             "temp": self.temp,
+            "before_ino": self.before_ino,
         }
 
     @classmethod
@@ -104,6 +107,7 @@ class Evidence:
             dev=int(raw["dev"]),
             ino=None if raw.get("ino") is None else int(raw["ino"]),
             temp=raw.get("temp"),
+            before_ino=None if raw.get("before_ino") is None else int(raw["before_ino"]),
         )
 
 

@@ -9,7 +9,6 @@ alone (in flight), as are entries whose directory lies outside the roots given.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from atomictools.engine.config import Durability
 from atomictools.engine.durable.fsutil import lstat_at
 from atomictools.engine.errors import AtomicToolsError, NotFoundError
 from atomictools.engine.history.model import Evidence, HistoryEntry
+from atomictools.engine.history.owner import owner_alive
 from atomictools.engine.history.store import HistoryStore
 from atomictools.engine.sandbox import Sandbox
 
@@ -38,8 +38,8 @@ def reconcile_pending(
 ) -> Reconciled:
     """Confirm or drop the pending entries of dead processes (see the module doc)."""
     done = Reconciled()
-    for entry, pid, evidence in store.pending():
-        if _alive(pid):
+    for entry, owner, evidence in store.pending():
+        if owner_alive(owner):
             continue
         decided = _committed(sandbox, evidence[0]) if evidence else False
         if decided is None:
@@ -90,25 +90,17 @@ def _committed(sandbox: Sandbox, evidence: Evidence) -> bool | None:
                 return False  # the staged file is still next to the target: never renamed
         current = lstat_at(dir_fd, evidence.name)
         if evidence.ino is None:
-            return current is None
-        if evidence.ino == 0:
-            return current is not None
-        return current is not None and current.st_ino == evidence.ino
+            after = current is None
+        elif evidence.ino == 0:
+            after = current is not None
+        else:
+            after = current is not None and current.st_ino == evidence.ino
+        if after:
+            return True
+        if evidence.before_ino is None:
+            return current is not None  # absent before and still absent: never made
+        # Still what it was before: never changed. Anything else is a later change by
+        # someone else after this one committed: the entry stays (an undo checks the file).
+        return current is None or current.st_ino != evidence.before_ino
     finally:
         os.close(dir_fd)
-
-
-def _alive(pid: int) -> bool:
-    """Another live process (ours is never in doubt: its own in-flight entries are skipped)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as stat_file:
-        # a zombie (killed, not yet reaped by its parent) is dead for our purposes
-        return stat_file.read().rsplit(")", 1)[1].split()[0] != "Z"
-    return True

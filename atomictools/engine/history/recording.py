@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,14 +70,22 @@ class History:
         return self.store.prune(max_bytes=self.max_bytes, max_age=self.max_age)
 
     def after_change(self) -> None:
-        """Every ``PRUNE_EVERY`` changes, a retention pass; a failure is logged, not raised
-        (the change itself is done)."""
-        if self.store.changes_since_prune < PRUNE_EVERY:
+        """Every ``PRUNE_EVERY`` changes, a retention pass in a background thread (off the
+        event loop, one at a time per store); a failure is logged, not raised."""
+        store = self.store
+        if store.changes_since_prune < PRUNE_EVERY or not store.pruning.acquire(blocking=False):
             return
-        try:
-            self.prune()
-        except AtomicToolsError as err:
-            logger.warning("history retention pass failed: %s", err)
+        store.changes_since_prune = 0
+
+        def run() -> None:
+            try:
+                self.prune()
+            except AtomicToolsError as err:
+                logger.warning("history retention pass failed: %s", err)
+            finally:
+                store.pruning.release()
+
+        threading.Thread(target=run, name="atomictools-history-prune", daemon=True).start()
 
 
 @dataclass(slots=True)
@@ -118,7 +127,7 @@ class Recording:
         """``mkdir -p``: a directory about to be made joins the entry, durably, first (the
         entry is begun with the first one). Synchronous: the mkdirs run inline."""
         row = PathChange(path=str(path), before="absent", after="directory")
-        evidence = Evidence(str(path.parent), path.name, os.fstat(parent_fd).st_dev, 0)
+        evidence = Evidence(str(path.parent), path.name, os.fstat(parent_fd).st_dev, 0, None, None)
         if not self.begun:
             self.add(row, evidence)
             self.begun = True
@@ -221,7 +230,12 @@ class WriteRecording:
         self.recording.add(
             before.row(str(loc.abspath), "file", sha256, size, added=added, removed=removed),
             Evidence(
-                str(loc.abspath.parent), loc.name, st.st_dev, st.st_ino, temp=pending.temp_name
+                str(loc.abspath.parent),
+                loc.name,
+                st.st_dev,
+                st.st_ino,
+                temp=pending.temp_name,
+                before_ino=before.ino,
             ),
         )
         await self.recording.begin(sync, size)
@@ -233,10 +247,11 @@ class WriteRecording:
         self.recording.abandoned()
 
 
-def dir_evidence(location: Location, ino: int | None) -> Evidence:
-    """After the commit, ``location`` is the inode ``ino`` (None: absent; 0: any entry)."""
+def dir_evidence(location: Location, ino: int | None, before_ino: int | None) -> Evidence:
+    """After the commit, ``location`` is the inode ``ino`` (None: absent; 0: any entry);
+    before it, the inode ``before_ino`` (None: absent)."""
     st = os.fstat(location.dir_fd)
-    return Evidence(str(location.abspath.parent), location.name, st.st_dev, ino)
+    return Evidence(str(location.abspath.parent), location.name, st.st_dev, ino, None, before_ino)
 
 
 def rows_moved(

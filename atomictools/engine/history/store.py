@@ -32,6 +32,7 @@ from atomictools.engine.config import Durability
 from atomictools.engine.durable import fsutil
 from atomictools.engine.errors import StateDirError, TooLargeError, state_dir_error
 from atomictools.engine.history.model import Evidence, HistoryEntry, PathChange
+from atomictools.engine.history.owner import this_process
 
 INLINE_BYTES = 64 * 1024
 """Previous content up to this size is copied into the database (see the module doc)."""
@@ -47,7 +48,7 @@ CREATE TABLE IF NOT EXISTS changes (
     time REAL NOT NULL,
     op TEXT NOT NULL,
     state TEXT NOT NULL,
-    pid INTEGER NOT NULL,
+    owner TEXT NOT NULL,
     undoes TEXT,
     audit TEXT,
     evidence TEXT
@@ -106,6 +107,8 @@ class HistoryStore:
         caches) are not; a later FULL commit syncs the WAL with them."""
         self._blobs_fd = -1
         self.changes_since_prune = 0
+        self.pruning = threading.Lock()
+        """Held by the background retention pass (one at a time)."""
 
     # -- connection ------------------------------------------------------------------------
 
@@ -134,6 +137,10 @@ class HistoryStore:
             raise self._failure(err) from err
         self._conns[synchronous] = conn
         return conn
+
+    @property
+    def _owner(self) -> str:
+        return this_process()
 
     def ready(self) -> None:
         """Open the store now (raises ``StateDirError`` if it is damaged or cannot be made):
@@ -218,14 +225,14 @@ class HistoryStore:
                 except OSError as err:
                     raise state_dir_error(err, self.blobs, "sync") from err
             conn.execute(
-                "INSERT INTO changes (id, time, op, state, pid, undoes, evidence) "
+                "INSERT INTO changes (id, time, op, state, owner, undoes, evidence) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     change_id,
                     time.time() if when is None else when,
                     op,
                     "pending" if pending else "done",
-                    os.getpid(),
+                    self._owner,
                     json.dumps(list(undoes)) if undoes else None,
                     json.dumps([e.to_json() for e in evidence]) if evidence else None,
                 ),
@@ -244,8 +251,8 @@ class HistoryStore:
         audit = {"database": database, "statements": list(statements), "rows": rows}
         with self._transaction(Durability.FULL) as conn:
             conn.execute(
-                "INSERT INTO changes (id, time, op, state, pid, audit) VALUES (?, ?, ?, ?, ?, ?)",
-                (change_id, time.time(), op, "done", os.getpid(), json.dumps(audit)),
+                "INSERT INTO changes (id, time, op, state, owner, audit) VALUES (?, ?, ?, ?, ?, ?)",
+                (change_id, time.time(), op, "done", self._owner, json.dumps(audit)),
             )
         self.changes_since_prune += 1
         return change_id
@@ -274,11 +281,34 @@ class HistoryStore:
                 raise self._failure(err) from err
 
     def discard(self, change_id: str, durability: Durability = Durability.FULL) -> None:
-        """The change never committed: its entry goes (its kept content goes at the next
-        prune, unless another entry needs it)."""
+        """The change never committed: its entry goes, with the content only it needed (a
+        linked one is still the live file's inode: kept, it could change under the store)."""
         with self._transaction(durability) as conn:
+            kept = [
+                sha
+                for (sha,) in conn.execute(
+                    "SELECT DISTINCT blob FROM paths WHERE change_id = ? AND blob IS NOT NULL",
+                    (change_id,),
+                )
+            ]
             conn.execute("DELETE FROM paths WHERE change_id = ?", (change_id,))
             conn.execute("DELETE FROM changes WHERE id = ?", (change_id,))
+            for sha in kept:
+                if not conn.execute("SELECT 1 FROM paths WHERE blob = ?", (sha,)).fetchone():
+                    self._drop_blob(conn, sha)
+
+    def _drop_blob(self, conn: sqlite3.Connection, sha: str) -> int:
+        """Remove kept content (inside the write transaction); returns its size."""
+        row = conn.execute(
+            "SELECT size, data IS NOT NULL FROM blobs WHERE sha256 = ?", (sha,)
+        ).fetchone()
+        if row is None:
+            return 0
+        conn.execute("DELETE FROM blobs WHERE sha256 = ?", (sha,))
+        if not row[1]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sha, dir_fd=self._blobs_fd)
+        return int(row[0])
 
     def exists(self, change_id: str) -> bool:
         with self._reading() as conn:
@@ -310,7 +340,10 @@ class HistoryStore:
                 (content.sha256, len(data), data, time.time()),
             )
             return False
-        if conn.execute("SELECT 1 FROM blobs WHERE sha256 = ?", (content.sha256,)).fetchone():
+        existing = conn.execute(
+            "SELECT data IS NOT NULL FROM blobs WHERE sha256 = ?", (content.sha256,)
+        ).fetchone()
+        if existing is not None and (existing[0] or self._private(content.sha256, content.size)):
             return False
         if content.size <= INLINE_BYTES and content.name is not None:
             data = _read_at(content.dir_fd, content.name)
@@ -321,10 +354,19 @@ class HistoryStore:
             return False
         self._link_or_copy(content, data)
         conn.execute(
-            "INSERT INTO blobs (sha256, size, data, created) VALUES (?, ?, NULL, ?)",
+            "INSERT OR REPLACE INTO blobs (sha256, size, data, created) VALUES (?, ?, NULL, ?)",
             (content.sha256, content.size, time.time()),
         )
         return True
+
+    def _private(self, sha: str, size: int) -> bool:
+        """Is the linked ``blobs/<sha>`` ours alone (one link, the right size)? Another link
+        means it may still be someone's live file (a user's hard link): not trusted for reuse."""
+        try:
+            st = os.stat(sha, dir_fd=self._blobs_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return st.st_nlink == 1 and st.st_size == size
 
     def _link_or_copy(self, content: KeptContent, data: bytes | None) -> None:
         """``blobs/<sha256>``: a hard link to the old inode, or a copy on another file system.
@@ -424,17 +466,17 @@ class HistoryStore:
             rows = conn.execute(sql, args).fetchall()
             return [self._entry(conn, row) for row in rows]
 
-    def pending(self) -> list[tuple[HistoryEntry, int, list[Evidence]]]:
-        """Entries not confirmed yet, with their writer's pid and evidence (for reconcile)."""
+    def pending(self) -> list[tuple[HistoryEntry, str, list[Evidence]]]:
+        """Entries not confirmed yet, with their writer (see ``owner``) and evidence."""
         with self._reading() as conn:
             rows = conn.execute(
-                "SELECT seq, id, time, op, state, undoes, audit, pid, evidence FROM changes "
+                "SELECT seq, id, time, op, state, undoes, audit, owner, evidence FROM changes "
                 "WHERE state = 'pending' ORDER BY seq"
             ).fetchall()
             result = []
             for row in rows:
                 evidence = [Evidence.from_json(e) for e in json.loads(row[8] or "[]")]
-                result.append((self._entry(conn, row[:7]), int(row[7]), evidence))
+                result.append((self._entry(conn, row[:7]), str(row[7]), evidence))
             return result
 
     def _entry(self, conn: sqlite3.Connection, row: tuple[Any, ...]) -> HistoryEntry:
@@ -500,41 +542,52 @@ class HistoryStore:
         """
         now = time.time() if now is None else now
         with self._transaction(Durability.FULL) as conn:
-            old = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT id FROM changes WHERE time < ? AND state = 'done'", (now - max_age,)
+            conn.execute(
+                "DELETE FROM paths WHERE change_id IN "
+                "(SELECT id FROM changes WHERE time < ? AND state = 'done')",
+                (now - max_age,),
+            )
+            conn.execute("DELETE FROM changes WHERE time < ? AND state = 'done'", (now - max_age,))
+            cutoff = _oldest_kept(conn, max_bytes)
+            if cutoff is not None:
+                conn.execute(
+                    "UPDATE paths SET blob = NULL WHERE blob IS NOT NULL AND change_id IN "
+                    "(SELECT id FROM changes WHERE seq < ? AND state = 'done')",
+                    (cutoff,),
                 )
-            ]
-            for change_id in old:
-                conn.execute("DELETE FROM paths WHERE change_id = ?", (change_id,))
-                conn.execute("DELETE FROM changes WHERE id = ?", (change_id,))
-            total = _kept_bytes(conn)
-            if total > max_bytes:
-                for (change_id,) in conn.execute(
-                    "SELECT DISTINCT c.id FROM changes c JOIN paths p ON p.change_id = c.id "
-                    "WHERE p.blob IS NOT NULL AND c.state = 'done' ORDER BY c.seq"
-                ).fetchall():
-                    conn.execute("UPDATE paths SET blob = NULL WHERE change_id = ?", (change_id,))
-                    total = _kept_bytes(conn)
-                    if total <= max_bytes:
-                        break
-            freed = 0
-            for sha, size, inline in conn.execute(
-                "SELECT sha256, size, data IS NOT NULL FROM blobs WHERE sha256 NOT IN "
+            unneeded = conn.execute(
+                "SELECT sha256 FROM blobs WHERE sha256 NOT IN "
                 "(SELECT blob FROM paths WHERE blob IS NOT NULL)"
-            ).fetchall():
-                conn.execute("DELETE FROM blobs WHERE sha256 = ?", (sha,))
-                if not inline:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(sha, dir_fd=self._blobs_fd)
-                freed += int(size)
+            ).fetchall()
+            freed = sum(self._drop_blob(conn, sha) for (sha,) in unneeded)
         self.changes_since_prune = 0
         return freed
 
     def kept_bytes(self) -> int:
         with self._reading() as conn:
             return _kept_bytes(conn)
+
+
+def _oldest_kept(conn: sqlite3.Connection, max_bytes: int) -> int | None:
+    """The ``seq`` of the oldest entry whose content still fits in ``max_bytes`` when the
+    newest entries' content is counted first (each distinct content once); None if it all
+    fits. One pass over the kept content, newest first."""
+    seen: set[str] = set()
+    total = 0
+    rows = conn.execute(
+        "SELECT c.seq, p.blob, b.size FROM changes c JOIN paths p ON p.change_id = c.id "
+        "JOIN blobs b ON b.sha256 = p.blob WHERE c.state = 'done' ORDER BY c.seq DESC"
+    )
+    for seq, sha, size in rows:
+        if sha in seen:
+            continue
+        seen.add(sha)
+        total += int(size)
+        if total > max_bytes:
+            # This entry's content does not fit: it and every older entry lose theirs (an
+            # entry keeps all of its content or none).
+            return int(seq) + 1
+    return None
 
 
 def _kept_bytes(conn: sqlite3.Connection) -> int:
