@@ -25,6 +25,7 @@ from atomictools import (
     ReadOnlyError,
     Workspace,
 )
+from atomictools.engine.durable.steps import observe_steps
 from tests.conftest import temp_files
 
 pytestmark = pytest.mark.anyio
@@ -458,3 +459,33 @@ async def test_a_pending_entry_is_kept_when_the_file_changed_again_before_recove
         await ws.undo(entry.id)
     await ws.undo(entry.id, force=True)
     assert (root / "a.txt").read_text() == "v0\n"
+
+
+async def test_undo_of_a_delete_restores_the_permission_bits(ws: Workspace, root: Path) -> None:
+    script = root / "run.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o751)
+    await ws.delete("run.sh")
+    await ws.undo(last=1)
+    assert script.read_text() == "#!/bin/sh\necho hi\n"
+    assert script.stat().st_mode & 0o7777 == 0o751
+
+
+async def test_a_cancelled_change_leaves_no_kept_content_behind(
+    root: Path, private_state_dir: Path
+) -> None:
+    """Its linked content is still the live file's inode: kept, a later in-place edit of that
+    file would change what the store holds under the old hash."""
+    big = os.urandom(200_000)
+    (root / "big.bin").write_bytes(big)
+    ws = Workspace([root])
+
+    with (
+        anyio.CancelScope() as scope,
+        observe_steps(lambda name: scope.cancel() if name == "write.synced" else None),
+    ):
+        await ws.write("big.bin", b"new")
+    assert scope.cancelled_caught
+    assert (root / "big.bin").read_bytes() == big
+    assert blobs(private_state_dir) == []
+    assert await ws.history_entries() == []

@@ -856,6 +856,7 @@ def _change_args(change: Change) -> dict[str, object]:
         "expected_sha256": change.expected_sha256,
         "overwrite": change.overwrite,
         "create_only": change.create_only,
+        **({"mode": change.mode} if change.mode is not None else {}),
     }
 
 

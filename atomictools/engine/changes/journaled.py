@@ -685,6 +685,8 @@ class ChangeSetRunner:
         )
         planned.staged = staged
         staged.create(template)
+        if planned.change.mode is not None:
+            os.fchmod(staged.fd, planned.change.mode)
         return AtomicWriter(staged, self.limits, replaced=st is not None, known_sha256=known_sha256)
 
     def _keep_old_version(self, planned: _Planned, st: os.stat_result | None) -> None:

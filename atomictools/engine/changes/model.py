@@ -30,3 +30,5 @@ class Change:
     overwrite: bool = False
     create_only: bool = False
     """A write that must create the file."""
+    mode: int | None = None
+    """A write's permission bits (an undo restores a file's own); None: kept, or the default."""

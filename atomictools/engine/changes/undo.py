@@ -238,7 +238,9 @@ def _restore(
     # The content this change kept, or the same content kept for another change.
     content = store.content(first.blob or first.before_sha256, max_bytes)
     if content is not None:
-        plan.changes.append(Change("write", path, content=content, expected_sha256=expected))
+        plan.changes.append(
+            Change("write", path, content=content, expected_sha256=expected, mode=first.before_mode)
+        )
         plan.restored.append(
             RestoredPath(
                 span.display, "restored", sha256=first.before_sha256, diff=_diff(span, content)

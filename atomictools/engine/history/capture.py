@@ -29,6 +29,7 @@ class Before:
     size: int | None = None
     kept: KeptContent | None = None
     ino: int | None = None
+    mode: int | None = None
 
     def row(
         self,
@@ -53,6 +54,7 @@ class Before:
             moved_from=moved_from,
             added=added,
             removed=removed,
+            before_mode=self.mode,
         )
 
 
@@ -95,7 +97,7 @@ def capture(
         else:
             link_dir, link_name = keep_from or (dir_fd, name)
             kept = KeptContent(sha, size, dir_fd=link_dir, name=link_name)
-    return Before("file", sha, size, kept, st.st_ino)
+    return Before("file", sha, size, kept, st.st_ino, stat.S_IMODE(st.st_mode))
 
 
 def _hash_file(dir_fd: int, name: str) -> tuple[str, int, bytes | None]:

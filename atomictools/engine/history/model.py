@@ -38,6 +38,8 @@ class PathChange:
     added: int | None = None
     removed: int | None = None
     """Lines added and removed (None until known; binary files stay None)."""
+    before_mode: int | None = None
+    """A file's permission bits before (an undo restores them)."""
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _PATH_FIELDS}
