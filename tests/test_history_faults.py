@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,3 +111,16 @@ async def test_a_state_directory_on_another_file_system_keeps_copies(
     assert kept.stat().st_dev != (root / "big.bin").stat().st_dev
     await ws.undo(last=1)
     assert (root / "big.bin").read_bytes() == big
+
+
+async def test_a_store_of_another_version_is_refused_by_name(
+    root: Path, private_state_dir: Path
+) -> None:
+    (private_state_dir / "history").mkdir()
+    with sqlite3.connect(private_state_dir / "history" / "history.sqlite3") as conn:
+        conn.execute("CREATE TABLE changes (seq INTEGER PRIMARY KEY, pid INTEGER)")
+    (root / "a.txt").write_text("orig\n")
+    with pytest.raises(StateDirError, match="another version of atomictools") as caught:
+        await Workspace([root]).write("a.txt", "new\n")
+    assert str(caught.value).endswith("nothing was changed")
+    assert (root / "a.txt").read_text() == "orig\n"

@@ -33,6 +33,13 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def state_env() -> dict[str, str] | None:
+    """The environment a server subprocess needs on top of the SDK's few safe variables: the
+    test's own state directory, so journals and history stay out of the user's."""
+    state = os.environ.get(STATE_DIR_ENV)
+    return {STATE_DIR_ENV: state} if state else None
+
+
 def stdio_params(root: Path, *extra: str) -> StdioServerParameters:
     """The real server as a subprocess: ``python -m atomictools serve --root DIR``.
 
@@ -40,11 +47,10 @@ def stdio_params(root: Path, *extra: str) -> StdioServerParameters:
     (``$ATOMICTOOLS_STATE_DIR``, set per test by the conftest) is passed on too, so the server
     keeps its journals and history there, not in the user's state directory.
     """
-    state = os.environ.get(STATE_DIR_ENV)
     return StdioServerParameters(
         command=sys.executable,
         args=["-m", "atomictools", "serve", "--root", str(root), *extra],
-        env={STATE_DIR_ENV: state} if state else None,
+        env=state_env(),
     )
 
 

@@ -47,6 +47,7 @@ from atomictools.engine.durable.steps import observe_steps
 from atomictools.engine.durable.tempfiles import is_temp_name
 from atomictools.server import ServerOptions, create_server
 from tests.conftest import temp_files
+from tests.server.helpers import state_env
 
 pytestmark = pytest.mark.anyio
 
@@ -226,7 +227,9 @@ def serve_args(root: Path, *extra: str) -> list[str]:
 
 @asynccontextmanager
 async def stdio_client(root: Path, *extra: str) -> AsyncIterator[Client]:
-    params = StdioServerParameters(command=sys.executable, args=serve_args(root, *extra))
+    params = StdioServerParameters(
+        command=sys.executable, args=serve_args(root, *extra), env=state_env()
+    )
     async with Client(params, mode="legacy") as client:
         yield client
 
@@ -583,7 +586,7 @@ async def test_client_exit_mid_call_stops_the_server(files: Path, tmp_path: Path
     params = StdioServerParameters(
         command="/bin/sh",
         args=["-c", '"$@"; echo $? > "$STATUS_FILE"', "sh", sys.executable, *serve_args(files)],
-        env={"STATUS_FILE": str(status_file)},
+        env={"STATUS_FILE": str(status_file), **(state_env() or {})},
     )
     pids: list[int] = []
     with anyio.fail_after(CALL_TIMEOUT), anyio.CancelScope() as leave:

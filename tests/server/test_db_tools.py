@@ -55,7 +55,7 @@ from atomictools.server.models import (
     DbTransactionOutput,
 )
 
-from .helpers import TRACEBACK_MARKERS, connect, stdio_params, text_of, wire_names
+from .helpers import TRACEBACK_MARKERS, connect, state_env, stdio_params, text_of, wire_names
 
 pytestmark = pytest.mark.anyio
 
@@ -1197,7 +1197,10 @@ async def test_sigkill_server_during_transactions(tmp_path: Path) -> None:
             server_root.mkdir()
             server = Server(marker=str(server_root))
             args = ["-m", "atomictools", "serve", "--root", str(server_root), "--db", f"{DB}={db}"]
-            tg.start_soon(server.hold, StdioServerParameters(command=sys.executable, args=args))
+            tg.start_soon(
+                server.hold,
+                StdioServerParameters(command=sys.executable, args=args, env=state_env()),
+            )
             return server
 
         async def small_transaction(server: Server, attempt: int) -> None:

@@ -28,7 +28,7 @@ from mcp.client.streamable_http import streamable_http_client
 from atomictools import Workspace
 from atomictools.engine.changes.idempotency import KEY_TABLE
 from atomictools.server import create_server
-from tests.server.helpers import text_of
+from tests.server.helpers import state_env, text_of
 
 SCRIPT = Path(sys.executable).parent / "atomictools"
 
@@ -49,7 +49,7 @@ async def test_printed_host_config_starts_a_working_server(tmp_path: Path) -> No
     assert os.path.isabs(entry["command"])
     assert entry["args"] == ["serve", "--root", str(root), "--tool-timeout", "30"]
     # Started exactly as a host would: that command, those arguments, nothing else.
-    params = StdioServerParameters(command=entry["command"], args=entry["args"])
+    params = StdioServerParameters(command=entry["command"], args=entry["args"], env=state_env())
     async with Client(params) as client:
         written = await client.call_tool("write_file", {"path": "hello.txt", "content": "hi\n"})
         assert not written.is_error, text_of(written)

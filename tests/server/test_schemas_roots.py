@@ -22,6 +22,7 @@ from mcp.types import ListRootsResult, Root, TextContent
 from atomictools import Workspace
 from atomictools.server import HIDDEN_WHEN_READ_ONLY, create_server
 from atomictools.server.schemas import drift, tool_schemas
+from tests.server.helpers import state_env
 
 pytestmark = pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")
 
@@ -346,7 +347,9 @@ SERVE = [sys.executable, "-m", "atomictools", "serve", "--root"]
 @pytest.mark.anyio
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
 async def test_stdio_server_with_the_sdk_client(root: Path, mode: str) -> None:
-    params = StdioServerParameters(command=sys.executable, args=[*SERVE[1:], str(root)])
+    params = StdioServerParameters(
+        command=sys.executable, args=[*SERVE[1:], str(root)], env=state_env()
+    )
     with anyio.fail_after(30):
         async with Client(params, mode=mode) as client:  # type: ignore[arg-type]
             assert {t.name for t in (await client.list_tools()).tools} == {

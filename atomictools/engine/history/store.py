@@ -37,6 +37,8 @@ from atomictools.engine.history.owner import this_process
 INLINE_BYTES = 64 * 1024
 """Previous content up to this size is copied into the database (see the module doc)."""
 HISTORY_DIR = "history"
+SCHEMA_VERSION = 1
+"""``PRAGMA user_version`` of the store; another is refused with what to do."""
 DB_NAME = "history.sqlite3"
 BLOBS_DIR = "blobs"
 _COPY_CHUNK = 1024 * 1024
@@ -132,7 +134,7 @@ class HistoryStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={synchronous}")
             if not self._conns:
-                conn.executescript(_SCHEMA)
+                self._check_schema(conn)
         except sqlite3.Error as err:
             raise self._failure(err) from err
         self._conns[synchronous] = conn
@@ -141,6 +143,22 @@ class HistoryStore:
     @property
     def _owner(self) -> str:
         return this_process()
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        """Create the tables in a new store; refuse one another version of atomictools made
+        (its tables would not mean what this code reads)."""
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if version != 0 or tables:
+            conn.close()
+            raise StateDirError(
+                f"the history store {self.directory / DB_NAME} was made by another version of "
+                f"atomictools (schema {version}; this one reads {SCHEMA_VERSION}): move the "
+                "history directory aside (its entries are forgotten), or start with --no-history"
+            )
+        conn.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
 
     def ready(self) -> None:
         """Open the store now (raises ``StateDirError`` if it is damaged or cannot be made):
