@@ -34,7 +34,7 @@ from atomictools.engine.db.database import Database
 from atomictools.engine.db.dberrors import DatabaseBusyError, DatabaseError
 from atomictools.engine.errors import PermissionDeniedError
 from tests.changeset_child import install, scenario, snapshot
-from tests.conftest import temp_files
+from tests.conftest import mounted_tmpfs, temp_files
 from tests.test_recovery import crash_child, records, tree_with_ours
 
 CHILD = Path(__file__).with_name("fault_child.py")
@@ -315,22 +315,8 @@ def test_failed_commit_says_the_outcome_is_unknown_and_a_keyed_retry_is_exact(
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs")
-    mount_point = tmp_path / "tmpfs"
-    mount_point.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path, "2m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def fill(directory: Path) -> Path:

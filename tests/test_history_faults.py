@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from atomictools import Change, StateDirError, Workspace
-from tests.conftest import temp_files
+from tests.conftest import mounted_tmpfs, temp_files
 
 pytestmark = pytest.mark.anyio
 
@@ -29,22 +28,8 @@ def sha(data: bytes) -> str:
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs: a state directory that fills up, on a file system of its own."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs")
-    mount_point = tmp_path / "tmpfs"
-    mount_point.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path, "4m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 async def test_a_damaged_store_refuses_changes_and_says_how_to_fix_it(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import re
+import sqlite3
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -221,6 +222,19 @@ def not_synced(done: str, err: OSError) -> DurabilityUnknownError:
         f"{done}, but syncing its directory failed ({err.strerror or err}); the change is "
         "visible but may not survive a power loss"
     )
+
+
+def sqlite_problem(err: Exception) -> str:
+    """What kind of failure a SQLite error of a state store is: ``damaged``, ``full``,
+    ``unwritable`` or ``other`` (each store words its own fix)."""
+    code = (getattr(err, "sqlite_errorcode", 0) or 0) & 0xFF
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return "damaged"
+    if code == sqlite3.SQLITE_FULL:
+        return "full"
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+        return "unwritable"
+    return "other"
 
 
 def state_dir_error(err: OSError, directory: object, action: str) -> StateDirError:

@@ -29,6 +29,7 @@ from atomictools.engine.errors import (
     AtomicToolsError,
     InvalidArgumentError,
     StateDirError,
+    sqlite_problem,
     state_dir_error,
 )
 
@@ -256,21 +257,14 @@ class IdempotencyStore:
 
     def _failure(self, err: sqlite3.Error) -> StateDirError:
         """The store failed: name the file, and what to do about it."""
-        code = (getattr(err, "sqlite_errorcode", 0) or 0) & 0xFF
-        if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
-            fix = (
-                "it is damaged: move it aside (the keys it held are forgotten, so a retry of an "
-                "earlier keyed call would be made again), or pass --state-dir"
-            )
-        elif code == sqlite3.SQLITE_FULL:
-            fix = "the disk is full: free space on it"
-        elif code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
-            fix = (
-                "its directory must be writable (not a read-only file system): fix it, or pass "
-                "--state-dir (or set ATOMICTOOLS_STATE_DIR)"
-            )
-        else:
-            fix = "check that file system, or pass --state-dir"
+        fix = {
+            "damaged": "it is damaged: move it aside (the keys it held are forgotten, so a "
+            "retry of an earlier keyed call would be made again), or pass --state-dir",
+            "full": "the disk is full: free space on it",
+            "unwritable": "its directory must be writable (not a read-only file system): fix "
+            "it, or pass --state-dir (or set ATOMICTOOLS_STATE_DIR)",
+            "other": "check that file system, or pass --state-dir",
+        }[sqlite_problem(err)]
         return StateDirError(f"the idempotency key store {self.path} failed ({err}); {fix}")
 
     def lookup(self, receipt: Receipt) -> str | None:

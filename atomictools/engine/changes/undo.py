@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from atomictools.engine.changes.model import Change
-from atomictools.engine.durable.fsutil import sha256_at
+from atomictools.engine.durable.fsutil import read_at, sha256_at
 from atomictools.engine.errors import (
     AtomicToolsError,
     ConflictError,
@@ -30,7 +30,7 @@ from atomictools.engine.history.model import HistoryEntry, Kind, PathChange
 from atomictools.engine.history.store import HistoryStore
 from atomictools.engine.history.view import shown_path
 from atomictools.engine.results import RestoredPath
-from atomictools.engine.sandbox import Location, Sandbox, open_entry
+from atomictools.engine.sandbox import Sandbox
 from atomictools.engine.text.edits import unified_diff
 from atomictools.engine.text.textcodec import decode
 
@@ -126,7 +126,7 @@ def _locate(sandbox: Sandbox, spans: dict[str, _Span], names: str) -> None:
                 if span.current == "file":
                     span.current_sha256 = sha256_at(location.dir_fd, location.name)
                     if st is not None and st.st_size <= _DIFF_BYTES:
-                        span.current_data = _read(location)
+                        span.current_data = read_at(location.dir_fd, location.name)
         except OutsideRootsError:
             outside.append(span.path)
         except NotFoundError:  # its directory is gone too (the set made it): absent
@@ -305,14 +305,3 @@ def _diff(span: _Span, restored: bytes) -> str | None:
     except AtomicToolsError:
         return None
     return unified_diff(old_text, new_text, span.display)
-
-
-def _read(location: Location) -> bytes:
-    fd = open_entry(location)
-    try:
-        chunks = []
-        while chunk := os.read(fd, _DIFF_BYTES + 1):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)

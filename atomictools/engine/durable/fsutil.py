@@ -141,6 +141,19 @@ def sha256_at(dir_fd: int, name: str) -> str | None:
         os.close(fd)
 
 
+def read_at(dir_fd: int, name: str, chunk_bytes: int = 1024 * 1024) -> bytes:
+    """A file's whole content, read through its directory (a link is refused, not followed);
+    for files the caller knows to be small."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        chunks = []
+        while chunk := os.read(fd, chunk_bytes):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def unlink_at(dir_fd: int, name: str | None) -> None:
     """Remove an entry if it is there."""
     if name:

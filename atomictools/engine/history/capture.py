@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from atomictools.engine.durable.fsutil import lstat_at
 from atomictools.engine.history.model import Kind, PathChange
 from atomictools.engine.history.store import INLINE_BYTES, KeptContent
+from atomictools.engine.results import entry_type
 
 _CHUNK = 1024 * 1024
 
@@ -59,15 +60,8 @@ class Before:
 
 
 def kind_of(st: os.stat_result | None) -> Kind:
-    if st is None:
-        return "absent"
-    if stat.S_ISREG(st.st_mode):
-        return "file"
-    if stat.S_ISDIR(st.st_mode):
-        return "directory"
-    if stat.S_ISLNK(st.st_mode):
-        return "symlink"
-    return "other"
+    """What a (non-following) stat describes, in the results' words; None is absent."""
+    return "absent" if st is None else entry_type(st)
 
 
 def capture(

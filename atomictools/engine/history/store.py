@@ -30,7 +30,12 @@ from typing import Any
 
 from atomictools.engine.config import Durability
 from atomictools.engine.durable import fsutil
-from atomictools.engine.errors import StateDirError, TooLargeError, state_dir_error
+from atomictools.engine.errors import (
+    StateDirError,
+    TooLargeError,
+    sqlite_problem,
+    state_dir_error,
+)
 from atomictools.engine.history.model import Evidence, HistoryEntry, PathChange
 from atomictools.engine.history.owner import this_process
 
@@ -42,6 +47,15 @@ SCHEMA_VERSION = 1
 DB_NAME = "history.sqlite3"
 BLOBS_DIR = "blobs"
 _COPY_CHUNK = 1024 * 1024
+
+_FIXES = {
+    "damaged": "it is damaged: move the history directory aside (its entries are forgotten), "
+    "or start with --no-history",
+    "full": "the disk is full: free space on it, or lower --history-max-bytes",
+    "unwritable": "its directory must be writable: fix it, pass --state-dir, or --no-history",
+    "other": "check that file system, pass --state-dir, or start with --no-history",
+}
+"""What to do when the store fails, by ``sqlite_problem``."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS changes (
@@ -177,18 +191,7 @@ class HistoryStore:
                 self._blobs_fd = -1
 
     def _failure(self, err: sqlite3.Error) -> StateDirError:
-        code = (getattr(err, "sqlite_errorcode", 0) or 0) & 0xFF
-        if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
-            fix = (
-                "it is damaged: move the history directory aside (its entries are forgotten), "
-                "or start with --no-history"
-            )
-        elif code == sqlite3.SQLITE_FULL:
-            fix = "the disk is full: free space on it, or lower --history-max-bytes"
-        elif code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
-            fix = "its directory must be writable: fix it, pass --state-dir, or --no-history"
-        else:
-            fix = "check that file system, pass --state-dir, or start with --no-history"
+        fix = _FIXES[sqlite_problem(err)]
         return StateDirError(f"the history store {self.directory / DB_NAME} failed ({err}); {fix}")
 
     @contextlib.contextmanager
@@ -364,7 +367,7 @@ class HistoryStore:
         if existing is not None and (existing[0] or self._private(content.sha256, content.size)):
             return False
         if content.size <= INLINE_BYTES and content.name is not None:
-            data = _read_at(content.dir_fd, content.name)
+            data = fsutil.read_at(content.dir_fd, content.name)
             conn.execute(
                 "INSERT INTO blobs (sha256, size, data, created) VALUES (?, ?, ?, ?)",
                 (content.sha256, len(data), data, time.time()),
@@ -535,16 +538,9 @@ class HistoryStore:
             if size > max_bytes:
                 raise_too_large(size, max_bytes)
             try:
-                fd = os.open(sha256, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self._blobs_fd)
+                data = fsutil.read_at(self._blobs_fd, sha256)
             except OSError:
                 return None
-            try:
-                chunks = []
-                while chunk := os.read(fd, _COPY_CHUNK):
-                    chunks.append(chunk)
-                data = b"".join(chunks)
-            finally:
-                os.close(fd)
         data = bytes(data)
         return data if hashlib.sha256(data).hexdigest() == sha256 else None
 
@@ -623,17 +619,6 @@ def _body(path: PathChange) -> str:
     body.pop("pruned")
     body["blob_wanted"] = body.pop("blob") is not None
     return json.dumps(body)
-
-
-def _read_at(dir_fd: int, name: str) -> bytes:
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
-    try:
-        chunks = []
-        while chunk := os.read(fd, INLINE_BYTES + 1):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def raise_too_large(size: int, max_bytes: int) -> None:
