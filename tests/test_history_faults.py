@@ -8,8 +8,13 @@ change that could not be taken back.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,3 +114,59 @@ async def test_a_store_of_another_version_is_refused_by_name(
         await Workspace([root]).write("a.txt", "new\n")
     assert str(caught.value).endswith("nothing was changed")
     assert (root / "a.txt").read_text() == "orig\n"
+
+
+NOBODY = 65534
+_AS_NOBODY = """
+import json, os, sys
+import anyio
+from atomictools import AtomicToolsError, Workspace
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+root, state, history = sys.argv[1], sys.argv[2], sys.argv[3] == "on"
+try:
+    anyio.run(Workspace([root], state_dir=state, history=history).write, "locked.txt", "new\\n")
+except AtomicToolsError as err:
+    print(json.dumps({"ok": False, "type": type(err).__name__, "message": str(err)}))
+else:
+    print(json.dumps({"ok": True}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to an unprivileged user")
+def test_a_file_that_may_be_replaced_but_not_read_is_refused_not_lost() -> None:
+    """Renaming over a file needs only its directory's permission; keeping it for the history
+    needs reading it. An unreadable file is refused (nothing changed), not replaced unkept."""
+    base = Path(tempfile.mkdtemp(prefix="atomictools-nobody-"))
+    try:
+        base.chmod(0o755)
+        root, state = base / "root", base / "state"
+        for directory in (root, state):
+            directory.mkdir()
+            os.chown(directory, NOBODY, NOBODY)
+        locked = root / "locked.txt"
+        locked.write_text("old\n")
+        os.chown(locked, NOBODY, NOBODY)
+        locked.chmod(0)
+
+        def run(history: str) -> dict[str, object]:
+            done = subprocess.run(
+                [sys.executable, "-c", _AS_NOBODY, str(root), str(state), history],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=60,
+            )
+            return dict(json.loads(done.stdout.splitlines()[-1]))
+
+        refused = run("on")
+        assert refused["ok"] is False, refused
+        assert refused["type"] == "PermissionDeniedError"
+        message = str(refused["message"])
+        assert "keep the previous version (for the history) of locked.txt" in message
+        assert message.endswith("nothing was changed")
+        assert locked.read_text() == "old\n"  # read as root
+        assert sorted(p.name for p in root.iterdir()) == ["locked.txt"]
+        assert run("off") == {"ok": True}  # without history, replacing it is allowed
+        assert locked.read_text() == "new\n"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

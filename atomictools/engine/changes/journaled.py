@@ -71,9 +71,9 @@ from atomictools.engine.errors import (
     from_os_error,
     state_dir_error,
 )
-from atomictools.engine.history.capture import Before, capture, diff_counts
+from atomictools.engine.history.capture import Before, diff_counts
 from atomictools.engine.history.model import PathChange
-from atomictools.engine.history.recording import History, rows_moved
+from atomictools.engine.history.recording import History, captured, rows_moved
 from atomictools.engine.history.store import KeptContent, new_change_id
 from atomictools.engine.reads.files import read_whole
 from atomictools.engine.results import (
@@ -512,9 +512,7 @@ class ChangeSetRunner:
 
         def take(location: Location, member: str | None, keep: bool, data: bytes | None) -> Before:
             keep_from = (location.dir_fd, member) if member is not None else None
-            return capture(
-                location.dir_fd, location.name, keep=keep, known=data, keep_from=keep_from
-            )
+            return captured(location, keep, data, keep_from)
 
         largest = max(_size_of(target), _size_of(planned.source) if planned.source else 0)
         inline = self.limits.inline(largest)

@@ -22,7 +22,7 @@ from atomictools.engine.config import Durability, Limits
 from atomictools.engine.durable.blocking import alongside, run_blocking
 from atomictools.engine.durable.steps import crash_point
 from atomictools.engine.durable.writer import PendingFile
-from atomictools.engine.errors import AtomicToolsError
+from atomictools.engine.errors import AtomicToolsError, from_os_error
 from atomictools.engine.history.capture import Before, capture, diff_counts
 from atomictools.engine.history.model import Evidence, PathChange
 from atomictools.engine.history.store import (
@@ -111,8 +111,7 @@ class Recording:
         st = location.lstat()
         size = st.st_size if st is not None else 0
         before = await run_blocking(
-            known is not None or self.limits.inline(size),
-            lambda: capture(location.dir_fd, location.name, keep=keep, known=known),
+            known is not None or self.limits.inline(size), captured, location, keep, known
         )
         if before.kept is not None:
             self.kept.append(before.kept)
@@ -245,6 +244,22 @@ class WriteRecording:
 
     def abandoned(self) -> None:
         self.recording.abandoned()
+
+
+def captured(
+    location: Location,
+    keep: bool,
+    known: bytes | None = None,
+    keep_from: tuple[int, str] | None = None,
+) -> Before:
+    """``capture`` of a location, its failure said as the toolkit says it: a file the server
+    may replace but not read cannot be kept, so the change is refused (nothing changed)."""
+    try:
+        return capture(location.dir_fd, location.name, keep=keep, known=known, keep_from=keep_from)
+    except OSError as err:
+        raise from_os_error(
+            err, location.display, "keep the previous version (for the history) of"
+        ) from err
 
 
 def dir_evidence(location: Location, ino: int | None, before_ino: int | None) -> Evidence:
