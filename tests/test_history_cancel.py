@@ -37,6 +37,7 @@ import pytest
 from atomictools import Change, Limits, Workspace, is_temp_name
 from atomictools.engine.durable.steps import observe_steps
 from atomictools.engine.history.store import HistoryStore, store_for
+from tests.changeset_child import snapshot
 from tests.history_child import BIG_NEW, BIG_OLD, DIR, SET_AFTER, SET_BEFORE, Tree, install
 
 pytestmark = pytest.mark.anyio
@@ -45,20 +46,6 @@ CHUNK = 32 * 1024
 MAX_STEPS = 500
 TIMEOUT = 10.0
 Operation = Callable[[], Awaitable[object]]
-
-
-def snapshot(root: Path) -> Tree:
-    """Every entry below ``root``: files with their bytes, directories (temps included)."""
-    tree: Tree = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            if path.is_symlink():
-                tree[rel] = f"<link {os.readlink(path)}>"
-            else:
-                tree[rel] = DIR if path.is_dir() else path.read_bytes()
-    return tree
 
 
 def ours(top: Path) -> list[str]:

@@ -43,6 +43,7 @@ from atomictools import Workspace, is_temp_name
 from atomictools.engine.changes.recovery_report import RecoveryReport
 from atomictools.engine.durable.steps import CRASH_ENV, CRASH_SIGNAL_ENV
 from atomictools.engine.history.store import store_for
+from tests.changeset_child import snapshot as tree_of
 from tests.history_child import DIR, SCENARIO_NAMES, Scenario, Tree, install, scenario
 
 CHILD = Path(__file__).with_name("history_child.py")
@@ -66,21 +67,12 @@ class Lane:
 
 
 def snapshot(root: Path) -> Tree:
-    """Every entry below ``root``: files with their bytes, directories (temps left out)."""
-    tree: Tree = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            if is_temp_name(name):
-                continue
-            rel = path.relative_to(root).as_posix()
-            if path.is_symlink():
-                tree[rel] = f"<link {os.readlink(path)}>"
-            elif path.is_dir():
-                tree[rel] = DIR
-            else:
-                tree[rel] = path.read_bytes()
-    return tree
+    """The tree as users see it: everything below ``root`` but our own temp files."""
+    return {
+        rel: content
+        for rel, content in tree_of(root).items()
+        if not is_temp_name(rel.rsplit("/", 1)[-1])
+    }
 
 
 def ours(root: Path) -> list[str]:
