@@ -190,10 +190,16 @@ class Workspace:
     # -- recovery -------------------------------------------------------------------------------
 
     async def recover_interrupted(self) -> RecoveryReport:
-        """Finish or undo the change sets a crash interrupted (their journal records), in a
-        worker thread; what cannot be done now makes only its own paths refused."""
-        report = await anyio.to_thread.run_sync(recover_journals, self.sandbox, self.journal_dir)
-        await anyio.to_thread.run_sync(self._reconcile_history, report, False)
+        """Finish or undo the change sets a crash interrupted (their journal records), then
+        decide the history entries it left pending, in one worker thread; what cannot be done
+        now makes only its own paths refused."""
+
+        def recover() -> RecoveryReport:
+            report = recover_journals(self.sandbox, self.journal_dir)
+            self._reconcile_history(report, False)
+            return report
+
+        report = await anyio.to_thread.run_sync(recover)
         self.note_unfinished(report)
         return report
 
