@@ -39,6 +39,23 @@ class AtomicToolsError(Exception):
         return self
 
 
+class DatabaseError(AtomicToolsError):
+    """SQLite refused or failed a statement; the transaction was rolled back, so the
+    database is as it was."""
+
+    code = "database"
+    outcome = "nothing was committed"
+
+
+class CommitUnknownError(DatabaseError):
+    """COMMIT failed: the transaction may or may not be in the database."""
+
+    code = "commit_outcome_unknown"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, changed=True)
+
+
 class InvalidArgumentError(AtomicToolsError):
     """A parameter is wrong (empty, out of range, contradictory); nothing was changed."""
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 EntryType = Literal["file", "directory", "symlink", "other"]
-OpName = Literal["write", "edit", "move", "copy", "delete", "mkdir", "rmdir"]
-"""The kinds of file change (``Change.op``); ``rmdir`` (an empty directory) is how an undo
-takes back a ``mkdir``."""
+OpName = Literal["write", "edit", "move", "copy", "delete", "mkdir", "rmdir", "sql"]
+"""The kinds of change (``Change.op``); ``rmdir`` (an empty directory) is how an undo takes
+back a ``mkdir``; ``sql`` is a change set's database step."""
 
 
 def entry_type(st: os.stat_result) -> EntryType:
@@ -205,6 +205,15 @@ class FileInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class StatementResult:
+    """What one statement changed: rows affected and the last rowid."""
+
+    rowcount: int
+    """Rows changed by an INSERT/UPDATE/DELETE (-1 for other statements)."""
+    lastrowid: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class ChangeOutcome:
     """What one change of a set did (or, in a dry run, would do), in the order given."""
 
@@ -221,6 +230,8 @@ class ChangeOutcome:
     """Content hash before an edit."""
     type: EntryType | None = None
     """What a delete removed or a move moved."""
+    statements: tuple[StatementResult, ...] = ()
+    """A database step (``sql``): what each statement did (``path`` names the database)."""
 
 
 RestoreAction = Literal[
@@ -274,7 +285,17 @@ class ChangeSetResult:
     @classmethod
     def from_json(cls, text: str) -> ChangeSetResult:
         data = json.loads(text)
-        changes = tuple(ChangeOutcome(**change) for change in data["changes"])
+        changes = tuple(
+            ChangeOutcome(
+                **{
+                    **change,
+                    "statements": tuple(
+                        StatementResult(**item) for item in change.get("statements", ())
+                    ),
+                }
+            )
+            for change in data["changes"]
+        )
         return cls(
             changes,
             applied=bool(data["applied"]),

@@ -9,6 +9,7 @@ method is a coroutine that is safe to cancel.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -31,9 +32,10 @@ from atomictools.engine.changes.idempotency import (
     key_locked,
 )
 from atomictools.engine.changes.journaled import ChangeSetRunner, apply_change_set
-from atomictools.engine.changes.model import Change
+from atomictools.engine.changes.model import Change, Params, Statement
 from atomictools.engine.changes.recovery import recover_journals
 from atomictools.engine.changes.recovery_report import RecoveryReport, Resolve, UnfinishedSet
+from atomictools.engine.changes.sqlstep import SqlDatabase
 from atomictools.engine.changes.sweep import sweep_temps
 from atomictools.engine.changes.undo import plan_undo
 from atomictools.engine.changes.unfinished import LockKey, UnfinishedSets, lock_key
@@ -775,10 +777,17 @@ class Workspace:
             if not entries:
                 raise NotFoundError("no recorded change inside the allowed directories to undo")
         for entry in entries:
-            if entry.database is not None:
+            if entry.database is not None and not entry.paths:
                 raise NotUndoableError(
                     f"change {entry.id} is a database call ({entry.op} on {entry.database}); "
                     "database calls are recorded for audit and cannot be undone"
+                )
+            if entry.database is not None and paths is None:
+                raise NotUndoableError(
+                    f"change {entry.id} also committed statements to database "
+                    f"{entry.database}, which cannot be undone: taking back its files alone "
+                    "would leave them out of step with the database. To do that anyway, name "
+                    "the files in paths"
                 )
         only = None if paths is None else [str(self.absolute_unresolved(p)) for p in paths]
         ids = [entry.id for entry in entries]
@@ -853,6 +862,13 @@ def _known(value: T | None) -> T:
 
 def _change_args(change: Change) -> dict[str, object]:
     """What a keyed call's fingerprint covers: every argument of every change."""
+    if change.op == "sql":
+        database = change.database
+        return {
+            "op": "sql",
+            "database": str(database.path) if database is not None else None,
+            "statements": [[s.sql, s.params] for s in change.statements],
+        }
     return {
         "op": change.op,
         "path": change.path,
@@ -926,6 +942,21 @@ class ChangeSet:
 
     def mkdir(self, path: str) -> None:
         self.changes.append(Change("mkdir", path))
+
+    def sql(self, database: SqlDatabase, sql: str, params: Params = None) -> None:
+        """A statement on ``database`` (a ``Database``), committed with the files as one.
+
+        Consecutive statements on it form one step; every step of a set must use the same
+        database (SQLite commits each database file on its own).
+        """
+        statement = Statement(sql, params)
+        last = self.changes[-1] if self.changes else None
+        if last is not None and last.op == "sql" and last.database is database:
+            self.changes[-1] = dataclasses.replace(last, statements=(*last.statements, statement))
+            return
+        self.changes.append(
+            Change("sql", database.name, database=database, statements=(statement,))
+        )
 
 
 def _workspace_of_file(path: PathArg, durability: Durability | str) -> tuple[Workspace, str]:

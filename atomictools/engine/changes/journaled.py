@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 
@@ -45,7 +45,8 @@ from atomictools.engine.changes import checks
 from atomictools.engine.changes.content import copy_into, plan_edit
 from atomictools.engine.changes.idempotency import IdempotencyStore, Receipt
 from atomictools.engine.changes.model import MAX_CHANGES, Change
-from atomictools.engine.changes.record import RECORD_SUFFIX, JournalRecord, OpRecord
+from atomictools.engine.changes.record import RECORD_SUFFIX, JournalRecord, OpRecord, State
+from atomictools.engine.changes.sqlstep import SqlPart, SqlTransaction
 from atomictools.engine.config import Durability, Limits
 from atomictools.engine.durable import fsutil
 from atomictools.engine.durable.blocking import run_blocking
@@ -61,7 +62,9 @@ from atomictools.engine.durable.tempfiles import (
 from atomictools.engine.durable.writer import AtomicWriter, PendingFile
 from atomictools.engine.errors import (
     AtomicToolsError,
+    CommitUnknownError,
     ConcurrentChangeError,
+    DatabaseError,
     DurabilityUnknownError,
     InvalidArgumentError,
     NotFoundError,
@@ -183,6 +186,8 @@ class _Backup:
 class _Planned:
     change: Change
     target: Location
+    index: int = 1
+    """Where the change is in the set (1-based), for messages and the order of outcomes."""
     source: Location | None = None
     staged: PendingFile | None = None
     backup: _Backup | None = None
@@ -302,6 +307,10 @@ class ChangeSetRunner:
         """A keyed call: its committed record carries the key, for recovery to record."""
         self.history: History | None = None
         """Where the set is recorded once applied (None: not recorded)."""
+        self.sql: SqlPart | None = None
+        """The set's database steps: its commit point is then that database's COMMIT."""
+        self.total = 0
+        """How many changes the set has (file changes and database steps)."""
         self.history_op = "apply_changes"
         self.undoes: tuple[str, ...] = ()
         self.change_id = new_change_id()
@@ -321,22 +330,28 @@ class ChangeSetRunner:
         if len(changes) > MAX_CHANGES:
             raise TooLargeError(f"{len(changes)} changes is more than {MAX_CHANGES}; split them")
         self.dry_run = dry_run
+        self.total = len(changes)
+        self.sql = SqlPart.collect(changes, lambda index, op: _label(index, len(changes), op))
         seen: dict[tuple[str, str], int] = {}
         virtual_dirs: list[str] = []  # dry run: directories mkdir changes would create
         try:
             for index, change in enumerate(changes, start=1):
+                if change.op == "sql":
+                    continue  # collected above: the database is not a path
                 follow = change.op not in ("move", "delete", "rmdir")
                 make = self._make_dir if change.op == "mkdir" and not dry_run else None
                 label = _label(index, len(changes), change.op)
                 if dry_run and self._virtual_in_dry_run(change, virtual_dirs):
-                    placeholder = _Planned(change, self.sandbox.resolve("."), virtual=change.path)
+                    placeholder = _Planned(
+                        change, self.sandbox.resolve("."), index, virtual=change.path
+                    )
                     self.planned.append(placeholder)
                     if change.op == "mkdir":
                         virtual_dirs.append(change.path)
                     continue
                 try:
                     target = self.sandbox.resolve(change.path, follow_final=follow, make_dir=make)
-                    planned = _Planned(change, target)
+                    planned = _Planned(change, target, index)
                     self.planned.append(planned)
                     if change.op == "mkdir":
                         self._plan_mkdir(planned)
@@ -402,17 +417,29 @@ class ChangeSetRunner:
                 planned.source.close()
 
     async def prepare(self, progress: Progress | None, dry_run: bool) -> None:
-        total = len(self.planned)
-        for index, planned in enumerate(self.planned, start=1):
+        for done, planned in enumerate(self.planned, start=1):
             if planned.virtual is not None:
                 continue  # dry run, inside a directory not made yet: nothing to check
             try:
                 await self._prepare_one(planned, dry_run)
             except AtomicToolsError as err:
-                raise err.prefixed(_label(index, total, planned.change.op)) from None
+                raise err.prefixed(_label(planned.index, self.total, planned.change.op)) from None
             await step("changeset.prepare")
             if progress is not None:
-                await progress(index, total * 2)
+                await progress(done, self.total * 2)
+
+    async def run_statements(self, tx: SqlTransaction, progress: Progress | None) -> None:
+        """The database steps, in order, inside the set's transaction (each error names its
+        step: ``change 3 of 4 (sql): statement 2 of 2 (...) failed: ...``)."""
+        assert self.sql is not None
+        for sql_step in self.sql.steps:
+            try:
+                sql_step.results = tuple(await tx.run(sql_step.change.statements))
+            except AtomicToolsError as err:
+                raise err.prefixed(_label(sql_step.index, self.total, "sql")) from None
+            await step("changeset.sql")
+            if progress is not None:
+                await progress(len(self.planned) + sql_step.index, self.total * 2)
 
     async def _prepare_one(self, planned: _Planned, dry_run: bool) -> None:
         known = await self._stage_one(planned, dry_run)
@@ -562,6 +589,7 @@ class ChangeSetRunner:
                 for p in self.planned
                 for k, member in p.kept
             ],
+            **({"audit": self.sql.audit()} if self.sql is not None else {}),
         }
 
     async def _prepare_move(
@@ -774,9 +802,10 @@ class ChangeSetRunner:
                 os.unlink(name, dir_fd=location.dir_fd)
         self._claimed.clear()
 
-    def _record(self, state: Literal["preparing", "committed"]) -> JournalRecord:
+    def _record(self, state: State) -> JournalRecord:
         keyed = None
-        if state == "committed" and self.receipt is not None:
+        final = state != "preparing"  # the record recovery rolls forward from
+        if final and self.receipt is not None:
             keyed = self.receipt.as_record(self.outcomes(applied=True).to_json())
         recorded = self.history is not None and self.history.enabled
         return JournalRecord(
@@ -788,7 +817,8 @@ class ChangeSetRunner:
             ops=tuple(op for p in self.planned for op in p.records()),
             created_dirs=tuple(self.created_dirs),
             idempotency=keyed,
-            history=self.history_entry() if state == "committed" and recorded else None,
+            history=self.history_entry() if final and recorded else None,
+            database=self.sql.record() if state == "prepared" and self.sql is not None else None,
         )
 
     def record_history(self) -> None:
@@ -817,15 +847,18 @@ class ChangeSetRunner:
             durability=self.durability,
             pending=False,
             undoes=self.undoes,
+            audit=self.sql.audit() if self.sql is not None else None,
         )
         crash_point("changeset.history_recorded")
         self.history.after_change()
 
     # -- commit and apply ------------------------------------------------------------------
 
-    def commit(self) -> None:
+    def commit(self, state: State = "committed") -> None:
         """Make the committed record durable: from here on the change is rolled forward.
 
+        ``prepared`` (a set with a database step): the record names the database, whose
+        COMMIT of the set's marker, right after, is the commit point instead.
         Raises (with nothing applied) when a staged entry or the record cannot be made durable.
         """
         if self.durability is Durability.FULL:
@@ -846,8 +879,8 @@ class ChangeSetRunner:
         crash_point("changeset.prepared")
         if self.journal is None:
             self.journal = JournalFile(self.journal_dir, self.txid, self.durability)
-        self.journal.write(self._record("committed"))
-        crash_point("changeset.committed")
+        self.journal.write(self._record(state))
+        crash_point("changeset.committed" if state == "committed" else "changeset.record_written")
 
     def apply(self) -> None:
         """Perform every rename/unlink in order (inline: nothing can cancel half of it).
@@ -888,6 +921,21 @@ class ChangeSetRunner:
                 logger.warning("change set %s: removing its journal failed: %s", self.txid, err)
         crash_point("changeset.finished")
 
+    def release(self) -> None:
+        """Undecided whether the set committed: close every member and the record, which
+        stay for recovery to decide from the database's marker."""
+        for planned in self.planned:
+            for member in planned.members:
+                if member is not None:
+                    _close(member.fd)
+                    member.fd = -1
+            if planned.staged is not None:
+                planned.staged.committed = True  # closed, not removed
+                planned.staged.discard()
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+
     def undo_prepare(self) -> None:
         """Before the commit point: remove staged files, backups and claims, and created dirs.
 
@@ -918,8 +966,9 @@ class ChangeSetRunner:
                 journal.remove()
 
     def outcomes(self, applied: bool) -> ChangeSetResult:
-        return ChangeSetResult(
-            tuple(
+        done = [
+            (
+                p.index,
                 ChangeOutcome(
                     op=p.change.op,
                     path=p.virtual or p.target.display,
@@ -930,9 +979,14 @@ class ChangeSetRunner:
                     size=p.size,
                     previous_sha256=p.previous_sha256,
                     type=p.type,
-                )
-                for p in self.planned
-            ),
+                ),
+            )
+            for p in self.planned
+        ]
+        if self.sql is not None:
+            done += [(s.index, s.outcome()) for s in self.sql.steps]
+        return ChangeSetResult(
+            tuple(outcome for _index, outcome in sorted(done, key=lambda pair: pair[0])),
             applied=applied,
             txid=self.txid if applied else None,
             change_id=self.change_id if applied and self._recorded else None,
@@ -999,17 +1053,20 @@ async def apply_change_set(
     """Run the protocol on a planned runner (the caller holds the path locks); closes it."""
     try:
         committed = False
+        undecided = False
         try:
             await runner.prepare(progress, dry_run)
+            if runner.sql is not None:
+                committed, undecided = await _commit_with_database(runner, dry_run, progress)
             if dry_run:
                 return runner.outcomes(applied=False)
-            await step("changeset.commit")
-            if runner.history is not None and runner.history.enabled:
-                runner.history.store.ready()
-            runner.commit()
-            committed = True
+            if runner.sql is None:
+                await step("changeset.commit")
+                _history_ready(runner)
+                runner.commit()
+                committed = True
         finally:
-            if not committed:
+            if not committed and not undecided:
                 runner.undo_prepare()
         # Committed: the set will happen (recovery rolls it forward), so its history entry is
         # written now, while every backup it keeps content from is still in place.
@@ -1039,6 +1096,9 @@ async def apply_change_set(
             ) from unrecorded
         _record_key(runner)
         runner.finish()
+        if runner.sql is not None:  # the set is over: its marker is not needed any more
+            await runner.sql.database.drop_marker(runner.txid)
+            crash_point("changeset.marker_dropped")
         if unsynced is not None:
             raise DurabilityUnknownError(
                 "the change set was applied, but syncing a directory failed "
@@ -1046,10 +1106,84 @@ async def apply_change_set(
             ) from unsynced
         if progress is not None:
             with anyio.CancelScope(shield=True):
-                await progress(2 * len(runner.planned), 2 * len(runner.planned))
+                await progress(2 * runner.total, 2 * runner.total)
         return runner.outcomes(applied=True)
     finally:
         runner.close_locations()
+
+
+class _DryRun(Exception):
+    """Leaves the database transaction of a dry run, which rolls it back."""
+
+
+def _history_ready(runner: ChangeSetRunner) -> None:
+    """A history that cannot take the set's entry refuses the set before its commit point."""
+    if runner.history is not None and runner.history.enabled:
+        runner.history.store.ready()
+
+
+async def _commit_with_database(
+    runner: ChangeSetRunner, dry_run: bool, progress: Progress | None
+) -> tuple[bool, bool]:
+    """The commit of a set with database steps; returns (committed, undecided).
+
+    Inside the database's write transaction: the statements run, the ``prepared`` record
+    (naming the database) is made durable, the set's marker is inserted, and the COMMIT,
+    shielded, is the single commit point of files and database together. Any exit before
+    it rolls the transaction back (the caller then undoes the preparation). A dry run rolls
+    the statements back once their results are known.
+    """
+    assert runner.sql is not None
+    database = runner.sql.database
+    marked = False
+    try:
+        async with database.set_transaction() as tx:
+            await runner.run_statements(tx, progress)
+            if dry_run:
+                raise _DryRun
+            await step("changeset.commit")
+            _history_ready(runner)
+            runner.commit("prepared")
+            await tx.mark(runner.txid, runner.record_path)
+            marked = True
+            crash_point("changeset.marked")
+    except _DryRun:
+        return False, False
+    except BaseException as err:
+        if not marked:
+            raise  # rolled back before the COMMIT: the caller undoes the files
+        # The COMMIT failed. Whether it reached the database is what the marker says.
+        return await _after_failed_commit(runner, err), False
+    return True, False
+
+
+async def _after_failed_commit(runner: ChangeSetRunner, err: BaseException) -> bool:
+    """A failed COMMIT: the marker, read on a fresh connection, decides (True: committed).
+
+    When even that cannot be read, the set is left prepared (files staged, record kept) for
+    recovery to decide, and ``RecoveryNeededError`` says so.
+    """
+    assert runner.sql is not None
+    database = runner.sql.database
+    try:
+        present = await database.marker_present(runner.txid)
+    except AtomicToolsError as check:
+        runner.release()
+        raise RecoveryNeededError(
+            f"COMMIT on database {database.name} failed ({err}), and whether it happened "
+            f"could not be read back ({check.message}); change set {runner.txid} is kept as "
+            "it was prepared, and `atomictools recover` (or the next start, or the next call "
+            "that touches its files) finishes or undoes it from the database's answer"
+        ) from err
+    if present:
+        logger.warning("change set %s: COMMIT reported %s, but it happened", runner.txid, err)
+        return True
+    if isinstance(err, AtomicToolsError) and not isinstance(err, CommitUnknownError):
+        raise err
+    raise DatabaseError(
+        f"COMMIT on database {database.name} failed ({err}); the change set's marker is not "
+        "in the database, so nothing was committed there, and no file was changed"
+    ) from err
 
 
 def _record_history(runner: ChangeSetRunner) -> StateDirError | None:

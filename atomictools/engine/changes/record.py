@@ -16,12 +16,16 @@ from typing import Any, Literal
 
 RECORD_SUFFIX = ".journal.json"
 RECORD_VERSION = 2
-"""2: members are named after their change set and a claim points to the record."""
+"""2: members are named after their change set and a claim points to the record. A set with a
+database step adds the state ``prepared`` and the field ``database`` (a reader that does not
+know them refuses the record as untrusted: it never guesses)."""
 
 OpKind = Literal["replace", "delete", "move", "rmdir"]
-State = Literal["preparing", "committed"]
+State = Literal["preparing", "prepared", "committed"]
+"""``preparing``: never committed (rolled back). ``committed``: rolled forward. ``prepared``: a
+set with a database step, whose commit point is that database's COMMIT: its marker decides."""
 _OP_KINDS = ("replace", "delete", "move", "rmdir")
-_STATES = ("preparing", "committed")
+_STATES = ("preparing", "prepared", "committed")
 
 
 class UntrustedRecordError(ValueError):
@@ -101,6 +105,8 @@ class JournalRecord:
     history: dict[str, Any] | None = None
     """The set's history entry and where its kept content is (see ``history_entry``), so
     the recovery that rolls the set forward records it if the set could not."""
+    database: dict[str, Any] | None = None
+    """A ``prepared`` set's database (``name``, ``path``), where its marker decides."""
 
     @property
     def committed(self) -> bool:
@@ -125,6 +131,8 @@ class JournalRecord:
             body["idempotency"] = self.idempotency
         if self.history is not None:
             body["history"] = self.history
+        if self.database is not None:
+            body["database"] = self.database
         return body
 
     def encode(self) -> bytes:
@@ -173,6 +181,13 @@ def decode(data: bytes) -> JournalRecord:
     history = body.get("history")
     if history is not None and not isinstance(history, dict):
         raise UntrustedRecordError("history is not an object")
+    database = body.get("database")
+    if state == "prepared":
+        fields = _object(database, "the record's database")
+        _text(fields, "path", "the record's database")
+        _text(fields, "name", "the record's database")
+    elif database is not None:
+        raise UntrustedRecordError(f"a {state} record names a database")
     return JournalRecord(
         txid=_text(body, "txid", "the record"),
         state=state,  # type: ignore[arg-type]  # checked against _STATES above
@@ -183,6 +198,7 @@ def decode(data: bytes) -> JournalRecord:
         created_dirs=tuple(_pair(made, f"created_dirs[{i}]") for i, made in enumerate(dirs_raw)),
         idempotency=idempotency,
         history=history,
+        database=database,
     )
 
 

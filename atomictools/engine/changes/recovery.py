@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
 import sqlite3
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
+from atomictools.engine.changes import markers
 from atomictools.engine.changes.idempotency import IdempotencyStore, Receipt, failed_result
 from atomictools.engine.changes.record import (
     RECORD_SUFFIX,
@@ -49,7 +52,7 @@ from atomictools.engine.durable.tempfiles import (
     parse_member,
     remove_set_files,
 )
-from atomictools.engine.errors import AtomicToolsError
+from atomictools.engine.errors import AtomicToolsError, OutsideRootsError
 from atomictools.engine.history.model import PathChange
 from atomictools.engine.history.store import KeptContent, store_for
 from atomictools.engine.sandbox import Sandbox
@@ -351,7 +354,28 @@ def _recover_trusted(
                 )
             )
             return
-        forward = record.committed and not rollback
+        try:
+            committed = _committed(record, sandbox)
+        except _Undecided as err:
+            report.leave(
+                UnfinishedSet(
+                    txid,
+                    f"changes database {err.database} too, and whether its transaction "
+                    f"committed cannot be read ({err.reason}); its record and files were kept",
+                    str(path),
+                    paths=targets,
+                    fix="run `atomictools recover` again once that database can be opened",
+                )
+            )
+            return
+        # A database commit cannot be taken back: such a set is finished, never half undone.
+        forward = committed and (not rollback or record.database is not None)
+        if committed and rollback and record.database is not None:
+            report.conflicts.append(
+                f"change set {txid}: rolled forward, not back: its transaction on database "
+                f"{record.database['name']} had committed, and atomictools cannot undo a "
+                "database commit"
+            )
         durable = record.durability != "fast"
         if dry_run:
             (report.rolled_forward if forward else report.rolled_back).append(txid)
@@ -363,7 +387,7 @@ def _recover_trusted(
                 conflicts = [
                     c for op in record.ops if (c := _roll_forward(op, dirs, txid)) is not None
                 ]
-            elif record.committed:
+            elif committed:
                 conflicts = [
                     c for op in reversed(record.ops) if (c := _roll_back(op, dirs)) is not None
                 ]
@@ -409,8 +433,66 @@ def _recover_trusted(
             fsutil.sync_directory(journal_fd)
         finally:
             os.close(journal_fd)
+    if forward and record.database is not None:  # after the record: never a false "absent"
+        _drop_marker(record, sandbox)
     report.handled.add(txid)
     (report.rolled_forward if forward else report.rolled_back).append(txid)
+
+
+class _Undecided(Exception):
+    """The database a prepared set names cannot tell whether the set committed."""
+
+    def __init__(self, database: str, reason: str) -> None:
+        super().__init__(reason)
+        self.database = database
+        self.reason = reason
+
+
+def _committed(record: JournalRecord, sandbox: Sandbox) -> bool:
+    """Did the set pass its commit point? A prepared set's database answers (its marker)."""
+    if record.state != "prepared":
+        return record.committed
+    assert record.database is not None
+    name = str(record.database["name"])
+    try:
+        with _marker_connection(record, sandbox) as conn:
+            return markers.present(conn, record.txid)
+    except (OSError, sqlite3.Error, AtomicToolsError) as err:
+        raise _Undecided(name, str(err)) from err
+
+
+@contextlib.contextmanager
+def _marker_connection(record: JournalRecord, sandbox: Sandbox) -> Iterator[sqlite3.Connection]:
+    """The database a record names: through the sandbox when it lies inside the roots (a
+    link on the way cannot lead out), by its path when the operator named one elsewhere."""
+    assert record.database is not None
+    path = str(record.database["path"])
+    try:
+        location = sandbox.resolve(path)
+    except OutsideRootsError:
+        location = None
+    if location is None:
+        conn = markers.connect(path)
+    else:
+        with location:
+            if location.lstat() is None:
+                raise FileNotFoundError(errno.ENOENT, "the database file is missing", path)
+            conn = markers.connect(f"/proc/self/fd/{location.dir_fd}/{location.name}")
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _drop_marker(record: JournalRecord, sandbox: Sandbox) -> None:
+    """The set is over: its marker goes (a failure is harmless: the next set drops it)."""
+    try:
+        with _marker_connection(record, sandbox) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            markers.delete(conn, record.txid)
+            conn.execute("COMMIT")
+    except (OSError, sqlite3.Error, AtomicToolsError) as err:
+        logger.info("change set %s: its database marker stays for now (%s)", record.txid, err)
 
 
 def _outside_dirs(record: JournalRecord, dirs: _Dirs) -> set[str]:
@@ -461,6 +543,7 @@ def _record_history(record: JournalRecord, dirs: _Dirs, state_dir: Path) -> None
         pending=False,
         undoes=[str(u) for u in entry.get("undoes", [])],
         when=record.created,
+        audit=entry.get("audit"),
     )
 
 

@@ -20,7 +20,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,9 @@ import aiosqlite
 import anyio
 import anyio.to_thread
 
-from atomictools.engine.changes import idempotency
+from atomictools.engine.changes import idempotency, markers
+from atomictools.engine.changes.model import Params, Statement
+from atomictools.engine.changes.sqlstep import audit_of, shortened
 from atomictools.engine.config import Durability
 from atomictools.engine.db.dberrors import (
     DatabaseBusyError,
@@ -51,40 +53,21 @@ from atomictools.engine.errors import (
     TooLargeError,
 )
 from atomictools.engine.history.recording import History
-from atomictools.engine.results import Progress
+from atomictools.engine.results import Progress, StatementResult
 
 logger = logging.getLogger("atomictools.engine.db.database")
 
 T = TypeVar("T")
-Params = Sequence[Any] | Mapping[str, Any] | None
 PROGRESS_STEPS = 1000
 """SQLite VM steps between checks of the abort flag: small enough to stop a query at once."""
 CLEANUP_SECONDS = 5.0
-__all__ = ["DatabaseError", "StatementError"]  # defined in dberrors, documented here too
+# Defined below this layer (dberrors, changes.model, results), documented here too.
+__all__ = ["DatabaseError", "Params", "Statement", "StatementError", "StatementResult"]
 STATEMENT_ERRORS = (sqlite3.Error, OverflowError, ValueError)
 """What a bad statement or parameter raises (an int beyond 64 bits is an OverflowError)."""
 BATCH_SECONDS = 0.02
 """How long one worker call runs statements before progress is reported."""
 MAX_READERS = 4
-AUDIT_STATEMENTS = 20
-"""Statements an audit entry lists; the rest are counted."""
-
-
-@dataclass(frozen=True, slots=True)
-class Statement:
-    """One SQL statement with its parameters (``?`` or ``:name`` placeholders)."""
-
-    sql: str
-    params: Params = None
-
-
-@dataclass(frozen=True, slots=True)
-class StatementResult:
-    """What one statement changed: rows affected and the last rowid."""
-
-    rowcount: int
-    """Rows changed by an INSERT/UPDATE/DELETE (-1 for other statements)."""
-    lastrowid: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,11 +105,6 @@ def _text_or_bytes(raw: bytes) -> str | bytes:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw
-
-
-def _short(sql: str, limit: int = 120) -> str:
-    flat = " ".join(sql.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 class _Connection:
@@ -288,6 +266,16 @@ def _record_key(c: _Connection, receipt: idempotency.Receipt, results: str) -> N
         raise _key_table_error(err) from err
 
 
+def _as_engine(c: _Connection, func: Callable[..., T], *args: Any) -> T:
+    """In the worker thread: run one of our own bookkeeping calls past the guard, which
+    refuses users' statements on our tables (see ``SqlGuard.protected``)."""
+    c.guard.allow_control = True
+    try:
+        return func(c.conn._conn, *args)
+    finally:
+        c.guard.allow_control = False
+
+
 def _key_table_error(err: sqlite3.Error) -> DatabaseError:
     return DatabaseError(
         f"the idempotency key could not be looked up or recorded in table "
@@ -323,6 +311,43 @@ class Transaction:
             return StatementResult(rowcount=cursor.rowcount, lastrowid=cursor.lastrowid)
         finally:
             await cursor.close()
+
+    async def run_all(
+        self, statements: Sequence[Statement], progress: Progress | None = None
+    ) -> list[StatementResult]:
+        """Run statements in order; the first failure raises ``StatementError`` naming it."""
+        results: list[StatementResult] = []
+        total = len(statements)
+        while len(results) < total:
+            self.ensure_open()
+            # Many statements per worker call: a thread hop per statement would cost more
+            # than the statement. A cancel still stops the running one (the abort flag).
+            batch, failure = await self._c.in_worker(
+                _run_batch, self._c, statements, len(results), BATCH_SECONDS
+            )
+            results.extend(batch)
+            if failure is not None:
+                index, err = failure
+                sql = statements[index - 1].sql
+                raise self._db._statement_error(self._c, err, sql, index, total) from err
+            if progress is not None:
+                await progress(len(results), total)
+        return results
+
+    async def run(self, statements: Sequence[Statement]) -> list[StatementResult]:
+        """A change set's database step (``SqlTransaction``): its statements, in order."""
+        for statement in statements:
+            if not isinstance(statement.sql, str) or not statement.sql.strip():
+                raise InvalidArgumentError("a statement's SQL is empty")
+        return await self.run_all(statements)
+
+    async def mark(self, txid: str, record: str) -> None:
+        """The change set's marker, in this transaction: its COMMIT is the set's commit point."""
+        self.ensure_open()
+        try:
+            await self._c.in_worker(_as_engine, self._c, markers.insert, txid, record)
+        except sqlite3.Error as err:
+            raise translate(err, self._db.name, self._db.path, "mark a change set in") from err
 
     async def query(self, sql: str, params: Params = None, *, max_rows: int = 1000) -> QueryResult:
         """Read inside the transaction (sees its own uncommitted changes)."""
@@ -557,7 +582,7 @@ class Database:
             reason = translate(err, self.name, self.path, "change").message
         else:
             reason = message
-        return StatementError(f"{where} ({_short(sql)}) failed: {reason}", index=index, sql=sql)
+        return StatementError(f"{where} ({shortened(sql)}) failed: {reason}", index=index, sql=sql)
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -644,27 +669,12 @@ class Database:
                 fingerprint=idempotency.fingerprint([[s.sql, s.params] for s in statements]),
                 ttl=self.idempotency_ttl,
             )
-        results: list[StatementResult] = []
-        total = len(statements)
         async with self.transaction() as tx:
             if receipt is not None:
                 stored = await tx._c.in_worker(_lookup_key, tx._c, receipt)
                 if stored is not None:
                     return [StatementResult(*pair) for pair in json.loads(stored)]
-            while len(results) < total:
-                tx.ensure_open()
-                # Many statements per worker call: a thread hop per statement would cost more
-                # than the statement. A cancel still stops the running one (the abort flag).
-                batch, failure = await tx._c.in_worker(
-                    _run_batch, tx._c, statements, len(results), BATCH_SECONDS
-                )
-                results.extend(batch)
-                if failure is not None:
-                    index, err = failure
-                    sql = statements[index - 1].sql
-                    raise self._statement_error(tx._c, err, sql, index, total) from err
-                if progress is not None:
-                    await progress(len(results), total)
+            results = await tx.run_all(statements, progress)
             if receipt is not None:
                 stored = json.dumps([[r.rowcount, r.lastrowid] for r in results])
                 await tx._c.in_worker(_record_key, tx._c, receipt, stored)
@@ -679,18 +689,47 @@ class Database:
         rows changed. After the commit, so a failure here is logged, never raised."""
         history = self.history
         assert history is not None
-        shown = [_short(s.sql, 200) for s in statements[:AUDIT_STATEMENTS]]
-        if len(statements) > AUDIT_STATEMENTS:
-            shown.append(f"... and {len(statements) - AUDIT_STATEMENTS} more")
-        rows = sum(max(r.rowcount, 0) for r in results)
+        audit = audit_of(self.name, statements, results)
         op = "db_execute" if len(statements) == 1 else "db_transaction"
         with anyio.CancelScope(shield=True):
             try:
                 await anyio.to_thread.run_sync(
-                    history.store.record_audit, op, self.name, shown, rows
+                    history.store.record_audit, op, self.name, audit["statements"], audit["rows"]
                 )
             except AtomicToolsError as err:
                 logger.warning("the history's audit entry for %s failed: %s", self.name, err)
+
+    # -- a change set's database part (``SqlDatabase``) ---------------------------------------
+
+    @asynccontextmanager
+    async def set_transaction(self) -> AsyncIterator[Transaction]:
+        """The write transaction of a change set's database steps (see ``sqlstep``): no audit
+        entry of its own, since the set's history entry carries it."""
+        async with self.transaction() as tx:
+            yield tx
+
+    async def marker_present(self, txid: str) -> bool:
+        """On a fresh read connection: did the set's transaction commit its marker?
+
+        Raises ``DatabaseError`` when it cannot tell (then recovery decides later).
+        """
+        present = False
+        with anyio.CancelScope(shield=True):
+            try:
+                async with self._reader() as reader:
+                    present = await reader.in_worker(_as_engine, reader, markers.present, txid)
+            except sqlite3.Error as err:
+                raise translate(err, self.name, self.path, "read the change set marker of") from err
+        return present
+
+    async def drop_marker(self, txid: str) -> None:
+        """After the set is over; a failure is logged (a later set or recovery drops it)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                async with self.transaction() as tx:
+                    await tx._c.in_worker(_as_engine, tx._c, markers.delete, txid)
+            except (AtomicToolsError, sqlite3.Error) as err:
+                logger.warning("database %s: dropping marker %s failed: %s", self.name, txid, err)
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -706,15 +745,15 @@ class Database:
 
     async def schema(self, table: str | None = None) -> list[TableInfo]:
         """Tables, views, indexes and triggers, tables and views with their columns; with
-        ``table``, that table or view alone. Our own bookkeeping (the idempotency key table) is
-        not listed."""
+        ``table``, that table or view alone. Our own bookkeeping (the idempotency key and
+        change-set marker tables) is not listed."""
         async with self._reader() as reader:
             if table is None:
                 listing = await self._run(
                     reader,
                     "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' "
-                    "AND name NOT LIKE ? ORDER BY type, name",
-                    (f"{idempotency.KEY_TABLE}%",),
+                    "AND name NOT LIKE ? AND name NOT LIKE ? ORDER BY type, name",
+                    (f"{idempotency.KEY_TABLE}%", f"{markers.MARKER_TABLE}%"),
                 )
                 found = (await _fetch(listing, 100_000)).rows
             else:

@@ -17,15 +17,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from atomictools.engine.errors import AtomicToolsError
+from atomictools.engine.errors import AtomicToolsError, CommitUnknownError, DatabaseError
 
-
-class DatabaseError(AtomicToolsError):
-    """SQLite refused or failed a statement; the transaction was rolled back, so the
-    database is as it was."""
-
-    code = "database"
-    outcome = "nothing was committed"
+__all__ = ["AtomicToolsError", "CommitUnknownError", "DatabaseError"]
 
 
 class StatementError(DatabaseError):
@@ -67,15 +61,6 @@ class DatabaseCorruptError(DatabaseError):
 
 class DatabaseIOError(DatabaseError):
     code = "database_io_error"
-
-
-class CommitUnknownError(DatabaseError):
-    """COMMIT failed: the transaction may or may not be in the database."""
-
-    code = "commit_outcome_unknown"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, changed=True)
 
 
 _PRIMARY_MASK = 0xFF

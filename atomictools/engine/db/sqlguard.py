@@ -13,6 +13,8 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass, field
 
+from atomictools.engine.changes.markers import MARKER_TABLE
+
 # Functions that reach outside the database: loading code, reading or writing files.
 BLOCKED_FUNCTIONS = frozenset({"load_extension", "readfile", "writefile", "fts3_tokenizer", "edit"})
 # Pragmas that would change how (or whether) commits are made durable, or corrupt the schema.
@@ -88,6 +90,37 @@ _ACTION_NAMES = {
 }
 
 
+_MARKER_ACTIONS_BY_TABLE = frozenset(
+    {
+        sqlite3.SQLITE_INSERT,
+        sqlite3.SQLITE_UPDATE,
+        sqlite3.SQLITE_DELETE,
+        sqlite3.SQLITE_DROP_TABLE,
+        sqlite3.SQLITE_CREATE_TABLE,
+    }
+)
+"""Actions whose first argument is the table they change."""
+_MARKER_ACTIONS_ON_TABLE = frozenset(
+    {
+        sqlite3.SQLITE_ALTER_TABLE,
+        sqlite3.SQLITE_CREATE_INDEX,
+        sqlite3.SQLITE_CREATE_TRIGGER,
+        sqlite3.SQLITE_DROP_INDEX,
+        sqlite3.SQLITE_DROP_TRIGGER,
+    }
+)
+"""Actions whose second argument is the table they change (or hang a trigger on)."""
+
+
+def _changes_marker_table(action: int, arg1: str | None, arg2: str | None) -> bool:
+    """A user's statement that would change the markers recovery decides from."""
+    if action in _MARKER_ACTIONS_BY_TABLE:
+        return (arg1 or "").lower() == MARKER_TABLE
+    if action in _MARKER_ACTIONS_ON_TABLE:
+        return (arg2 or "").lower() == MARKER_TABLE
+    return False
+
+
 @dataclass(slots=True)
 class SqlGuard:
     """An authorizer callback plus the reason for its last denial."""
@@ -95,7 +128,8 @@ class SqlGuard:
     read_only: bool
     denied: str | None = field(default=None)
     allow_control: bool = False
-    """Set by the engine around its own BEGIN/COMMIT/ROLLBACK/SAVEPOINT (no user SQL pending)."""
+    """Set by the engine around its own BEGIN/COMMIT/ROLLBACK/SAVEPOINT and its own
+    bookkeeping statements (no user SQL pending)."""
 
     def __call__(
         self,
@@ -130,6 +164,11 @@ class SqlGuard:
             )
         if self.read_only:
             return self._read_reason(action, arg1, arg2)
+        if not self.allow_control and _changes_marker_table(action, arg1, arg2):
+            return (
+                f"the table {MARKER_TABLE} holds atomictools' change-set commit markers "
+                "(recovery decides from them); it can be read, not changed"
+            )
         if action in (sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT):
             return (
                 "BEGIN/COMMIT/ROLLBACK/SAVEPOINT/RELEASE are not allowed: the tool owns the "

@@ -23,7 +23,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,9 +233,11 @@ class HistoryStore:
         evidence: Sequence[Evidence] = (),
         undoes: Sequence[str] = (),
         when: float | None = None,
+        audit: Mapping[str, Any] | None = None,
     ) -> None:
         """Write an entry with its kept content, durably (one WAL fsync, plus one of
-        ``blobs/`` when a large file was linked). ``pending``: before the commit point."""
+        ``blobs/`` when a large file was linked). ``pending``: before the commit point.
+        ``audit``: a set's database part (``database``, ``statements``, ``rows``)."""
         with self._transaction(durability) as conn:
             linked = False
             for content in kept:
@@ -246,8 +248,8 @@ class HistoryStore:
                 except OSError as err:
                     raise state_dir_error(err, self.blobs, "sync") from err
             conn.execute(
-                "INSERT INTO changes (id, time, op, state, owner, undoes, evidence) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO changes (id, time, op, state, owner, undoes, evidence, audit) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     change_id,
                     time.time() if when is None else when,
@@ -256,6 +258,7 @@ class HistoryStore:
                     self._owner,
                     json.dumps(list(undoes)) if undoes else None,
                     json.dumps([e.to_json() for e in evidence]) if evidence else None,
+                    json.dumps(dict(audit)) if audit is not None else None,
                 ),
             )
             conn.executemany(
