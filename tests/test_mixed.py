@@ -94,7 +94,8 @@ async def test_builder_commits_files_and_rows_as_one(
         cs.sql(db, "INSERT INTO files VALUES (?, ?)", ("old.txt", sha(b"v2\n")))
         cs.edit("old.txt", [("v1", "v2")])
     result = cs.result
-    assert result is not None and result.applied
+    assert result is not None
+    assert result.applied
     assert [c.op for c in result.changes] == ["write", "sql", "edit"]  # consecutive sql: one
     step = result.changes[1]
     assert step.path == "app.db"
@@ -128,7 +129,8 @@ async def test_dry_run_runs_the_statements_and_rolls_them_back(root: Path, db: D
     assert not (root / "a.txt").exists()
     assert ours(root) == []
     done = await ws.apply_changes(changes)  # the dry run left the database free
-    assert done.applied and rows(root / "app.db") == [("a.txt", "y")]
+    assert done.applied
+    assert rows(root / "app.db") == [("a.txt", "y")]
 
 
 async def test_a_failing_statement_names_its_step_and_changes_nothing(
@@ -157,7 +159,8 @@ async def test_a_failing_statement_names_its_step_and_changes_nothing(
     assert (root / "keep.txt").read_bytes() == b"before\n"
     assert not (root / "made").exists()  # the mkdir made during planning is undone too
     assert rows(root / "app.db") == []
-    assert ours(root) == [] and journals(private_state_dir) == []
+    assert ours(root) == []
+    assert journals(private_state_dir) == []
 
 
 async def test_one_database_per_set(root: Path, db: Database, tmp_path: Path) -> None:
@@ -232,7 +235,7 @@ async def test_history_entry_and_undo_of_a_mixed_set(root: Path, db: Database) -
     assert not entry.undoable
     with pytest.raises(NotUndoableError, match="name the files in paths"):
         await ws.undo(entry.id)
-    with pytest.raises(NotUndoableError, match="database app.db"):
+    with pytest.raises(NotUndoableError, match=r"database app\.db"):
         await ws.undo(last=1)
     assert (root / "code.py").read_bytes() == b"new code\n"
     undone = await ws.undo(entry.id, paths=["code.py"])
