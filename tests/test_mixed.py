@@ -283,3 +283,18 @@ async def test_stale_markers_go_with_the_next_set(root: Path, db: Database, tmp_
     # A marker whose record is gone belongs to a set that is over; one whose record exists may
     # still decide a crashed set, so it stays.
     assert [m[0] for m in markers(root / "app.db")] == ["live"]
+
+
+async def test_a_set_cannot_change_the_file_of_its_own_database(root: Path, db: Database) -> None:
+    ws = Workspace([root])
+    step = Change("sql", db.name, database=db, statements=(Statement("DELETE FROM files"),))
+    for change in (
+        Change("delete", "app.db"),
+        Change("write", "app.db-wal", content=b"x"),
+        Change("move", "moved.db", source="app.db"),
+    ):
+        with pytest.raises(InvalidArgumentError, match="is the database this set's statements"):
+            await ws.apply_changes([step, change])
+    assert (root / "app.db").exists()
+    assert not (root / "moved.db").exists()
+    assert ours(root) == []

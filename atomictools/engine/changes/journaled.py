@@ -373,11 +373,27 @@ class ChangeSetRunner:
                             f"{seen[key]}; combine them into one change"
                         )
                     seen.setdefault(key, index)
+            self._refuse_database_files()
         except BaseException:
             self.undo_prepare()  # directories made for earlier mkdir changes, and the record
             self.close_locations()
             raise
         return self.planned
+
+    def _refuse_database_files(self) -> None:
+        """A set must not replace, move or delete the database its statements run in."""
+        if self.sql is None:
+            return
+        database = os.path.realpath(self.sql.database.path)
+        names = {database + suffix for suffix in ("", "-wal", "-shm", "-journal")}
+        for planned in self.planned:
+            for location in filter(None, (planned.target, planned.source)):
+                if planned.virtual is None and str(location.abspath) in names:
+                    label = _label(planned.index, self.total, planned.change.op)
+                    raise InvalidArgumentError(
+                        f"{label}{location.display} is the database this set's statements run "
+                        "in; a set cannot also change its file"
+                    )
 
     def _virtual_in_dry_run(self, change: Change, virtual_dirs: list[str]) -> bool:
         """Dry run: does the change need a directory that only a planned mkdir would make?"""

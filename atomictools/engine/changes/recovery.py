@@ -471,17 +471,17 @@ def _marker_connection(record: JournalRecord, sandbox: Sandbox) -> Iterator[sqli
         location = sandbox.resolve(path)
     except OutsideRootsError:
         location = None
-    if location is None:
-        conn = markers.connect(path)
-    else:
-        with location:
-            if location.lstat() is None:
-                raise FileNotFoundError(errno.ENOENT, "the database file is missing", path)
+    with location if location is not None else contextlib.nullcontext():
+        if location is None:
+            conn = markers.connect(path)
+        elif location.lstat() is None:
+            raise FileNotFoundError(errno.ENOENT, "the database file is missing", path)
+        else:  # the directory stays open while SQLite may still open -wal and -shm in it
             conn = markers.connect(f"/proc/self/fd/{location.dir_fd}/{location.name}")
-    try:
-        yield conn
-    finally:
-        conn.close()
+        try:
+            yield conn
+        finally:
+            conn.close()
 
 
 def _drop_marker(record: JournalRecord, sandbox: Sandbox) -> None:

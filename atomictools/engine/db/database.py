@@ -61,6 +61,8 @@ T = TypeVar("T")
 PROGRESS_STEPS = 1000
 """SQLite VM steps between checks of the abort flag: small enough to stop a query at once."""
 CLEANUP_SECONDS = 5.0
+MARKER_DROP_SECONDS = 2.0
+"""How long a finished change set waits to delete its marker (else the next set does)."""
 # Defined below this layer (dberrors, changes.model, results), documented here too.
 __all__ = ["DatabaseError", "Params", "Statement", "StatementError", "StatementResult"]
 STATEMENT_ERRORS = (sqlite3.Error, OverflowError, ValueError)
@@ -723,8 +725,9 @@ class Database:
         return present
 
     async def drop_marker(self, txid: str) -> None:
-        """After the set is over; a failure is logged (a later set or recovery drops it)."""
-        with anyio.CancelScope(shield=True):
+        """After the set is over; a failure is logged (a later set or recovery drops it).
+        Bounded: another process holding the write lock must not hold up the reply."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(MARKER_DROP_SECONDS):
             try:
                 async with self.transaction() as tx:
                     await tx._c.in_worker(_as_engine, tx._c, markers.delete, txid)
