@@ -25,9 +25,10 @@ def test_demo_shows_every_guarantee_holding() -> None:
         "4. The server killed",
         "5. A database",
         "6. An agent's bad multi-file change taken back with one undo_change call",
+        "7. A migration and the code that uses it, killed between the COMMIT and the renames",
     ):
         assert step in done.stdout, done.stdout
-    assert done.stdout.count("[ok]") >= 18
+    assert done.stdout.count("[ok]") >= 21
     # The undo step: the set listed by its id, previewed, taken back whole, and recorded.
     undo_part = done.stdout.split("6. An agent's", 1)[1]
     for shown in (
@@ -39,3 +40,12 @@ def test_demo_shows_every_guarantee_holding() -> None:
         "+TIMEOUT = 30",
     ):
         assert shown in undo_part, undo_part
+    # The migration step: killed after the COMMIT, nothing renamed yet, finished by recovery.
+    migration = done.stdout.split("7. A migration", 1)[1]
+    assert "column email added; models.py old" in migration, migration  # mid-way, for real
+    for shown in (
+        "[ok] the server died mid-call",
+        "[ok] the database and the code are both migrated",
+        "[ok] no journal record and no marker row left",
+    ):
+        assert shown in migration, migration

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -79,7 +81,7 @@ def test_the_history_example_takes_the_change_set_back(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_the_mcp_undo_call_works_as_written(tmp_path: Path) -> None:
-    [block] = [b for b in blocks("json") if "tools/call" in b]
+    [block] = [b for b in blocks("json") if "tools/call" in b and "undo_change" in b]
     request = json.loads(block)
     assert request["method"] == "tools/call"
     params = request["params"]
@@ -93,3 +95,35 @@ async def test_the_mcp_undo_call_works_as_written(tmp_path: Path) -> None:
     assert result.structured_content["applied"] is False  # the dry run the README promises
     assert "-after\n+before\n" in result.structured_content["paths"][0]["diff"]
     assert (tmp_path / "a.txt").read_text() == "after\n"
+
+
+def test_the_mixed_change_example_commits_files_and_rows(tmp_path: Path) -> None:
+    [example] = [b for b in blocks("python") if "cs.sql(" in b]
+    done = run_example(example, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "['write', 'sql'] (StatementResult(rowcount=1, lastrowid=1),)" in done.stdout
+    assert (tmp_path / "config.toml").read_text() == "timeout = 30\n"
+    with contextlib.closing(sqlite3.connect(tmp_path / "app.db")) as conn:
+        assert conn.execute("SELECT * FROM settings").fetchall() == [("timeout", "30")]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the database tools need asyncio
+async def test_the_mixed_apply_changes_arguments_work_as_written(tmp_path: Path) -> None:
+    [block] = [b for b in blocks("json") if '"op": "sql"' in b]
+    arguments = json.loads(block)
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "models.py").write_text("FIELDS = ['name']\n")
+    database = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
+        conn.execute("CREATE TABLE users (name TEXT)")
+        conn.execute("CREATE TABLE migrations (name TEXT)")
+    server = create_server(Workspace([tmp_path]), databases={"app": database})
+    async with Client(server, mode="legacy") as client:
+        result = await client.call_tool("apply_changes", arguments)
+    assert not result.is_error, result
+    assert (tmp_path / "app" / "models.py").read_text() == "FIELDS = ['name', 'email']\n"
+    assert (tmp_path / "migrations" / "0002_email.sql").exists()
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        assert conn.execute("SELECT name FROM migrations").fetchall() == [("0002_email",)]
+        assert "email" in [row[1] for row in conn.execute("PRAGMA table_info(users)")]

@@ -4,8 +4,9 @@ It starts ``atomictools serve`` over stdio, drives it with the MCP SDK's client 
 protocol mode, so a cancel travels as ``notifications/cancelled``), and checks on disk after
 every step that the guarantee it shows held: an atomic write, a big write cancelled mid-way, a
 change set, a server killed with SIGKILL in the middle of a change set and the restart that
-recovers it, a cancelled database transaction, and an agent's bad multi-file change taken back
-with one ``undo_change`` call. Exit status 1 if any check failed.
+recovers it, a cancelled database transaction, an agent's bad multi-file change taken back
+with one ``undo_change`` call, and a migration with the code that uses it surviving a SIGKILL
+between the database's COMMIT and the renames. Exit status 1 if any check failed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -380,6 +381,88 @@ async def step_undo(demo: Demo, client: Client) -> None:
     )
 
 
+def _migrated(database: Path) -> tuple[bool, list[str]]:
+    """Whether ``users`` has the new column, and the migrations recorded."""
+    with closing(sqlite3.connect(database)) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(users)")]
+        done = [row[0] for row in conn.execute("SELECT name FROM migrations ORDER BY name")]
+    return "email" in columns, done
+
+
+def _markers(database: Path) -> int:
+    with closing(sqlite3.connect(database)) as conn:
+        known = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'atomictools_changesets'"
+        ).fetchone()
+        return (
+            conn.execute("SELECT count(*) FROM atomictools_changesets").fetchone()[0]
+            if known
+            else 0
+        )
+
+
+async def step_killed_migration(demo: Demo) -> None:
+    demo.out("7. A migration and the code that uses it, killed between the COMMIT and the renames")
+    service = demo.root / "service"
+    service.mkdir()
+    (service / "models.py").write_text("FIELDS = ['name']\n")
+    database = service / "app.db"
+    with closing(sqlite3.connect(database)) as conn, conn:
+        conn.execute("CREATE TABLE users (name TEXT)")
+        conn.execute("CREATE TABLE migrations (name TEXT)")
+    changes: list[dict[str, Any]] = [
+        {"op": "mkdir", "path": "service/migrations"},
+        {
+            "op": "write",
+            "path": "service/migrations/0002_email.sql",
+            "content": "ALTER TABLE users ADD COLUMN email TEXT;\n",
+        },
+        {
+            "op": "edit",
+            "path": "service/models.py",
+            "edits": [{"oldText": "['name']", "newText": "['name', 'email']"}],
+        },
+        {
+            "op": "sql",
+            "database": "service/app.db",
+            "statements": [
+                {"sql": "ALTER TABLE users ADD COLUMN email TEXT"},
+                {"sql": "INSERT INTO migrations (name) VALUES (?)", "params": ["0002_email"]},
+            ],
+        },
+    ]
+    # The server kills itself right after the database's COMMIT: the commit point is passed,
+    # and not one file has been renamed yet.
+    died = False
+    try:
+        async with demo.server(crash_at="db.committed") as doomed:
+            await demo.call(doomed, "apply_changes", changes=changes)
+    except Exception:  # the connection drops with the process: that is the point
+        died = True
+    demo.check(died, "the server died mid-call (no reply)")
+    migrated, _ = _migrated(database)
+    demo.out(
+        f"   on disk now: column email {'added' if migrated else 'missing'}; models.py "
+        f"{'new' if 'email' in (service / 'models.py').read_text() else 'old'}; "
+        f"journal records: {len(demo.journals())}"
+    )
+    async with demo.server() as client:
+        await demo.call(client, "list_allowed_directories")  # served after recovery
+        demo.out("   restarted; recovery read the set's marker in the database and finished it")
+        migrated, done = _migrated(database)
+        demo.check(
+            migrated
+            and done == ["0002_email"]
+            and (service / "models.py").read_text() == "FIELDS = ['name', 'email']\n"
+            and (service / "migrations" / "0002_email.sql").is_file(),
+            "the database and the code are both migrated",
+        )
+        demo.check(
+            not demo.journals() and _markers(database) == 0,
+            "no journal record and no marker row left",
+        )
+
+
 async def run(out: Callable[[str], None] = print) -> int:
     """The walkthrough; returns the process exit status."""
     began = time.perf_counter()
@@ -398,6 +481,7 @@ async def run(out: Callable[[str], None] = print) -> int:
                 async with demo.server() as client:
                     await step_cancelled_transaction(demo, client)
                     await step_undo(demo, client)
+                await step_killed_migration(demo)
             except Exception as err:  # report, do not hide: the demo failed
                 demo.failures.append(f"the demo stopped: {type(err).__name__}: {err}")
                 out(f"   [FAILED] the demo stopped: {type(err).__name__}: {err}")
