@@ -231,3 +231,36 @@ def test_serve_history_flags_parse_and_show_their_defaults() -> None:
     refused = run_cli("serve", "--root", ".", "--history-max-bytes", "lots")
     assert refused.returncode == 2
     assert "not a size" in refused.stderr
+
+
+def test_a_mixed_change_shows_its_database_part_and_undoes_its_files_only_when_named(
+    root: Path, private_state_dir: Path
+) -> None:
+    from atomictools import Database
+
+    async def agent() -> str:
+        ws = Workspace([root])
+        await ws.write("models.py", "FIELDS = ['name']\n")
+        async with Database(root / "app.db", create=True) as db:
+            await db.execute("CREATE TABLE users (name TEXT)")
+            async with ws.changeset() as cs:
+                cs.write("models.py", "FIELDS = ['name', 'email']\n")
+                cs.sql(db, "ALTER TABLE users ADD COLUMN email TEXT")
+        assert cs.result is not None
+        assert cs.result.change_id is not None
+        return cs.result.change_id
+
+    change_id = anyio.run(agent, backend="asyncio")
+    listed = run_cli("history", str(root), "--limit", "1")
+    assert listed.returncode == 0, listed.stderr
+    line = listed.stdout.splitlines()[1]
+    assert line.startswith(change_id)
+    assert "models.py +1 -1, database app.db: 1 statement(s), 0 row(s)" in line
+    assert "[database part not undoable: undo its files with --path]" in line
+    refused = run_cli("undo", str(root), change_id)
+    assert refused.returncode == 1
+    assert "name the files in paths" in refused.stderr
+    assert (root / "models.py").read_text() == "FIELDS = ['name', 'email']\n"
+    done = run_cli("undo", str(root), change_id, "--path", "models.py")
+    assert done.returncode == 0, done.stderr
+    assert (root / "models.py").read_text() == "FIELDS = ['name']\n"

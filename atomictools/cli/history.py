@@ -278,13 +278,14 @@ def _path_cell(row: PathChange, moved_away: bool) -> str:
 
 
 def _paths_cell(entry: HistoryEntry) -> str:
-    if entry.database is not None:
-        rows = "" if entry.rows_changed is None else f", {entry.rows_changed} row(s)"
-        return f"database {entry.database}: {len(entry.statements)} statement(s){rows}"
+    """The paths of the change, then its database part (a database call has only that)."""
     away = {row.moved_from for row in entry.paths if row.moved_from is not None}
     cells = [_path_cell(row, row.path in away) for row in entry.paths]
     if len(cells) > 6:
         cells = [*cells[:6], f"... {len(cells) - 6} more"]
+    if entry.database is not None:
+        rows = "" if entry.rows_changed is None else f", {entry.rows_changed} row(s)"
+        cells.append(f"database {entry.database}: {len(entry.statements)} statement(s){rows}")
     return ", ".join(cells)
 
 
@@ -292,7 +293,9 @@ def _marks(entry: HistoryEntry) -> str:
     marks = []
     if entry.undoes:
         marks.append(f"undoes {', '.join(entry.undoes)}")
-    if entry.database is not None:
+    if entry.database is not None and entry.paths:
+        marks.append("database part not undoable: undo its files with --path")
+    elif entry.database is not None:
         marks.append("audit only, not undoable")
     elif not entry.undoable:
         marks.append("NOT UNDOABLE: content pruned")
