@@ -2,19 +2,21 @@
 
 Run it with ``python examples/embed_database.py``: it creates a temporary database, moves money
 between accounts in one transaction, shows a failed savepoint undone on its own, a refused
-``ATTACH``, and a long transfer batch cancelled half-way leaving the total intact. It exits
-non-zero if an invariant did not hold.
+``ATTACH``, a long transfer batch cancelled half-way leaving the total intact, and a file
+written together with the row that records it, as one change set. It exits non-zero if an
+invariant did not hold.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import tempfile
 from pathlib import Path
 
 import anyio
 
-from atomictools import AtomicToolsError, Database, Statement
+from atomictools import AtomicToolsError, Database, Statement, Workspace
 
 
 async def total(db: Database) -> int:
@@ -64,7 +66,31 @@ async def main(directory: Path) -> int:
             await db.run_statements(transfers, progress=count)
         final = await total(db)
         print(f"4. a batch of {len(transfers)} statements cancelled after {done}: total {final}")
-        return 0 if final == 1000 else 1
+        return 0 if final == 1000 and await file_and_row(directory, db) else 1
+
+
+async def file_and_row(directory: Path, db: Database) -> bool:
+    """A report file and the row that records its hash: both, or (on any error) neither."""
+    await db.execute("CREATE TABLE reports(name TEXT PRIMARY KEY, sha256 TEXT NOT NULL)")
+    ws = Workspace([directory])
+    report = f"total {await total(db)}\n".encode()
+    async with ws.changeset() as cs:
+        cs.write("report.txt", report)
+        cs.sql(
+            db,
+            "INSERT INTO reports VALUES (?, ?)",
+            ("report.txt", hashlib.sha256(report).hexdigest()),
+        )
+    print(f"5. report.txt and its row committed as one change set ({cs.result.changes[1].op})")
+    try:
+        async with ws.changeset() as cs:
+            cs.write("report.txt", b"a second version\n")
+            cs.sql(db, "INSERT INTO reports VALUES ('report.txt', 'duplicate')")  # fails
+    except AtomicToolsError as err:
+        print(f"6. refused as one: {err}")
+    kept = (directory / "report.txt").read_bytes() == report
+    rows = (await db.query("SELECT sha256 FROM reports")).rows
+    return kept and rows == ((hashlib.sha256(report).hexdigest(),),)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ def test_embed_database_walkthrough_keeps_the_invariant() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "cancelled after" in done.stdout
     assert "refused" in done.stdout
+    assert "5. report.txt and its row committed as one change set (sql)" in done.stdout
+    assert "6. refused as one: change 2 of 2 (sql): statement 1 of 1" in done.stdout
 
 
 @pytest.mark.anyio
