@@ -156,6 +156,7 @@ async def test_a_failing_statement_names_its_step_and_changes_nothing(
     message = str(caught.value)
     assert message.startswith("change 3 of 3 (sql): statement 2 of 2 (INSERT INTO files")
     assert "UNIQUE constraint failed" in message
+    assert message.endswith("; nothing was committed, and no file was changed")
     assert (root / "keep.txt").read_bytes() == b"before\n"
     assert not (root / "made").exists()  # the mkdir made during planning is undone too
     assert rows(root / "app.db") == []

@@ -21,7 +21,7 @@ class AtomicToolsError(Exception):
     """Base of every error the toolkit raises on purpose; ``code`` is stable for programs."""
 
     code: ClassVar[str] = "error"
-    outcome: ClassVar[str] = NOTHING_CHANGED
+    outcome: str = NOTHING_CHANGED
     """What the message ends with when nothing changed."""
 
     def __init__(self, message: str, *, changed: bool = False) -> None:
@@ -32,9 +32,12 @@ class AtomicToolsError(Exception):
     def _text(self) -> str:
         return self.message if self.changed else f"{self.message}; {self.outcome}"
 
-    def prefixed(self, context: str) -> AtomicToolsError:
-        """The same error with ``context`` in front (e.g. which change of a set failed)."""
+    def prefixed(self, context: str, outcome: str | None = None) -> AtomicToolsError:
+        """The same error with ``context`` in front (e.g. which change of a set failed), and
+        ``outcome`` instead of the class's (what the whole call left unchanged)."""
         self.message = f"{context}{self.message}"
+        if outcome is not None:
+            self.outcome = outcome
         self.args = (self._text(),)
         return self
 

@@ -278,6 +278,10 @@ class _Planned:
         return (replace, delete)
 
 
+SET_UNCHANGED = "nothing was committed, and no file was changed"
+"""How a failed database step of a set with file changes ends: the whole set left nothing."""
+
+
 class _CrossDevice(Exception):
     """A hard link between the two directories failed with EXDEV: two file systems."""
 
@@ -452,7 +456,8 @@ class ChangeSetRunner:
             try:
                 sql_step.results = tuple(await tx.run(sql_step.change.statements))
             except AtomicToolsError as err:
-                raise err.prefixed(_label(sql_step.index, self.total, "sql")) from None
+                label = _label(sql_step.index, self.total, "sql")
+                raise err.prefixed(label, SET_UNCHANGED if self.planned else None) from None
             await step("changeset.sql")
             if progress is not None:
                 await progress(len(self.planned) + sql_step.index, self.total * 2)
@@ -1195,11 +1200,11 @@ async def _after_failed_commit(runner: ChangeSetRunner, err: BaseException) -> b
         logger.warning("change set %s: COMMIT reported %s, but it happened", runner.txid, err)
         return True
     if isinstance(err, AtomicToolsError) and not isinstance(err, CommitUnknownError):
-        raise err
+        raise err.prefixed("", SET_UNCHANGED)
     raise DatabaseError(
         f"COMMIT on database {database.name} failed ({err}); the change set's marker is not "
-        "in the database, so nothing was committed there, and no file was changed"
-    ) from err
+        "in the database, so the set did not commit"
+    ).prefixed("", SET_UNCHANGED) from err
 
 
 def _record_history(runner: ChangeSetRunner) -> StateDirError | None:
