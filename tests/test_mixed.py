@@ -10,22 +10,28 @@ refusals, idempotency keys, the history entry and its undo, and the marker table
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from atomictools import (
     Change,
+    CommitUnknownError,
     Database,
+    DatabaseError,
     InvalidArgumentError,
     NotUndoableError,
     ReadOnlyError,
+    RecoveryNeededError,
     Statement,
     Workspace,
+    recover,
 )
 from atomictools.engine.changes.idempotency import IdempotencyKeyReusedError
 from atomictools.engine.changes.markers import MARKER_TABLE
@@ -299,3 +305,70 @@ async def test_a_set_cannot_change_the_file_of_its_own_database(root: Path, db: 
     assert (root / "app.db").exists()
     assert not (root / "moved.db").exists()
     assert ours(root) == []
+
+
+class _CommitReportsFailure:
+    """A ``SqlDatabase`` (the protocol a change set sees) over a real one whose COMMIT reports
+    an error, as a failed ``fdatasync`` after the WAL append does, and whose marker cannot be
+    read back: a fault SQLite cannot be made to produce on demand, injected through the
+    protocol. ``committed`` decides whether the real COMMIT runs before the error."""
+
+    def __init__(self, database: Database, *, committed: bool) -> None:
+        self.database = database
+        self.committed = committed
+        self.name = database.name
+        self.path = database.path
+        self.read_only = False
+
+    @contextlib.asynccontextmanager
+    async def set_transaction(self) -> AsyncIterator[Any]:
+        if self.committed:
+            async with self.database.set_transaction() as tx:
+                yield tx
+        else:
+            with contextlib.suppress(_Abandon):
+                async with self.database.set_transaction() as tx:
+                    yield tx
+                    raise _Abandon  # rolled back: the COMMIT never runs
+        raise CommitUnknownError("COMMIT failed: disk I/O error")
+
+    async def marker_present(self, txid: str) -> bool:
+        raise DatabaseError("database app.db cannot be read: disk I/O error")
+
+    async def drop_marker(self, txid: str) -> None:
+        await self.database.drop_marker(txid)
+
+
+class _Abandon(Exception):
+    pass
+
+
+@pytest.mark.parametrize("committed", [True, False])
+async def test_an_unknowable_commit_is_left_to_recovery_which_asks_the_marker(
+    root: Path, db: Database, private_state_dir: Path, committed: bool
+) -> None:
+    (root / "a.txt").write_bytes(b"old\n")
+    ws = Workspace([root])
+    flaky = _CommitReportsFailure(db, committed=committed)
+    changes = [
+        Change("write", "a.txt", content=b"new\n"),
+        Change(
+            "sql",
+            db.name,
+            database=flaky,  # type: ignore[arg-type]
+            statements=(Statement("INSERT INTO files VALUES ('a.txt', 'n')"),),
+        ),
+    ]
+    with pytest.raises(RecoveryNeededError, match="could not be read back"):
+        await ws.apply_changes(changes)
+    # Nothing is guessed: the staged file and the prepared record wait for a decision.
+    assert (root / "a.txt").read_bytes() == b"old\n"
+    assert ours(root) != []
+    assert len(journals(private_state_dir)) == 1
+    report = recover([root], state_dir=private_state_dir)
+    assert report.problems == []
+    assert (root / "a.txt").read_bytes() == (b"new\n" if committed else b"old\n")
+    assert rows(root / "app.db") == ([("a.txt", "n")] if committed else [])
+    assert ours(root) == []
+    assert journals(private_state_dir) == []
+    assert markers(root / "app.db") == []

@@ -315,6 +315,8 @@ class ChangeSetRunner:
         """The set's database steps: its commit point is then that database's COMMIT."""
         self.total = 0
         """How many changes the set has (file changes and database steps)."""
+        self.released = False
+        """Left for recovery to decide (``release``): its files must not be undone."""
         self.history_op = "apply_changes"
         self.undoes: tuple[str, ...] = ()
         self.change_id = new_change_id()
@@ -944,7 +946,8 @@ class ChangeSetRunner:
 
     def release(self) -> None:
         """Undecided whether the set committed: close every member and the record, which
-        stay for recovery to decide from the database's marker."""
+        stay for recovery to decide from the database's marker (nothing is undone)."""
+        self.released = True
         for planned in self.planned:
             for member in planned.members:
                 if member is not None:
@@ -962,6 +965,8 @@ class ChangeSetRunner:
 
         Never raises: it runs on the way out of a failure that the caller reports.
         """
+        if self.released:
+            return  # left for recovery to decide: staged files may be its only copy
         for planned in reversed(self.planned):
             for member in planned.members:
                 if member is not None:
@@ -1074,11 +1079,10 @@ async def apply_change_set(
     """Run the protocol on a planned runner (the caller holds the path locks); closes it."""
     try:
         committed = False
-        undecided = False
         try:
             await runner.prepare(progress, dry_run)
             if runner.sql is not None:
-                committed, undecided = await _commit_with_database(runner, dry_run, progress)
+                committed = await _commit_with_database(runner, dry_run, progress)
             if dry_run:
                 return runner.outcomes(applied=False)
             if runner.sql is None:
@@ -1087,7 +1091,7 @@ async def apply_change_set(
                 runner.commit()
                 committed = True
         finally:
-            if not committed and not undecided:
+            if not committed and not runner.released:
                 runner.undo_prepare()
         # Committed: the set will happen (recovery rolls it forward), so its history entry is
         # written now, while every backup it keeps content from is still in place.
@@ -1145,8 +1149,8 @@ def _history_ready(runner: ChangeSetRunner) -> None:
 
 async def _commit_with_database(
     runner: ChangeSetRunner, dry_run: bool, progress: Progress | None
-) -> tuple[bool, bool]:
-    """The commit of a set with database steps; returns (committed, undecided).
+) -> bool:
+    """The commit of a set with database steps; returns whether it committed.
 
     Inside the database's write transaction: the statements run, the ``prepared`` record
     (naming the database) is made durable, the set's marker is inserted, and the COMMIT,
@@ -1169,13 +1173,13 @@ async def _commit_with_database(
             marked = True
             crash_point("changeset.marked")
     except _DryRun:
-        return False, False
+        return False
     except BaseException as err:
         if not marked:
             raise  # rolled back before the COMMIT: the caller undoes the files
         # The COMMIT failed. Whether it reached the database is what the marker says.
-        return await _after_failed_commit(runner, err), False
-    return True, False
+        return await _after_failed_commit(runner, err)
+    return True
 
 
 async def _after_failed_commit(runner: ChangeSetRunner, err: BaseException) -> bool:

@@ -199,9 +199,12 @@ class _Sweep:
         for txid, claim in claims.items():
             if txid in members:
                 continue
-            if self._claim_is_stale(dir_fd, claim) and self._fate(txid, dir_fd, claim, []) == (
-                "orphan"
-            ):
+            # A young claim alone may be a live set's, about to stage its first member here;
+            # not one whose set this run's journal recovery has just finished or undone.
+            over = txid in self.report.handled
+            if (over or self._claim_is_stale(dir_fd, claim)) and self._fate(
+                txid, dir_fd, claim, []
+            ) == "orphan":
                 self._remove_claim(dir_fd, rel, claim)
 
     def _remove_claim(self, dir_fd: int, rel: str, claim: str) -> None:
