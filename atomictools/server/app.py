@@ -43,7 +43,8 @@ Work safely with it:
 - Every write is all-or-nothing: readers never see a half-written file, and a cancelled or
   timed-out call changes nothing.
 - For changes that span several files, use apply_changes when this server offers it (all or
-  nothing), and retry a timed-out call with the same idempotencyKey where a tool accepts one.
+  nothing; a sql step puts rows of one database in the same all-or-nothing change), and retry
+  a timed-out call with the same idempotencyKey where a tool accepts one.
 - SQLite: db_query only reads; db_execute runs one statement, db_transaction several, each as
   one transaction (all or nothing). Bind values with params; never paste them into the SQL.
 - Every change is recorded with what it replaced: list_changes shows them, and undo_change
@@ -155,7 +156,7 @@ def create_server(
     )
     server.read_only = workspace.read_only
     _trace_only_when_tracing(server)
-    runtime = ToolRuntime(workspace, options)
+    runtime = ToolRuntime(workspace, options, databases=catalog)
     register_tools(server, runtime, databases=catalog)
     _answer_protocol_extras(server, runtime)
     return server

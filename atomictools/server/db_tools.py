@@ -7,7 +7,6 @@ Parameters are always bound, never formatted into SQL. JSON has no bytes, so a b
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import math
 from typing import Annotated, Any
@@ -18,14 +17,16 @@ from pydantic import Field
 
 from atomictools.engine import (
     DatabaseCatalog,
-    InvalidArgumentError,
-    Params,
     QueryResult,
     Statement,
     StatementResult,
     Workspace,
 )
 from atomictools.server.models import (
+    BLOB_KEY,
+    MAX_LISTED_RESULTS,
+    MAX_STATEMENTS,
+    DatabaseParam,
     DbColumn,
     DbEntry,
     DbExecuteOutput,
@@ -36,6 +37,8 @@ from atomictools.server.models import (
     DbStatement,
     DbStatementResult,
     DbTransactionOutput,
+    JsonParams,
+    decode_params,
 )
 from atomictools.server.runtime import ToolRuntime
 from atomictools.server.tooling import (
@@ -45,49 +48,6 @@ from atomictools.server.tooling import (
     structured_result,
     tool_result,
 )
-
-BLOB_KEY = "$blob"
-_BINDABLE = frozenset({str, int, float, bool, type(None)})
-"""JSON values sqlite3 binds as they are (objects and lists need ``_decode_value``)."""
-MAX_STATEMENTS = 20_000
-MAX_LISTED_RESULTS = 100
-JsonParams = Annotated[
-    list[Any] | dict[str, Any] | None,
-    Field(
-        description="Bound parameters: a list for ? placeholders or an object for :name ones. "
-        'A blob is {"$blob": "<base64>"}.'
-    ),
-]
-DatabaseParam = Annotated[
-    str, Field(description="A database name from db_list (or a .db/.sqlite file in the roots).")
-]
-
-
-def _decode_value(value: Any) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {BLOB_KEY} and isinstance(value[BLOB_KEY], str):
-            try:
-                return base64.b64decode(value[BLOB_KEY], validate=True)
-            except binascii.Error as err:
-                raise InvalidArgumentError(f"{BLOB_KEY} is not valid base64: {err}") from err
-        raise InvalidArgumentError(
-            f'a parameter cannot be an object (got {json.dumps(value)[:60]}); use {{"{BLOB_KEY}": '
-            '"<base64>"} for a blob'
-        )
-    if isinstance(value, list):
-        raise InvalidArgumentError("a parameter cannot be a list; bind one value per placeholder")
-    return value
-
-
-def decode_params(params: list[Any] | dict[str, Any] | None) -> Params:
-    """JSON parameters to values sqlite3 can bind."""
-    if params is None:
-        return None
-    if isinstance(params, dict):
-        return {key: _decode_value(value) for key, value in params.items()}
-    if _BINDABLE.issuperset(map(type, params)):
-        return params  # the common case, checked at a fraction of a per-value call's cost
-    return [_decode_value(value) for value in params]
 
 
 def _plain(row: tuple[Any, ...]) -> bool:

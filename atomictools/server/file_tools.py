@@ -31,16 +31,21 @@ from atomictools.engine import (
     AtomicToolsError,
     BytesRead,
     Change,
+    ChangeOutcome,
+    ChangeSetResult,
+    DatabaseCatalog,
     DirEntry,
     Edit,
     InvalidArgumentError,
     SearchResult,
+    Statement,
     TextRead,
     TooLargeError,
     TreeNode,
     Workspace,
 )
 from atomictools.server.models import (
+    MAX_LISTED_RESULTS,
     AllowedDirectoriesOutput,
     AnyChange,
     ApplyChangesOutput,
@@ -56,15 +61,18 @@ from atomictools.server.models import (
     FileReadResult,
     ListOutput,
     ListWithSizesOutput,
+    MkdirChange,
     MoveChange,
     MoveOutput,
     ReadMediaOutput,
     ReadMultipleOutput,
     ReadTextOutput,
     SearchOutput,
+    SqlChange,
     TreeOutput,
     WriteChange,
     WriteOutput,
+    decode_params,
 )
 from atomictools.server.runtime import ToolRuntime
 from atomictools.server.tooling import (
@@ -595,6 +603,7 @@ def register_file_tools(server: MCPServer[Any], runtime: ToolRuntime) -> None:
 
 
 def _to_change(change: AnyChange) -> Change:
+    """A file change as the engine's ``Change`` (a sql step needs its database: ``_sql_step``)."""
     if isinstance(change, WriteChange):
         return Change(
             "write",
@@ -615,49 +624,174 @@ def _to_change(change: AnyChange) -> Change:
         )
     if isinstance(change, DeleteChange):
         return Change("delete", change.path, expected_sha256=change.expected_sha256)
+    assert isinstance(change, MkdirChange)
     return Change("mkdir", change.path)
 
 
-def register_change_set_tool(server: MCPServer[Any], runtime: ToolRuntime) -> None:
+async def _sql_step(
+    change: SqlChange, ws: Workspace, databases: DatabaseCatalog | None, label: str
+) -> Change:
+    """A sql step as the engine's ``Change``: its database found the way db_query finds one
+    (a configured name, or a database file inside the client's roots), its blobs decoded."""
+    if databases is None:
+        raise InvalidArgumentError(
+            f"{label}this server serves no databases, so a change set cannot hold a sql step; "
+            "leave it out, or ask for a server with database tools"
+        )
+    try:
+        database = await databases.get(change.database, ws)
+    except AtomicToolsError as err:
+        raise err.prefixed(label) from None
+    statements = []
+    total = len(change.statements)
+    for index, statement in enumerate(change.statements, start=1):
+        try:
+            params = decode_params(statement.get("params"))
+        except AtomicToolsError as err:
+            raise err.prefixed(f"{label}statement {index} of {total}: ") from None
+        statements.append(Statement(statement["sql"], params))
+    return Change("sql", database.name, database=database, statements=tuple(statements))
+
+
+def _sql_label(index: int, total: int) -> str:
+    """The engine's prefix of an error about one change of a set (none for a set of one)."""
+    return f"change {index} of {total} (sql): " if total > 1 else ""
+
+
+def _outcome_json(outcome: ChangeOutcome) -> dict[str, Any]:
+    """One change's ``ChangeOutput`` as plain JSON; a sql step's own fields only for it."""
+    item: dict[str, Any] = {
+        "op": outcome.op,
+        "path": outcome.path,
+        "source": outcome.source,
+        "sha256": outcome.sha256,
+        "diff": outcome.diff,
+        "created": outcome.created,
+    }
+    if outcome.op == "sql":
+        results = outcome.statements
+        item |= {
+            "database": outcome.path,
+            "statements": len(results),
+            "rowsChanged": sum(max(r.rowcount, 0) for r in results),
+            "lastrowid": results[-1].lastrowid if results else None,
+            "results": [
+                {"index": i, "rowcount": r.rowcount, "lastrowid": r.lastrowid}
+                for i, r in enumerate(results[:MAX_LISTED_RESULTS], start=1)
+            ],
+            "resultsTruncated": len(results) > MAX_LISTED_RESULTS,
+        }
+    return item
+
+
+def _change_line(item: dict[str, Any]) -> str:
+    if item["op"] == "sql":
+        line = (
+            f"- sql on {item['database']}: {item['statements']} statement(s), "
+            f"{item['rowsChanged']} row(s) changed"
+        )
+        return line + (f", lastrowid {item['lastrowid']}" if item["lastrowid"] is not None else "")
+    arrow = f"{item['source']} -> {item['path']}" if item["source"] else item["path"]
+    return f"- {item['op']} {arrow}" + (f" (sha256 {item['sha256']})" if item["sha256"] else "")
+
+
+def _applied_text(result: ChangeSetResult, changes: list[dict[str, Any]]) -> str:
+    """What an apply_changes call did (or would do), for a model that reads only the text."""
+    with_sql = any(item["op"] == "sql" for item in changes)
+    if not result.applied:
+        after = (
+            " (dry run: every check passed and the statements ran, then were rolled back; "
+            "nothing was written or committed)"
+            if with_sql
+            else ""
+        )
+        header = f"Would apply {len(changes)} change(s) atomically{after}:"
+    elif result.change_id is None:
+        header = f"Applied {len(changes)} change(s) atomically:"
+    elif with_sql:
+        one = (
+            ", files and database committed as one"
+            if any(item["op"] != "sql" for item in changes)
+            else ""
+        )
+        header = (
+            f"Applied {len(changes)} change(s) atomically{one} (recorded as change "
+            f"{result.change_id}; its statements cannot be undone: undo_change with this id "
+            "and `paths` takes back only the files named):"
+        )
+    else:
+        header = (
+            f"Applied {len(changes)} change(s) atomically (recorded as change "
+            f"{result.change_id}: undo_change with this id takes them all back):"
+        )
+    lines = [header]
+    for item in changes:
+        lines.append(_change_line(item))
+        if item["diff"]:
+            lines.append(f"```diff\n{item['diff']}```")
+    return "\n".join(lines)
+
+
+APPLY_CHANGES_DOC = (
+    "Apply several changes as one: all of them or none, even if the call is cancelled or the "
+    "server crashes (a journal finishes or undoes it at the next start). Each change is "
+    '{op:"write", path, content, expectedSha256?}, {op:"edit", path, edits:[{oldText,newText}], '
+    'expectedSha256?}, {op:"move"|"copy", source, destination, overwrite?}, {op:"delete", '
+    'path, expectedSha256?} or {op:"mkdir", path}; a path may appear in one change only. A set '
+    'may also change one database: {op:"sql", database, statements:[{sql, params?}]} '
+    "(database: a name from db_list; params bind ? or :name placeholders, a blob as "
+    '{"$blob": base64}). Its statements run in one transaction whose COMMIT is the commit '
+    "point of the whole set: the files change if and only if the rows do. One database per "
+    "set (several sql steps must name the same one); the tool owns the transaction, so "
+    "BEGIN/COMMIT/ATTACH are refused. `dryRun` runs every check and returns the diffs, "
+    "writing nothing; sql statements run and are rolled back, their row counts returned. "
+    "Reports progress per change. The result's `changeId` names the set in the history: "
+    "undo_change with it takes the whole set back; statements cannot be undone, so for a set "
+    "with a sql step undo_change takes back only the files named in its `paths`."
+)
+
+
+def register_change_set_tool(
+    server: MCPServer[Any], runtime: ToolRuntime, databases: DatabaseCatalog | None = None
+) -> None:
+    """Add ``apply_changes``; its sql steps find databases in ``databases`` (by default the
+    runtime's; none: a sql step is refused)."""
+
     @server.tool(
         name="apply_changes",
-        description=(
-            "Apply several file changes as one: all of them or none, even if the call is "
-            "cancelled or the server crashes (a journal finishes or undoes it at the next start). "
-            'Each change is {op:"write", path, content, expectedSha256?}, {op:"edit", path, '
-            'edits:[{oldText,newText}], expectedSha256?}, {op:"move"|"copy", source, '
-            'destination, overwrite?}, {op:"delete", path, expectedSha256?} or {op:"mkdir", '
-            "path}; a path may appear in one change only. `dryRun` runs every check and returns "
-            "the diffs, writing nothing. Reports progress per change. The result's `changeId` "
-            "names the set in the history: undo_change with it takes the whole set back."
-        ),
+        description=APPLY_CHANGES_DOC,
         annotations=mutating(destructive=True, idempotent=False),
     )
     async def apply_changes(
         ctx: Context[Any, Any],
         changes: Annotated[list[AnyChange], Field(min_length=1, max_length=MAX_CHANGES)],
-        dryRun: Annotated[bool, Field(description="Check and preview; write nothing.")] = False,
+        dryRun: Annotated[
+            bool,
+            Field(description="Check and preview; write nothing (sql statements roll back)."),
+        ] = False,
         idempotencyKey: IdempotencyKey = None,
     ) -> Annotated[CallToolResult, ApplyChangesOutput]:
         progress = runtime.reporter(ctx)
-        batch = [_to_change(change) for change in changes]
-        result = await runtime.call(
-            ctx,
-            lambda ws: ws.apply_changes(
+        catalog = databases if databases is not None else runtime.databases
+
+        async def apply(ws: Workspace) -> ChangeSetResult:
+            total = len(changes)
+            batch = [
+                await _sql_step(change, ws, catalog, _sql_label(index, total))
+                if isinstance(change, SqlChange)
+                else _to_change(change)
+                for index, change in enumerate(changes, start=1)
+            ]
+            return await ws.apply_changes(
                 batch, dry_run=dryRun, progress=progress, idempotency_key=idempotencyKey
-            ),
-        )
-        out = ApplyChangesOutput.model_validate(result)
-        verb = "Would apply" if dryRun else "Applied"
-        undo = (
-            f" (recorded as change {out.change_id}: undo_change with this id takes them all back)"
-            if out.change_id
-            else ""
-        )
-        lines = [f"{verb} {len(out.changes)} change(s) atomically{undo}:"]
-        for c in out.changes:
-            arrow = f"{c.source} -> {c.path}" if c.source else c.path
-            lines.append(f"- {c.op} {arrow}" + (f" (sha256 {c.sha256})" if c.sha256 else ""))
-            if c.diff:
-                lines.append(f"```diff\n{c.diff}```")
-        return tool_result(out, "\n".join(lines))
+            )
+
+        result = await runtime.call(ctx, apply)
+        items = [_outcome_json(outcome) for outcome in result.changes]
+        structured = {
+            "applied": result.applied,
+            "changes": items,
+            "txid": result.txid,
+            "changeId": result.change_id,
+        }
+        return structured_result(structured, _applied_text(result, items))

@@ -74,7 +74,12 @@ def entry_marks(entry: HistoryEntry) -> list[str]:
     marks: list[str] = []
     if entry.undoes:
         marks.append(f"undo of {', '.join(entry.undoes)}; undoing it redoes them")
-    if entry.database is not None:
+    if entry.database is not None and entry.paths:
+        marks.append(
+            "its statements cannot be undone: undo_change with paths=[...] takes back only "
+            "the files named"
+        )
+    elif entry.database is not None:
         marks.append("database call, recorded for audit: cannot be undone")
     elif not entry.undoable:
         marks.append("cannot be undone: previous content pruned by history retention")
@@ -82,7 +87,8 @@ def entry_marks(entry: HistoryEntry) -> list[str]:
 
 
 def entry_text(entry: HistoryEntry, now: float) -> str:
-    """A change in two or more lines: a header, then its paths (or its SQL)."""
+    """A change in two or more lines: a header, then its paths and its SQL (a database call
+    has no paths; a change set with a sql step has both)."""
     header = f"- {entry.id}  {iso_utc(entry.time)} ({age(entry.time, now)})  {entry.op}"
     if entry.database is not None:
         rows = "" if entry.rows_changed is None else f", {entry.rows_changed} row(s) changed"
@@ -91,6 +97,13 @@ def entry_text(entry: HistoryEntry, now: float) -> str:
     if marks:
         header += f"  [{'; '.join(marks)}]"
     lines = [header]
+    if entry.database is None or entry.paths:  # a file change, or a set with a sql step
+        away = moved_sources(entry)
+        shown_paths = [describe_path(row, row.path in away) for row in entry.paths]
+        listed = "; ".join(shown_paths[:MAX_PATHS_SHOWN])
+        if len(shown_paths) > MAX_PATHS_SHOWN:
+            listed += f"; ... {len(shown_paths) - MAX_PATHS_SHOWN} more path(s)"
+        lines.append(f"    {listed or '(no path inside the allowed directories)'}")
     if entry.database is not None:
         for sql in entry.statements[:3]:
             shown = " ".join(sql.split())
@@ -99,13 +112,6 @@ def entry_text(entry: HistoryEntry, now: float) -> str:
             lines.append(f"    {shown}")
         if len(entry.statements) > 3:
             lines.append(f"    ... {len(entry.statements) - 3} more statement(s)")
-        return "\n".join(lines)
-    away = moved_sources(entry)
-    shown_paths = [describe_path(row, row.path in away) for row in entry.paths]
-    listed = "; ".join(shown_paths[:MAX_PATHS_SHOWN])
-    if len(shown_paths) > MAX_PATHS_SHOWN:
-        listed += f"; ... {len(shown_paths) - MAX_PATHS_SHOWN} more path(s)"
-    lines.append(f"    {listed or '(no path inside the allowed directories)'}")
     return "\n".join(lines)
 
 

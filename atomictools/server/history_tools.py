@@ -44,7 +44,8 @@ LIST_CHANGES_DOC = (
     "apply_changes, undo_change) is recorded with the content it replaced, so it can be taken "
     "back with undo_change. Each entry has its `id` (what undo_change takes), time, operation "
     "and the paths it changed with +added/-removed line counts; database calls are listed too, "
-    "for audit (they cannot be undone). An entry marked 'cannot be undone' lost its old "
+    "for audit (they cannot be undone), and an apply_changes set with a sql step shows both "
+    "its paths and its statements. An entry marked 'cannot be undone' lost its old "
     "content to history retention. `path`: only changes to that file or below that "
     "directory; `since`: an ISO 8601 time or a duration back from now (30m, 2h, 7d); `limit`: "
     "how many (default 20)."
@@ -60,7 +61,8 @@ UNDO_CHANGE_DOC = (
     "after the change being undone, nothing is changed and the error names the path: pass "
     "force=true to restore the old version anyway, or paths=[...] to restore only some files. "
     "The undo is recorded as a change of its own (its changeId): undoing it redoes what it took "
-    "back. Database calls cannot be undone."
+    "back. Database calls cannot be undone; a change set that also ran sql statements is "
+    "refused unless you pass paths=[...] (then only those files go back; the rows stay)."
 )
 
 

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 from typing_extensions import TypedDict
 
+from atomictools.engine import InvalidArgumentError, Params
+
 EntryTypeName = Literal["file", "directory", "symlink", "other"]
+MAX_STATEMENTS = 20_000
+"""Most statements one call may send (db_transaction, or one sql step of apply_changes)."""
+MAX_LISTED_RESULTS = 100
+"""Per-statement results listed in a reply; the totals cover the rest."""
+DATABASE_DOC = "A database name from db_list (or a .db/.sqlite file in the roots)."
+DatabaseParam = Annotated[str, Field(description=DATABASE_DOC)]
+JsonParams = Annotated[
+    list[Any] | dict[str, Any] | None,
+    Field(
+        description="Bound parameters: a list for ? placeholders or an object for :name ones. "
+        'A blob is {"$blob": "<base64>"}.'
+    ),
+]
 
 
 def listed(items: str) -> WithJsonSchema:
@@ -32,6 +50,41 @@ class WireModel(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid", from_attributes=True
     )
+
+
+# -- SQL parameters: JSON has no bytes, so a blob travels as {"$blob": "<base64>"} ----------
+
+BLOB_KEY = "$blob"
+_BINDABLE = frozenset({str, int, float, bool, type(None)})
+"""JSON values sqlite3 binds as they are (objects and lists need ``_decode_value``)."""
+
+
+def _decode_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {BLOB_KEY} and isinstance(value[BLOB_KEY], str):
+            try:
+                return base64.b64decode(value[BLOB_KEY], validate=True)
+            except binascii.Error as err:
+                raise InvalidArgumentError(f"{BLOB_KEY} is not valid base64: {err}") from err
+        raise InvalidArgumentError(
+            f'a parameter cannot be an object (got {json.dumps(value)[:60]}); use {{"{BLOB_KEY}": '
+            '"<base64>"} for a blob'
+        )
+    if isinstance(value, list):
+        raise InvalidArgumentError("a parameter cannot be a list; bind one value per placeholder")
+    return value
+
+
+def decode_params(params: list[Any] | dict[str, Any] | None) -> Params:
+    """JSON parameters (of db_query, db_execute, db_transaction and apply_changes' sql steps)
+    to values sqlite3 can bind."""
+    if params is None:
+        return None
+    if isinstance(params, dict):
+        return {key: _decode_value(value) for key, value in params.items()}
+    if _BINDABLE.issuperset(map(type, params)):
+        return params  # the common case, checked at a fraction of a per-value call's cost
+    return [_decode_value(value) for value in params]
 
 
 class EditOperation(WireModel):
@@ -258,7 +311,7 @@ class DbTransactionOutput(WireModel):
     rows_changed: int
     lastrowid: int | None = Field(default=None, description="After the last statement.")
     results: list[DbStatementResult] = Field(
-        description="Per-statement results, the first 100 (see resultsTruncated)."
+        description=f"Per-statement results, the first {MAX_LISTED_RESULTS} (see resultsTruncated)."
     )
     results_truncated: bool
     committed: bool
@@ -305,19 +358,39 @@ class MkdirChange(WireModel):
     path: str
 
 
+class SqlChange(WireModel):
+    """Statements on one database, committed together with the set's files."""
+
+    op: Literal["sql"]
+    database: DatabaseParam
+    statements: list[DbStatement] = Field(min_length=1, max_length=MAX_STATEMENTS)
+
+
 AnyChange = Annotated[
-    WriteChange | EditChange | MoveChange | CopyChange | DeleteChange | MkdirChange,
+    WriteChange | EditChange | MoveChange | CopyChange | DeleteChange | MkdirChange | SqlChange,
     Field(discriminator="op"),
 ]
 
 
 class ChangeOutput(WireModel):
+    """One change of a set; database, statements and the fields after them: a sql step's."""
+
     op: str
-    path: str
+    path: str = Field(description="The file changed; for a sql step, the database's name.")
     source: str | None = None
     sha256: str | None = None
     diff: str | None = None
     created: bool
+    database: str | None = None
+    statements: int | None = Field(default=None, description="How many statements ran.")
+    rows_changed: int | None = None
+    lastrowid: int | None = Field(default=None, description="After the step's last statement.")
+    results: list[DbStatementResult] | None = Field(
+        default=None,
+        description=f"Per-statement results, the first {MAX_LISTED_RESULTS} (see "
+        "resultsTruncated); `index` counts from 1 within the step.",
+    )
+    results_truncated: bool | None = None
 
 
 class ApplyChangesOutput(WireModel):
@@ -328,7 +401,9 @@ class ApplyChangesOutput(WireModel):
         default=None,
         description=(
             "This change set's id in the history: undo_change with this id takes the whole "
-            "set back (null for a dry run, or when the server keeps no history)."
+            "set back (null for a dry run, or when the server keeps no history). A set with a "
+            "sql step: its statements cannot be undone, so undo_change takes back only the "
+            "files you name in its `paths`."
         ),
     )
 
@@ -360,13 +435,20 @@ class ChangeEntryOutput(WireModel):
         description="write, edit, move, copy, delete, mkdir, apply_changes, undo, db_execute "
         "or db_transaction."
     )
-    undoable: bool = Field(description="False: pruned content, or a database call.")
+    undoable: bool = Field(
+        description="False: pruned content, a database call, or a change set with a sql "
+        "step (undo_change with `paths` takes back its files only)."
+    )
     paths: list[PathChangeOutput]
     undoes: list[str] = Field(description="For an undo: the ids of the changes it took back.")
     database: str | None = Field(
-        default=None, description="For a database call (recorded for audit, not undoable)."
+        default=None,
+        description="For a database call, or an apply_changes set with a sql step: the "
+        "database (its statements are recorded for audit, not undoable).",
     )
-    statements: list[str] | None = None
+    statements: list[str] | None = Field(
+        default=None, description="The SQL that ran (the first ones, shortened)."
+    )
     rows_changed: int | None = None
 
 

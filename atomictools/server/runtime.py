@@ -26,6 +26,7 @@ from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 
 from atomictools.engine import (
     AtomicToolsError,
+    DatabaseCatalog,
     Limits,
     OutsideRootsError,
     Progress,
@@ -198,8 +199,17 @@ def _mark_cancelled(ctx: Context[Any, Any]) -> None:
 class ToolRuntime:
     """Runs one engine call for a tool: workspace, deadline, errors."""
 
-    def __init__(self, workspace: Workspace, options: ServerOptions) -> None:
+    def __init__(
+        self,
+        workspace: Workspace,
+        options: ServerOptions,
+        *,
+        databases: DatabaseCatalog | None = None,
+    ) -> None:
         self.options = options
+        self.databases = databases
+        """Where a tool finds a database by name (apply_changes' sql steps); None: no
+        databases are served."""
         self.roots = ClientRoots(workspace, answer_seconds=options.roots_wait)
         self.early_cancels = EarlyCancels()
 
