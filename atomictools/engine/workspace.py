@@ -628,7 +628,10 @@ class Workspace:
         nothing; the same key with other changes is refused. A dry run ignores the key.
         """
         if not dry_run and changes:
-            self._refuse_if_read_only("change", changes[0].path)
+            first = changes[0]
+            self._refuse_if_read_only(
+                "change database" if first.op == "sql" else "change", first.path
+            )
         if idempotency_key is None or dry_run:
             return await self._apply(changes, dry_run=dry_run, progress=progress, receipt=None)
         receipt = Receipt(

@@ -59,7 +59,7 @@ def register_tools(
     if files:
         register_file_tools(server, runtime)
     if change_sets:
-        register_change_set_tool(server, runtime)
+        register_change_set_tool(server, runtime, databases)
     if history:
         register_history_tools(server, runtime)
     if databases is not None:

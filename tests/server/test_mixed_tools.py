@@ -27,7 +27,7 @@ from mcp import Client
 from mcp.server.mcpserver import MCPServer
 from mcp.types import CallToolResult, TextContent
 
-from atomictools import Workspace, is_temp_name
+from atomictools import DatabaseCatalog, Workspace, is_temp_name
 from atomictools.server import ServerOptions, ToolRuntime, create_server, register_tools
 from atomictools.server.models import (
     ApplyChangesOutput,
@@ -744,3 +744,36 @@ async def test_a_server_without_databases_refuses_a_sql_step(root: Path) -> None
         )
         assert not done.is_error, text_of(done)
     assert (resolved / "a.txt").read_bytes() == b"y\n"
+
+
+async def test_an_embedders_catalog_serves_sql_steps_too(root: Path) -> None:
+    """``register_tools(..., databases=catalog)`` on a runtime made without it: the catalog
+    given to register_tools is the one apply_changes' sql steps use."""
+    resolved = root.resolve()
+    with contextlib.closing(sqlite3.connect(resolved / "x.db")) as conn:
+        conn.execute("CREATE TABLE t(v)")
+        conn.commit()
+    workspace = Workspace([resolved])
+    catalog = DatabaseCatalog(workspace)
+    server: MCPServer[Any] = MCPServer("embedded")
+    register_tools(server, ToolRuntime(workspace, ServerOptions()), databases=catalog)
+    try:
+        async with Client(server) as client:
+            result = await client.call_tool(
+                "apply_changes",
+                {
+                    "changes": [
+                        {"op": "write", "path": "a.txt", "content": "x\n"},
+                        {
+                            "op": "sql",
+                            "database": "x.db",
+                            "statements": [{"sql": "INSERT INTO t VALUES (1)"}],
+                        },
+                    ]
+                },
+            )
+            assert not result.is_error, text_of(result)
+    finally:
+        await catalog.close()
+    assert (resolved / "a.txt").read_bytes() == b"x\n"
+    assert plain_sql(resolved / "x.db", "SELECT v FROM t") == [(1,)]

@@ -172,7 +172,8 @@ class SqlGuard:
         if action in (sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT):
             return (
                 "BEGIN/COMMIT/ROLLBACK/SAVEPOINT/RELEASE are not allowed: the tool owns the "
-                "transaction; send all the statements to Database.transaction instead"
+                "transaction; send all the statements together, as one list, to "
+                "Database.transaction (or as one change set's sql step) instead"
             )
         if action == sqlite3.SQLITE_PRAGMA:
             return self._write_pragma_reason((arg1 or "").lower(), arg2)
