@@ -332,7 +332,7 @@ class _CommitReportsFailure:
                     raise _Abandon  # rolled back: the COMMIT never runs
         raise CommitUnknownError("COMMIT failed: disk I/O error")
 
-    async def marker_present(self, txid: str) -> bool:
+    async def decide_marker(self, txid: str, record: str) -> bool:
         raise DatabaseError("database app.db cannot be read: disk I/O error")
 
     async def drop_marker(self, txid: str) -> None:

@@ -1183,32 +1183,40 @@ async def _commit_with_database(
 
 
 async def _after_failed_commit(runner: ChangeSetRunner, err: BaseException) -> bool:
-    """A failed COMMIT: the marker, read on a fresh connection, decides (True: committed).
+    """A failed COMMIT. One SQLite says did not happen (a full disk) rolls the set back; one
+    whose outcome is unknown (a failed sync) is decided by the marker, read and made final on
+    a fresh connection (True: committed).
 
-    When even that cannot be read, the set is left prepared (files staged, record kept) for
+    When even that cannot be done, the set is left prepared (files staged, record kept) for
     recovery to decide, and ``RecoveryNeededError`` says so.
     """
     assert runner.sql is not None
+    if isinstance(err, AtomicToolsError) and not isinstance(err, CommitUnknownError):
+        raise err.prefixed("", SET_UNCHANGED)
     database = runner.sql.database
     try:
-        present = await database.marker_present(runner.txid)
+        present = await database.decide_marker(runner.txid, runner.record_path)
     except AtomicToolsError as check:
         runner.release()
         raise RecoveryNeededError(
-            f"COMMIT on database {database.name} failed ({err}), and whether it happened "
-            f"could not be read back ({check.message}); change set {runner.txid} is kept as "
-            "it was prepared, and `atomictools recover` (or the next start, or the next call "
-            "that touches its files) finishes or undoes it from the database's answer"
+            f"COMMIT on database {database.name} failed ({_cause(err)}), and whether it "
+            f"happened could not be read back ({check.message}); change set {runner.txid} is "
+            "kept as it was prepared, and `atomictools recover` (or the next start, or the "
+            "next call that touches its files) finishes or undoes it from the database's answer"
         ) from err
     if present:
         logger.warning("change set %s: COMMIT reported %s, but it happened", runner.txid, err)
         return True
-    if isinstance(err, AtomicToolsError) and not isinstance(err, CommitUnknownError):
-        raise err.prefixed("", SET_UNCHANGED)
+    await database.drop_marker(runner.txid)  # the row the decision wrote: its work is done
     raise DatabaseError(
-        f"COMMIT on database {database.name} failed ({err}); the change set's marker is not "
-        "in the database, so the set did not commit"
+        f"COMMIT on database {database.name} failed ({_cause(err)}); the change set's marker "
+        "is not in the database (read back and made final), so the set did not commit"
     ).prefixed("", SET_UNCHANGED) from err
+
+
+def _cause(err: BaseException) -> BaseException:
+    """SQLite's own error behind ours (whose message would say the outcome is unknown)."""
+    return err.__cause__ if isinstance(err, CommitUnknownError) and err.__cause__ else err
 
 
 def _record_history(runner: ChangeSetRunner) -> StateDirError | None:

@@ -39,14 +39,65 @@ def _once(sql: str) -> str:
     return f"{sql} /* atomictools {secrets.token_hex(16)} */"
 
 
+class ForeignMarkerTableError(sqlite3.DatabaseError):
+    """A table of that name that atomictools did not make (or that carries a trigger)."""
+
+
 def insert(conn: sqlite3.Connection, txid: str, record: str) -> None:
-    """Inside the set's transaction: its marker, and the markers of sets that are over."""
+    """Inside the set's transaction: its marker, and the markers of sets that are over.
+
+    The table must be ours exactly: one a user made (or renamed onto the name) could swallow
+    the insert (a trigger), and recovery would then read "never committed" for a set that did.
+    """
     conn.execute(_once(_SCHEMA))
+    _check_ours(conn)
     drop_stale(conn)
-    conn.execute(
+    inserted = conn.execute(
         _once(f"INSERT INTO {MARKER_TABLE} (txid, record, created) VALUES (?, ?, ?)"),
         (txid, record, time.time()),
     )
+    if inserted.rowcount != 1:
+        raise ForeignMarkerTableError(f"the insert into {MARKER_TABLE} did not add its row")
+
+
+def decide(conn: sqlite3.Connection, txid: str, record: str) -> bool:
+    """Inside a write transaction of its own, after the set's COMMIT reported an error: was
+    the set's marker committed? The answer is made final by this transaction's own commit.
+
+    A COMMIT whose WAL sync failed may have left its whole transaction in the WAL without
+    telling the shared index; a later open would then find it after all. Committing this
+    transaction (it always writes a row) writes over those frames, or restarts the WAL, so
+    what is read here is what every later reader sees.
+    """
+    found = present(conn, txid)
+    conn.execute(_once(_SCHEMA))
+    conn.execute(
+        _once(f"INSERT OR REPLACE INTO {MARKER_TABLE} (txid, record, created) VALUES (?, ?, ?)"),
+        (decided_name(txid), record, time.time()),
+    )
+    return found
+
+
+def decided_name(txid: str) -> str:
+    """The row ``decide`` writes; it goes with the set's marker (or as stale, with its record)."""
+    return f"{txid}/decided"
+
+
+def _check_ours(conn: sqlite3.Connection) -> None:
+    """Refuse a marker table that is not the one ``_SCHEMA`` makes, or that has a trigger."""
+    row = conn.execute(
+        "SELECT type, sql FROM sqlite_master WHERE name = ?", (MARKER_TABLE,)
+    ).fetchone()
+    triggers = conn.execute(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?",
+        (MARKER_TABLE,),
+    ).fetchone()[0]
+    expected = _SCHEMA.replace("IF NOT EXISTS ", "")
+    if row is None or row[0] != "table" or " ".join(str(row[1]).split()) != expected or triggers:
+        raise ForeignMarkerTableError(
+            f"{MARKER_TABLE} in this database was not made by atomictools (or has a trigger); "
+            "it holds the commit markers of change sets, so rename or drop that table"
+        )
 
 
 def drop_stale(conn: sqlite3.Connection) -> int:
@@ -60,8 +111,11 @@ def drop_stale(conn: sqlite3.Connection) -> int:
 
 
 def delete(conn: sqlite3.Connection, txid: str) -> None:
+    """The set is over: its marker goes (and the row ``decide`` may have written)."""
     if _has_table(conn):
-        conn.execute(_once(f"DELETE FROM {MARKER_TABLE} WHERE txid = ?"), (txid,))
+        conn.execute(
+            _once(f"DELETE FROM {MARKER_TABLE} WHERE txid IN (?, ?)"), (txid, decided_name(txid))
+        )
 
 
 def present(conn: sqlite3.Connection, txid: str) -> bool:

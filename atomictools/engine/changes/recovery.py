@@ -355,7 +355,7 @@ def _recover_trusted(
             )
             return
         try:
-            committed = _committed(record, sandbox)
+            committed = _committed(record, path, sandbox, dry_run=dry_run)
         except _Undecided as err:
             report.leave(
                 UnfinishedSet(
@@ -433,7 +433,7 @@ def _recover_trusted(
             fsutil.sync_directory(journal_fd)
         finally:
             os.close(journal_fd)
-    if forward and record.database is not None:  # after the record: never a false "absent"
+    if record.database is not None:  # after the record: never a false "absent"
         _drop_marker(record, sandbox)
     report.handled.add(txid)
     (report.rolled_forward if forward else report.rolled_back).append(txid)
@@ -448,15 +448,26 @@ class _Undecided(Exception):
         self.reason = reason
 
 
-def _committed(record: JournalRecord, sandbox: Sandbox) -> bool:
-    """Did the set pass its commit point? A prepared set's database answers (its marker)."""
+def _committed(record: JournalRecord, path: Path, sandbox: Sandbox, *, dry_run: bool) -> bool:
+    """Did the set pass its commit point? A prepared set's database answers (its marker),
+    in a write transaction whose commit makes the answer final (``markers.decide``; a dry
+    run only reads)."""
     if record.state != "prepared":
         return record.committed
     assert record.database is not None
     name = str(record.database["name"])
     try:
         with _marker_connection(record, sandbox) as conn:
-            return markers.present(conn, record.txid)
+            if dry_run:
+                return markers.present(conn, record.txid)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                found = markers.decide(conn, record.txid, str(path))
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            return found
     except (OSError, sqlite3.Error, AtomicToolsError) as err:
         raise _Undecided(name, str(err)) from err
 
@@ -485,7 +496,8 @@ def _marker_connection(record: JournalRecord, sandbox: Sandbox) -> Iterator[sqli
 
 
 def _drop_marker(record: JournalRecord, sandbox: Sandbox) -> None:
-    """The set is over: its marker goes (a failure is harmless: the next set drops it)."""
+    """The set is over: its marker (and the row ``markers.decide`` wrote) go; a failure is
+    harmless: the next set drops them."""
     try:
         with _marker_connection(record, sandbox) as conn:
             conn.execute("BEGIN IMMEDIATE")

@@ -51,8 +51,9 @@ class SqlDatabase(Protocol):
         """Begin at entry; COMMIT (shielded) at a clean exit, roll back at any other."""
         ...
 
-    async def marker_present(self, txid: str) -> bool:
-        """On a fresh connection: did the set's transaction commit? (raises when unknown)"""
+    async def decide_marker(self, txid: str, record: str) -> bool:
+        """After a COMMIT that reported an error: did it commit? Made final in a transaction
+        of its own (see ``markers.decide``); raises when it cannot tell."""
         ...
 
     async def drop_marker(self, txid: str) -> None:

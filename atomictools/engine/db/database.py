@@ -61,8 +61,8 @@ T = TypeVar("T")
 PROGRESS_STEPS = 1000
 """SQLite VM steps between checks of the abort flag: small enough to stop a query at once."""
 CLEANUP_SECONDS = 5.0
-MARKER_DROP_SECONDS = 2.0
-"""How long a finished change set waits to delete its marker (else the next set does)."""
+MARKER_DROP_SECONDS = 0.5
+"""The most a finished change set spends deleting its marker (else the next set does)."""
 # Defined below this layer (dberrors, changes.model, results), documented here too.
 __all__ = ["DatabaseError", "Params", "Statement", "StatementError", "StatementResult"]
 STATEMENT_ERRORS = (sqlite3.Error, OverflowError, ValueError)
@@ -589,8 +589,10 @@ class Database:
     # -- writes -----------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Transaction]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT``; any exit but success rolls everything back."""
+    async def transaction(self, *, wait: bool = True) -> AsyncIterator[Transaction]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``; any exit but success rolls everything back.
+
+        ``wait=False``: if another process holds the write lock, fail at once (busy)."""
         if self.read_only:
             raise ReadOnlyError(f"database {self.name} is read-only; it can be queried only")
         async with self._write_lock:
@@ -598,7 +600,7 @@ class Database:
             committed = False
             reusable = True
             try:
-                await self._begin(c)
+                await self._begin(c, self.busy_timeout if wait else 0.0)
                 tx = Transaction(self, c)
                 yield tx
                 tx.ensure_open()
@@ -622,13 +624,13 @@ class Database:
                         await c.close()
                         self._writer = None
 
-    async def _begin(self, c: _Connection) -> None:
-        """``BEGIN IMMEDIATE``, waiting up to ``busy_timeout`` for another process's writer.
+    async def _begin(self, c: _Connection, seconds: float) -> None:
+        """``BEGIN IMMEDIATE``, waiting up to ``seconds`` for another process's writer.
 
         The wait is a cancellable sleep between attempts, not SQLite's busy handler.
         """
         try:
-            await until_not_busy(lambda: c.internal("BEGIN IMMEDIATE"), self.busy_timeout)
+            await until_not_busy(lambda: c.internal("BEGIN IMMEDIATE"), seconds)
         except sqlite3.OperationalError as err:
             if not is_busy(err):
                 raise translate(err, self.name, self.path, "start a transaction on") from err
@@ -710,29 +712,39 @@ class Database:
         async with self.transaction() as tx:
             yield tx
 
-    async def marker_present(self, txid: str) -> bool:
-        """On a fresh read connection: did the set's transaction commit its marker?
+    async def decide_marker(self, txid: str, record: str) -> bool:
+        """After the set's COMMIT reported an error: did it commit? Read and made final in a
+        write transaction on a fresh connection (see ``markers.decide``); shielded.
 
         Raises ``DatabaseError`` when it cannot tell (then recovery decides later).
         """
-        present = False
-        with anyio.CancelScope(shield=True):
-            try:
-                async with self._reader() as reader:
-                    present = await reader.in_worker(_as_engine, reader, markers.present, txid)
-            except sqlite3.Error as err:
-                raise translate(err, self.name, self.path, "read the change set marker of") from err
-        return present
-
-    async def drop_marker(self, txid: str) -> None:
-        """After the set is over; a failure is logged (a later set or recovery drops it).
-        Bounded: another process holding the write lock must not hold up the reply."""
-        with anyio.CancelScope(shield=True), anyio.move_on_after(MARKER_DROP_SECONDS):
+        found: bool | None = None
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(CLEANUP_SECONDS + self.busy_timeout),
+        ):
             try:
                 async with self.transaction() as tx:
+                    found = await tx._c.in_worker(_as_engine, tx._c, markers.decide, txid, record)
+            except sqlite3.Error as err:
+                raise translate(err, self.name, self.path, "read the change set marker of") from err
+        if found is None:
+            raise DatabaseError(f"reading the change set marker of {self.name} took too long")
+        return found
+
+    async def drop_marker(self, txid: str) -> None:
+        """After the set is over, if the database is free at once: another writer (here or in
+        another process) must not hold up the reply; the next set drops it instead."""
+        if self._write_lock.locked():
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(MARKER_DROP_SECONDS):
+            try:
+                async with self.transaction(wait=False) as tx:
                     await tx._c.in_worker(_as_engine, tx._c, markers.delete, txid)
             except (AtomicToolsError, sqlite3.Error) as err:
-                logger.warning("database %s: dropping marker %s failed: %s", self.name, txid, err)
+                logger.info(
+                    "database %s: marker %s stays for the next set: %s", self.name, txid, err
+                )
 
     # -- reads ------------------------------------------------------------------------------
 

@@ -97,6 +97,7 @@ _MARKER_ACTIONS_BY_TABLE = frozenset(
         sqlite3.SQLITE_DELETE,
         sqlite3.SQLITE_DROP_TABLE,
         sqlite3.SQLITE_CREATE_TABLE,
+        sqlite3.SQLITE_CREATE_VIEW,
     }
 )
 """Actions whose first argument is the table they change."""
