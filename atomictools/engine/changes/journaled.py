@@ -454,7 +454,7 @@ class ChangeSetRunner:
         """The database steps, in order, inside the set's transaction (each error names its
         step: ``change 3 of 4 (sql): statement 2 of 2 (...) failed: ...``)."""
         assert self.sql is not None
-        for sql_step in self.sql.steps:
+        for ran, sql_step in enumerate(self.sql.steps, start=1):
             try:
                 sql_step.results = tuple(await tx.run(sql_step.change.statements))
             except AtomicToolsError as err:
@@ -462,7 +462,7 @@ class ChangeSetRunner:
                 raise err.prefixed(label, SET_UNCHANGED if self.planned else None) from None
             await step("changeset.sql")
             if progress is not None:
-                await progress(len(self.planned) + sql_step.index, self.total * 2)
+                await progress(len(self.planned) + ran, self.total * 2)
 
     async def _prepare_one(self, planned: _Planned, dry_run: bool) -> None:
         known = await self._stage_one(planned, dry_run)

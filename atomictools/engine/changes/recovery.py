@@ -199,6 +199,16 @@ def _remove_created_dirs(record: JournalRecord, dirs: _Dirs, report: RecoveryRep
     return problems
 
 
+def _remove_members(dir_fd: int, txid: str) -> None:
+    """Every file of the set left in a directory, then its claim. A record written before
+    the set staged anything (at a ``mkdir``) does not name what was staged after it, and a
+    member left without its claim would look like another state directory's."""
+    for entry in os.listdir(dir_fd):
+        if _member_of(entry, txid):
+            unlink_at(dir_fd, entry)
+    unlink_at(dir_fd, claim_name_for(txid))
+
+
 def _member_of(name: str, txid: str) -> bool:
     member = parse_member(name)
     return member is not None and member.txid == txid
@@ -400,10 +410,10 @@ def _recover_trusted(
             if not forward:
                 conflicts += _remove_created_dirs(record, dirs, report)
             keyed = not forward or _record_key(record, report, conflicts)
-            if keyed:  # the set is over: its claims go, in the same directory syncs
+            if keyed:  # the set is over: its files and claims go, in the same directory syncs
                 for directory in record.member_dirs():  # one left behind: the sweep takes it
                     with contextlib.suppress(OSError, AtomicToolsError):
-                        unlink_at(dirs.fd(directory), claim_name_for(txid))
+                        _remove_members(dirs.fd(directory), txid)
             if durable:
                 dirs.sync_all()
         except (OSError, AtomicToolsError) as err:
