@@ -116,6 +116,23 @@ async def test_a_store_of_another_version_is_refused_by_name(
     assert (root / "a.txt").read_text() == "orig\n"
 
 
+async def test_a_store_whose_making_was_cut_short_is_finished_not_refused(
+    root: Path, private_state_dir: Path
+) -> None:
+    """Our own tables without the version (a store made one statement at a time, by an earlier
+    release, cut short by a power loss) are ours: the store is finished and used."""
+    from atomictools.engine.history.store import _SCHEMA
+
+    (private_state_dir / "history").mkdir()
+    with sqlite3.connect(private_state_dir / "history" / "history.sqlite3") as conn:
+        conn.executescript(_SCHEMA.split("CREATE INDEX")[0])  # changes, paths: no version
+    (root / "a.txt").write_text("orig\n")
+    await Workspace([root]).write("a.txt", "new\n")
+    with sqlite3.connect(private_state_dir / "history" / "history.sqlite3") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+    assert [e.op for e in await Workspace([root]).history_entries()] == ["write"]
+
+
 NOBODY = 65534
 _AS_NOBODY = """
 import json, os, sys

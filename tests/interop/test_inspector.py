@@ -47,6 +47,12 @@ KNOWN_WARNINGS: dict[tuple[str, str, str, str], str] = {
         "$defs.DbStatement.properties.params.anyOf[0].items",
         "untyped-schema",
     ): SQL_VALUE,
+    (  # a change set's sql step takes the same statements
+        "apply_changes",
+        "inputSchema",
+        "$defs.DbStatement.properties.params.anyOf[0].items",
+        "untyped-schema",
+    ): SQL_VALUE,
 }
 
 

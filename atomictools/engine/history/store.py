@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -88,6 +89,17 @@ CREATE TABLE IF NOT EXISTS blobs (
 """Few indexes on purpose: each is one more page in every entry's fsynced commit. Entries are
 found by id, by path, or in ``seq`` order (the order they were recorded); retention and the
 kept-content totals scan, and run every few hundred changes."""
+
+
+@functools.cache
+def _our_objects() -> frozenset[tuple[str, str | None]]:
+    """Every object the schema makes, with its SQL (SQLite's own key indexes have none)."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(_SCHEMA)
+        return frozenset(conn.execute("SELECT name, sql FROM sqlite_master"))
+    finally:
+        conn.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,15 +176,20 @@ class HistoryStore:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
-        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        if version != 0 or tables:
+        found = set(conn.execute("SELECT name, sql FROM sqlite_master"))
+        if version != 0 or not found <= _our_objects():
             conn.close()
             raise StateDirError(
                 f"the history store {self.directory / DB_NAME} was made by another version of "
                 f"atomictools (schema {version}; this one reads {SCHEMA_VERSION}): move the "
                 "history directory aside (its entries are forgotten), or start with --no-history"
             )
-        conn.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+        # One transaction: a crash (or a power cut) while the store is made leaves it empty,
+        # never with tables and no version. Some of our tables and no version: a store made
+        # by an earlier release one statement at a time, cut short; it is finished here.
+        conn.executescript(
+            f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        )
 
     def ready(self) -> None:
         """Open the store now (raises ``StateDirError`` if it is damaged or cannot be made):
