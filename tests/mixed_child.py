@@ -17,7 +17,7 @@ Modes:
   idempotency_key=KEY)``. Prints ``{"result": ...}`` (the result's JSON); with ``--list`` no
   crash happens, and ``"points"`` lists every crash point the set passed, in order.
 * ``loop ROOT STATE DB [--naive]``: the engine in place of the server in the SIGKILL campaign
-  (``tests/test_mixed_sigkill.py``, driver ``child``): first the recovery a server start runs
+  (``tests/mixed_sigkill_harness.py``, driver ``child``): first the recovery a server start runs
   (``recover_interrupted``), then ``ready``; then for each line on stdin (an ``apply_changes``
   call's ``changes`` as MCP sends them, JSON) the set is applied and one line of JSON answers
   (``{"ok": ...}`` or ``{"error": message}``). ``--naive`` is the campaign's control (driver
@@ -45,16 +45,6 @@ DB_NAME = "app"
 Tree = dict[str, bytes | str]
 """Relative path -> file content, or ``DIR`` for a directory, or ``<link TARGET>``."""
 DbState = dict[str, Any]
-
-
-STRANDS_MEMBERS = False
-"""The engine bug these tests found: recovery that rolls back a set killed while staging under
-its ``preparing`` record (a set with a mkdir after a file change) removes the set's claims,
-although staged files the record never named are still there; unless the sweep of that same
-run removes them, every later sweep finds members without a claim and leaves them for a
-person. A keyed call's recovery and a server start killed before its delayed sweep do not
-sweep. Set to False once fixed: ``test_a_rolled_back_set_leaves_nothing_for_later`` (a strict
-xfail until then) then passes, and the campaigns must count no stranded member."""
 
 
 def sha(data: bytes) -> str:

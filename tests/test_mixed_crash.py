@@ -21,9 +21,10 @@ others (``--db NAME=PATH``). Then:
   COMMIT (the first ``db.committed``) on;
 * the invariant holds, ``PRAGMA integrity_check`` is ok, the history holds the set's entry
   exactly when it happened;
-* no temp file, member or claim of ours is left in the root, no journal record, and no marker
-  row once the next mixed set ran (a kill after the set's record went leaves its marker for
-  the next set's transaction to drop).
+* no temp file, member or claim of ours is left in the root, no journal record, no set left
+  for a person, and no marker row, except the set's own after a kill between the removal of
+  its record and that of its marker (``changeset.finished``): the next mixed set's transaction
+  drops it, and then no marker row is left at all.
 
 The keyed variant kills ``apply_changes(..., idempotency_key=K)`` at each of its points and
 retries with the same key: the set happens exactly once (the counter is 1), and past the commit
@@ -32,9 +33,10 @@ missing or unreadable is left for a person, nothing deleted, and finished once i
 ``recover(rollback=True)`` undoes a set killed before its COMMIT, but rolls a committed one
 forward and says why (a database commit cannot be undone).
 
-``test_a_rolled_back_set_leaves_nothing_for_later`` pins the engine bug these tests found
-(``STRANDS_MEMBERS`` in tests/mixed_child.py; an expected failure until it is fixed); the keyed
-test tolerates exactly that bug, by name, while the flag says it is there.
+``test_a_rolled_back_set_leaves_nothing_for_later`` pins the fix of a bug these tests found:
+recovery of a set killed while staging under the ``preparing`` record it wrote at its mkdir
+removed the set's claims but left the files it staged after that record, which every later
+sweep then left for a person.
 """
 
 from __future__ import annotations
@@ -54,16 +56,15 @@ import pytest
 
 import atomictools
 from atomictools import AtomicToolsError, ChangeSetResult, Database, Workspace
+from atomictools.engine.changes.record import RECORD_SUFFIX
 from atomictools.engine.changes.recovery_report import RecoveryReport
 from atomictools.engine.durable.steps import CRASH_ENV, CRASH_SIGNAL_ENV
-from atomictools.engine.durable.tempfiles import parse_member
 from atomictools.engine.history.store import store_for
 from tests.conftest import read_record
 from tests.mixed_child import (
     AFTER,
     BEFORE,
     DB_NAME,
-    STRANDS_MEMBERS,
     DbState,
     Tree,
     changes,
@@ -97,8 +98,8 @@ PROTOCOL = (
 )
 """Every point a mixed set must pass (a keyed one also passes ``changeset.key_recorded``)."""
 COMMIT_POINT = "db.committed:1"
-STALE_MARKER_POINTS = ("changeset.finished", "db.committed:2")
-"""Kills after the set's record went and before its marker did: the marker stays (stale)."""
+STALE_MARKER_POINT = "changeset.finished:1"
+"""The kill after the set's record went and before its marker did: the marker stays (stale)."""
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs POSIX processes")
 
@@ -278,9 +279,11 @@ def check_after_kill(lane: Lane, ref: Reference, point: str, server_start: bool)
     check_state(lane, ref, after, where)
     check_clean(lane, where)
     left = markers(lane.db)
-    if point.startswith(STALE_MARKER_POINTS):
-        assert len(left) <= 1, f"{where}: markers {left}"
-        assert all(not os.path.lexists(record) for _txid, record in left), where
+    if point == STALE_MARKER_POINT:  # the set's own marker, its record gone
+        assert len(left) == 1, f"{where}: markers {left}"
+        txid, record = left[0]
+        assert record == str(lane.state.resolve() / "journals" / f"{txid}{RECORD_SUFFIX}"), where
+        assert not os.path.lexists(record), where
     else:
         assert left == [], f"{where}: markers left {left}"
     assert len(apply_entries(lane)) == int(after), f"{where}: history"
@@ -364,26 +367,10 @@ def test_keyed_set_killed_anywhere_happens_exactly_once_on_retry(tmp_path: Path)
             assert db_state(lane.db)["rows"]["counter"] == [(1, 1)], where
             report = recover(lane, server_start=False)
             assert not report.conflicts, f"{where}: {report.conflicts}"
-            if report.unfinished and STRANDS_MEMBERS:
-                _forget_known_bug(lane, report, first_txid, where)
             assert not report.unfinished, f"{where}: {report.unfinished}"
             check_clean(lane, where)
             next_set(lane)
             assert markers(lane.db) == [], f"{where}: markers left after the next set"
-
-
-def _forget_known_bug(lane: Lane, report: RecoveryReport, txid: str | None, where: str) -> None:
-    """Only that bug: the killed set's members, no claim, left for a person; then removed."""
-    assert txid is not None, where
-    assert list(report.unfinished) == [txid], f"{where}: {report}"
-    unfinished = report.unfinished[txid]
-    assert "no claim saying where its journal lives" in unfinished.reason, unfinished
-    for member in unfinished.members:
-        parsed = parse_member(Path(member).name)
-        assert parsed is not None, member
-        assert parsed.txid == txid, member
-        os.unlink(member)
-    report.unfinished.clear()
 
 
 def test_a_rolled_back_set_leaves_nothing_for_later(tmp_path: Path) -> None:
@@ -398,13 +385,8 @@ def test_a_rolled_back_set_leaves_nothing_for_later(tmp_path: Path) -> None:
     ws = lane.workspace()
     first = anyio.run(ws.recover_interrupted)
     assert first.rolled_back == [txid], first
+    assert leftovers(lane.root) == [], "the rollback left files of the set"
     later = recover(lane, server_start=False)
-    if STRANDS_MEMBERS:
-        assert list(later.unfinished) == [txid]  # the bug is still there
-        pytest.xfail(
-            "engine bug: recovery of a preparing record removes the claims while staged "
-            "members it does not name remain; a later sweep leaves them for a person"
-        )
     assert not later.unfinished, later.unfinished
     check_clean(lane, "a later recovery")
     assert snapshot(lane.root) == BEFORE
