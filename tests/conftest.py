@@ -21,6 +21,10 @@ from atomictools.engine.changes.record import (
 from atomictools.engine.config import STATE_DIR_ENV
 from atomictools.engine.durable.tempfiles import is_temp_name
 
+# A real PostgreSQL for the database tools' tests (tests/pgserver.py): the fixtures pg_cluster
+# (one server per session), pg_database (a fresh database per test) and pg_private_cluster.
+pytest_plugins = ["tests.pgserver"]
+
 
 @pytest.fixture(autouse=True)
 def private_state_dir(

@@ -319,6 +319,7 @@ class _CommitReportsFailure:
         self.name = database.name
         self.path = database.path
         self.read_only = False
+        self.kind = "sqlite"
 
     @contextlib.asynccontextmanager
     async def set_transaction(self) -> AsyncIterator[Any]:

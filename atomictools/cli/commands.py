@@ -75,7 +75,13 @@ def _build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="a SQLite database the tools may use by NAME (created if missing; repeatable)",
+        help="a database the tools may use by NAME: a SQLite file (created if missing) or a "
+        "postgresql:// URL without its password (PGPASSWORD or a passfile gives it); repeatable",
+    )
+    serve.add_argument(
+        "--allow-superuser",
+        action="store_true",
+        help="let a PostgreSQL --db connect as a superuser (refused by default)",
     )
     serve.add_argument("--read-only", action="store_true", help="refuse every change")
     serve.add_argument(
@@ -253,7 +259,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     options = ServerOptions(tool_timeout=args.tool_timeout)
     try:
-        server = create_server(workspace, options, databases=databases)
+        server = create_server(
+            workspace, options, databases=databases, allow_superuser=args.allow_superuser
+        )
     except ValueError as err:  # a --db that cannot work: say so now, not at its first use
         print(f"atomictools: {err}", file=sys.stderr)
         return 2

@@ -114,14 +114,20 @@ def create_server(
     options: ServerOptions | None = None,
     *,
     databases: Mapping[str, str | os.PathLike[str]] | None = None,
+    allow_superuser: bool = False,
 ) -> MCPServer[Any]:
     """An MCPServer exposing ``workspace`` through the file and database tools.
 
-    ``databases`` names SQLite files the operator allows (``--db NAME=PATH``); database files
-    inside the roots are usable too. Open databases are closed when the server shuts down.
+    ``databases`` names SQLite files (or ``postgresql://`` URLs) the operator allows (``--db
+    NAME=PATH``); database files inside the roots are usable too. Open databases are closed
+    when the server shuts down. ``allow_superuser``: connect to PostgreSQL as a superuser.
     """
     catalog = DatabaseCatalog(
-        workspace, databases, durability=workspace.durability, read_only=workspace.read_only
+        workspace,
+        databases,
+        durability=workspace.durability,
+        read_only=workspace.read_only,
+        allow_superuser=allow_superuser,
     )
 
     options = options or ServerOptions()

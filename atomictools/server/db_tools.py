@@ -7,6 +7,7 @@ Parameters are always bound, never formatted into SQL. JSON has no bytes, so a b
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import math
 from typing import Annotated, Any
@@ -63,12 +64,22 @@ def encode_row(row: tuple[Any, ...]) -> list[Any]:
 
 
 def encode_value(value: Any) -> Any:
-    """A SQLite value as JSON: blobs as {"$blob": base64}, infinities as strings, the rest as is."""
-    if isinstance(value, bytes):
-        return {BLOB_KEY: base64.b64encode(value).decode("ascii")}
+    """A database value as JSON: blobs as {"$blob": base64}, infinities as strings; a
+    PostgreSQL value JSON has no type for (numeric, timestamps, uuid, intervals, ...) as its
+    text, so nothing is rounded; json and arrays as JSON."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {BLOB_KEY: base64.b64encode(bytes(value)).decode("ascii")}
     if isinstance(value, float) and not math.isfinite(value):
         return str(value).replace("inf", "Infinity").replace("nan", "NaN")
-    return value
+    if value is None or isinstance(value, str | int | float):
+        return value
+    if isinstance(value, list | tuple):
+        return [encode_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): encode_value(v) for k, v in value.items()}
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    return str(value)  # Decimal, UUID, timedelta, IP addresses, ranges: their exact text
 
 
 def _rows_text(result: QueryResult) -> str:
@@ -88,7 +99,8 @@ def register_db_tools(
 
     @server.tool(
         name="db_list",
-        description="SQLite databases you can use: configured ones and database files in roots.",
+        description="Databases you can use: configured ones (SQLite or PostgreSQL) and SQLite "
+        "files in the roots.",
         annotations=READ_ONLY,
     )
     async def db_list(ctx: Context[Any, Any]) -> Annotated[CallToolResult, DbListOutput]:

@@ -388,7 +388,7 @@ class ChangeSetRunner:
 
     def _refuse_database_files(self) -> None:
         """A set must not replace, move or delete the database its statements run in."""
-        if self.sql is None:
+        if self.sql is None or self.sql.database.kind != "sqlite":
             return
         database = os.path.realpath(self.sql.database.path)
         names = {database + suffix for suffix in ("", "-wal", "-shm", "-journal")}
@@ -1163,6 +1163,7 @@ async def _commit_with_database(
     marked = False
     try:
         async with database.set_transaction() as tx:
+            runner.sql.xid = tx.xid
             await runner.run_statements(tx, progress)
             if dry_run:
                 raise _DryRun

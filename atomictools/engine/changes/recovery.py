@@ -31,7 +31,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from atomictools.engine.changes import markers
+from atomictools.engine.changes import markers, pgmarkers
 from atomictools.engine.changes.idempotency import IdempotencyStore, Receipt, failed_result
 from atomictools.engine.changes.record import (
     RECORD_SUFFIX,
@@ -466,6 +466,12 @@ def _committed(record: JournalRecord, path: Path, sandbox: Sandbox, *, dry_run: 
         return record.committed
     assert record.database is not None
     name = str(record.database["name"])
+    if record.database.get("kind") == "postgres":
+        try:
+            url, xid = str(record.database["path"]), record.database.get("xid")
+            return pgmarkers.decide(url, record.txid, str(xid) if xid else None)
+        except Exception as err:  # the driver's errors, a missing driver, a timeout: undecided
+            raise _Undecided(name, f"{type(err).__name__}: {err}") from err
     try:
         with _marker_connection(record, sandbox) as conn:
             if dry_run:
@@ -508,6 +514,13 @@ def _marker_connection(record: JournalRecord, sandbox: Sandbox) -> Iterator[sqli
 def _drop_marker(record: JournalRecord, sandbox: Sandbox) -> None:
     """The set is over: its marker (and the row ``markers.decide`` wrote) go; a failure is
     harmless: the next set drops them."""
+    assert record.database is not None
+    if record.database.get("kind") == "postgres":
+        try:
+            pgmarkers.drop(str(record.database["path"]), record.txid)
+        except Exception as err:  # best effort, as below
+            logger.info("change set %s: its database marker stays for now (%s)", record.txid, err)
+        return
     try:
         with _marker_connection(record, sandbox) as conn:
             conn.execute("BEGIN IMMEDIATE")

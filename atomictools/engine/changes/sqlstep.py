@@ -26,6 +26,10 @@ AUDIT_STATEMENTS = 20
 class SqlTransaction(Protocol):
     """An open write transaction (``BEGIN IMMEDIATE``) of a change set's database."""
 
+    xid: str | None
+    """The server's transaction id, where there is one (PostgreSQL): with it, recovery asks
+    the server whether the transaction committed, ended, or is still committing."""
+
     async def run(self, statements: Sequence[Statement]) -> list[StatementResult]:
         """Run them in order; raises an error naming the failing statement."""
         ...
@@ -42,10 +46,17 @@ class SqlDatabase(Protocol):
     def name(self) -> str: ...
 
     @property
-    def path(self) -> Path: ...
+    def path(self) -> Path | str:
+        """Its file (SQLite), or its URL without a password (PostgreSQL)."""
+        ...
 
     @property
     def read_only(self) -> bool: ...
+
+    @property
+    def kind(self) -> str:
+        """``sqlite`` or ``postgres``: how recovery reaches the database."""
+        ...
 
     def set_transaction(self) -> AbstractAsyncContextManager[SqlTransaction]:
         """Begin at entry; COMMIT (shielded) at a clean exit, roll back at any other."""
@@ -81,6 +92,8 @@ class SqlPart:
 
     database: SqlDatabase
     steps: list[SqlStep] = field(default_factory=list)
+    xid: str | None = None
+    """The open transaction's server id (PostgreSQL), for the record."""
 
     @classmethod
     def collect(cls, changes: Sequence[Change], label: Any) -> SqlPart | None:
@@ -110,7 +123,7 @@ class SqlPart:
                 )
             if part is None:
                 part, first = cls(database), index
-            elif Path(database.path) != Path(part.database.path):
+            elif str(database.path) != str(part.database.path):
                 raise InvalidArgumentError(
                     f"{label(index, 'sql')}this change set already changes database "
                     f"{part.database.name} (change {first}); one set may change one database "
@@ -122,7 +135,10 @@ class SqlPart:
 
     def record(self) -> dict[str, Any]:
         """What the journal record names: the database recovery asks for the marker."""
-        return {"name": self.database.name, "path": str(self.database.path)}
+        named: dict[str, Any] = {"name": self.database.name, "path": str(self.database.path)}
+        if self.database.kind != "sqlite":
+            named |= {"kind": self.database.kind, "xid": self.xid}
+        return named
 
     def audit(self) -> dict[str, Any]:
         """The history's account of the database part (not undoable): what ran, rows changed."""

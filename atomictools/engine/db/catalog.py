@@ -1,27 +1,42 @@
-"""Which SQLite databases a server may use: ones the operator named, and files inside the roots.
+"""Which databases a server may use: ones the operator named, and SQLite files inside the roots.
 
 A database named on the command line (``--db NAME=PATH``) may lie anywhere (the operator chose
-it) and is created if missing. Any other database is a ``.db``, ``.sqlite`` or ``.sqlite3`` file
-that already exists inside the workspace's roots, found through the same sandbox as every file
-tool. Each database is opened once and shared by all calls, so its writer lock is shared too.
+it) and is created if missing; ``--db NAME=postgresql://...`` names a PostgreSQL database
+(``postgres``; the optional ``atomictools[postgres]`` extra brings its driver). Any other
+database is a ``.db``, ``.sqlite`` or ``.sqlite3`` file that already exists inside the
+workspace's roots, found through the same sandbox as every file tool. Each database is opened
+once and shared by all calls, so its writer lock (or connection pool) is shared too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import stat
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import anyio
 
 from atomictools.engine.config import Durability
 from atomictools.engine.db.database import Database, DatabaseError
 from atomictools.engine.db.pinned import PinnedDirectory
-from atomictools.engine.errors import InvalidArgumentError, NotFoundError, WrongTypeError
+from atomictools.engine.errors import (
+    AtomicToolsError,
+    InvalidArgumentError,
+    NotFoundError,
+    WrongTypeError,
+)
 from atomictools.engine.workspace import Workspace
+
+if TYPE_CHECKING:
+    from atomictools.engine.db.postgres import PgDatabase
+
+PG_SCHEMES = ("postgresql://", "postgres://")
 
 DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _DISCOVERY_PATTERN = "*.{db,sqlite,sqlite3}"
@@ -33,6 +48,10 @@ class DatabaseEntry:
     """What to pass as ``database``: the configured name, or the path inside the roots."""
     path: str
     configured: bool
+
+
+def _is_url(value: str | os.PathLike[str]) -> bool:
+    return isinstance(value, str) and value.startswith(PG_SCHEMES)
 
 
 def _check_named(name: str, path: Path) -> None:
@@ -61,16 +80,23 @@ class DatabaseCatalog:
         *,
         durability: Durability | str = Durability.FULL,
         read_only: bool = False,
+        allow_superuser: bool = False,
     ) -> None:
         self.workspace = workspace
         self.durability = Durability(durability)
         self.read_only = read_only
+        self.allow_superuser = allow_superuser
+        self._urls = {name: str(p) for name, p in (named or {}).items() if _is_url(p)}
         self._named = {
-            name: Path(os.path.abspath(os.fspath(p))) for name, p in (named or {}).items()
+            name: Path(os.path.abspath(os.fspath(p)))
+            for name, p in (named or {}).items()
+            if not _is_url(p)
         }
         for name, path in self._named.items():
             _check_named(name, path)
-        self._open: dict[Hashable, Database] = {}
+        for name, url in self._urls.items():
+            _check_url(name, url)
+        self._open: dict[Hashable, Database | PgDatabase] = {}
         """Open databases: by name for configured ones, by (device, inode of directory,
         name) for files in the roots, so a directory moved or replaced means a new one."""
         self._lock = anyio.Lock()
@@ -88,12 +114,16 @@ class DatabaseCatalog:
         narrowed view; the catalog's own workspace by default)."""
         workspace = workspace or self.workspace
         found = [DatabaseEntry(n, str(p), configured=True) for n, p in sorted(self._named.items())]
+        found += [
+            DatabaseEntry(n, _postgres_module(n).pgconn.shown_url(u), configured=True)
+            for n, u in sorted(self._urls.items())
+        ]
         for root in workspace.roots:
             result = await workspace.search(root, _DISCOVERY_PATTERN)
             found.extend(DatabaseEntry(m, m, configured=False) for m in result.matches)
         return found
 
-    async def get(self, name: str, workspace: Workspace | None = None) -> Database:
+    async def get(self, name: str, workspace: Workspace | None = None) -> Database | PgDatabase:
         """The open database called ``name``: a configured name (the operator's choice, always
         available), or a path inside ``workspace``'s roots (a client's narrowed view; the
         catalog's own workspace by default), opened through its pinned directory."""
@@ -103,6 +133,8 @@ class DatabaseCatalog:
             )
         if name in self._named:
             return await self._database(("named", name), self._named[name], name, None)
+        if name in self._urls:
+            return await self._postgres(name)
         with (workspace or self.workspace).sandbox.resolve(name) as location:
             display = location.display
             if not location.name.endswith(DB_SUFFIXES):
@@ -143,6 +175,24 @@ class DatabaseCatalog:
                 self._open[key] = database
             elif pinned is not None:
                 pinned.close()  # another call opened it meanwhile
+        assert isinstance(database, Database)
+        return database
+
+    async def _postgres(self, name: str) -> PgDatabase:
+        async with self._lock:
+            database = self._open.get(("postgres", name))
+            if database is None:
+                module = _postgres_module(name)
+                database = module.PgDatabase(
+                    self._urls[name],
+                    name=name,
+                    read_only=self.read_only,
+                    allow_superuser=self.allow_superuser,
+                    idempotency_ttl=self.workspace.idempotency_ttl,
+                )
+                database.history = self.workspace.history
+                self._open[("postgres", name)] = database
+        assert not isinstance(database, Database)
         return database
 
     async def close(self) -> None:
@@ -151,3 +201,23 @@ class DatabaseCatalog:
                 with contextlib.suppress(DatabaseError):
                     await database.close()
             self._open.clear()
+
+
+def _postgres_module(name: str) -> ModuleType:
+    """The PostgreSQL backend, imported when a ``postgresql://`` database is named (its driver
+    is an optional extra); without it, a clear error naming the fix."""
+    try:
+        return importlib.import_module("atomictools.engine.db.postgres")
+    except ImportError as err:
+        raise ValueError(
+            f"--db {name}=postgresql://...: the PostgreSQL driver is not installed ({err}); "
+            "install atomictools[postgres]"
+        ) from err
+
+
+def _check_url(name: str, url: str) -> None:
+    """A URL that cannot work (or carries a password) is refused when the server starts."""
+    try:
+        _postgres_module(name).pgconn.url_conninfo(url)
+    except AtomicToolsError as err:
+        raise ValueError(f"--db {name}=...: {err.message}") from err

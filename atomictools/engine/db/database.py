@@ -289,6 +289,9 @@ def _key_table_error(err: sqlite3.Error) -> DatabaseError:
 class Transaction:
     """The open write transaction given by ``Database.transaction()``."""
 
+    xid: str | None = None
+    """SQLite has no transaction ids: recovery decides from the marker alone."""
+
     def __init__(self, database: Database, connection: _Connection) -> None:
         self._db = database
         self._c = connection
@@ -470,6 +473,7 @@ class Database:
         self._reader_slots = anyio.Semaphore(MAX_READERS)
         self.history: History | None = None
         """Where ``run_statements`` records an audit entry after each commit (not undoable)."""
+        self.kind = "sqlite"
 
     async def __aenter__(self) -> Database:
         return self
