@@ -33,8 +33,9 @@ import anyio.to_thread
 
 from atomictools.engine.changes import idempotency, markers
 from atomictools.engine.changes.model import Params, Statement
-from atomictools.engine.changes.sqlstep import audit_of, shortened
+from atomictools.engine.changes.sqlstep import shortened
 from atomictools.engine.config import Durability
+from atomictools.engine.db.calls import DatabaseCalls, check_max_rows
 from atomictools.engine.db.dberrors import (
     DatabaseBusyError,
     DatabaseError,
@@ -50,7 +51,6 @@ from atomictools.engine.errors import (
     AtomicToolsError,
     InvalidArgumentError,
     ReadOnlyError,
-    TooLargeError,
 )
 from atomictools.engine.history.recording import History
 from atomictools.engine.results import Progress, StatementResult
@@ -432,7 +432,7 @@ _ENVIRONMENT_CODES = {
 """Failures of the disk or of another process, not of the statement: said with their fix."""
 
 
-class Database:
+class Database(DatabaseCalls):
     """One SQLite database file: one writer at a time, concurrent readers.
 
     ``async with Database(path) as db:`` then ``async with db.transaction() as tx:``, or the
@@ -643,13 +643,6 @@ class Database:
                 f"held the write lock for {self.busy_timeout:g} s); retry"
             ) from err
 
-    async def execute(
-        self, sql: str, params: Params = None, *, idempotency_key: str | None = None
-    ) -> StatementResult:
-        """One statement in its own transaction."""
-        batch = [Statement(sql, params)]
-        return (await self.run_statements(batch, idempotency_key=idempotency_key))[0]
-
     async def run_statements(
         self,
         statements: Sequence[Statement],
@@ -686,26 +679,8 @@ class Database:
             if receipt is not None:
                 stored = json.dumps([[r.rowcount, r.lastrowid] for r in results])
                 await tx._c.in_worker(_record_key, tx._c, receipt, stored)
-        if self.history is not None and self.history.enabled:
-            await self._audit(statements, results)
+        await self._audit(statements, results)
         return results
-
-    async def _audit(
-        self, statements: Sequence[Statement], results: Sequence[StatementResult]
-    ) -> None:
-        """The history's audit entry of a committed call: which database, what ran, how many
-        rows changed. After the commit, so a failure here is logged, never raised."""
-        history = self.history
-        assert history is not None
-        audit = audit_of(self.name, statements, results)
-        op = "db_execute" if len(statements) == 1 else "db_transaction"
-        with anyio.CancelScope(shield=True):
-            try:
-                await anyio.to_thread.run_sync(
-                    history.store.record_audit, op, self.name, audit["statements"], audit["rows"]
-                )
-            except AtomicToolsError as err:
-                logger.warning("the history's audit entry for %s failed: %s", self.name, err)
 
     # -- a change set's database part (``SqlDatabase``) ---------------------------------------
 
@@ -754,10 +729,7 @@ class Database:
 
     async def query(self, sql: str, params: Params = None, *, max_rows: int = 1000) -> QueryResult:
         """A read-only query on a read-only connection, at most ``max_rows`` rows."""
-        if max_rows < 1:
-            raise InvalidArgumentError(f"max_rows must be at least 1, not {max_rows}")
-        if max_rows > 100_000:
-            raise TooLargeError(f"max_rows {max_rows} is more than the limit of 100000")
+        check_max_rows(max_rows)
         async with self._reader() as reader:
             cursor = await self._run(reader, sql, params)
             return await _fetch(cursor, max_rows)

@@ -34,8 +34,9 @@ from psycopg.pq import TransactionStatus
 
 from atomictools.engine.changes import idempotency, markers, pgmarkers
 from atomictools.engine.changes.model import Params, Statement
-from atomictools.engine.changes.sqlstep import audit_of, shortened
+from atomictools.engine.changes.sqlstep import shortened
 from atomictools.engine.db import pgconn, pgguard
+from atomictools.engine.db.calls import DatabaseCalls, check_max_rows
 from atomictools.engine.db.database import ColumnInfo, QueryResult, TableInfo
 from atomictools.engine.db.dberrors import (
     DatabaseUnavailableError,
@@ -49,7 +50,6 @@ from atomictools.engine.errors import (
     InvalidArgumentError,
     PermissionDeniedError,
     ReadOnlyError,
-    TooLargeError,
 )
 from atomictools.engine.history.recording import History
 from atomictools.engine.results import Progress, StatementResult
@@ -193,7 +193,7 @@ async def _fetch(conn: Conn, item: pgguard.Prepared, max_rows: int) -> QueryResu
     return QueryResult(columns, tuple(tuple(r) for r in rows[:max_rows]), truncated)
 
 
-class PgDatabase:
+class PgDatabase(DatabaseCalls):
     """A PostgreSQL database (``postgresql://`` URL) with the guarantees of ``Database``.
 
     Guarantee: a change is one transaction, committed whole or not at all, also when the call
@@ -396,13 +396,6 @@ class PgDatabase:
                     f"COMMIT on PostgreSQL database {self.name} was refused: {_first_line(error)}"
                 ) from error
 
-    async def execute(
-        self, sql: str, params: Params = None, *, idempotency_key: str | None = None
-    ) -> StatementResult:
-        """One statement in its own transaction."""
-        batch = [Statement(sql, params)]
-        return (await self.run_statements(batch, idempotency_key=idempotency_key))[0]
-
     async def run_statements(
         self,
         statements: Sequence[Statement],
@@ -443,8 +436,7 @@ class PgDatabase:
                     )
         except _Replay as replay:
             return [StatementResult(*pair) for pair in json.loads(replay.stored)]
-        if self.history is not None and self.history.enabled:
-            await self._audit(statements, results)
+        await self._audit(statements, results)
         return results
 
     async def _ensure_key_table(self) -> None:
@@ -470,21 +462,6 @@ class PgDatabase:
                 ) from err
         if table == markers.MARKER_TABLE:
             self._marker_table_ready = True
-
-    async def _audit(
-        self, statements: Sequence[Statement], results: Sequence[StatementResult]
-    ) -> None:
-        history = self.history
-        assert history is not None
-        audit = audit_of(self.name, statements, results)
-        op = "db_execute" if len(statements) == 1 else "db_transaction"
-        with anyio.CancelScope(shield=True):
-            try:
-                await anyio.to_thread.run_sync(
-                    history.store.record_audit, op, self.name, audit["statements"], audit["rows"]
-                )
-            except AtomicToolsError as err:
-                logger.warning("the history's audit entry for %s failed: %s", self.name, err)
 
     # -- a change set's database part (``SqlDatabase``) ---------------------------------------
 
@@ -539,10 +516,7 @@ class PgDatabase:
     async def query(self, sql: str, params: Params = None, *, max_rows: int = 1000) -> QueryResult:
         """A read in a ``READ ONLY`` transaction on a reader connection, at most ``max_rows``
         rows, stopped at the call's deadline or after ``query_timeout``."""
-        if max_rows < 1:
-            raise InvalidArgumentError(f"max_rows must be at least 1, not {max_rows}")
-        if max_rows > 100_000:
-            raise TooLargeError(f"max_rows {max_rows} is more than the limit of 100000")
+        check_max_rows(max_rows)
         item = self.prepare(Statement(sql, params), None, 1, read_only=True)
         return await self._read(lambda conn: _fetch(conn, item, max_rows), sql)
 
