@@ -435,6 +435,9 @@ def test_tiny(pg_database):
     with pg_database.connect() as conn:  # still there: nobody else removed it meanwhile
         assert conn.execute("SELECT 1").fetchone() == (1,)
     if end.startswith("SIG"):
+        # A job started in the background of a script inherits SIGINT ignored: a Ctrl-C at
+        # a terminal raises KeyboardInterrupt, and so must this one.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.kill(os.getpid(), getattr(signal, end))
         time.sleep(60)
 """

@@ -199,13 +199,14 @@ def _remove_created_dirs(record: JournalRecord, dirs: _Dirs, report: RecoveryRep
     return problems
 
 
-def _remove_members(dir_fd: int, txid: str) -> None:
-    """Every file of the set left in a directory, then its claim. A record written before
-    the set staged anything (at a ``mkdir``) does not name what was staged after it, and a
-    member left without its claim would look like another state directory's."""
+def _remove_members(dir_fd: int, directory: str, txid: str, report: RecoveryReport) -> None:
+    """Every file of the set left in a directory (reported), then its claim. A record written
+    before the set staged anything (at a ``mkdir``) does not name what was staged after it,
+    and a member left without its claim would look like another state directory's."""
     for entry in os.listdir(dir_fd):
         if _member_of(entry, txid):
             unlink_at(dir_fd, entry)
+            report.removed.append(f"{directory}/{entry}")
     unlink_at(dir_fd, claim_name_for(txid))
 
 
@@ -413,7 +414,7 @@ def _recover_trusted(
             if keyed:  # the set is over: its files and claims go, in the same directory syncs
                 for directory in record.member_dirs():  # one left behind: the sweep takes it
                     with contextlib.suppress(OSError, AtomicToolsError):
-                        _remove_members(dirs.fd(directory), txid)
+                        _remove_members(dirs.fd(directory), directory, txid, report)
             if durable:
                 dirs.sync_all()
         except (OSError, AtomicToolsError) as err:

@@ -751,8 +751,8 @@ class Database(DatabaseCalls):
                 described = await self._run(
                     reader,
                     "SELECT type, name, sql FROM sqlite_master WHERE name = ? AND type IN "
-                    "('table', 'view')",
-                    (table,),
+                    "('table', 'view') AND name NOT LIKE ? AND name NOT LIKE ?",
+                    (table, f"{idempotency.KEY_TABLE}%", f"{markers.MARKER_TABLE}%"),
                 )
                 found = (await _fetch(described, 1)).rows
                 if not found:

@@ -13,7 +13,9 @@ libpq takes it from ``PGPASSWORD``, a passfile (``~/.pgpass``, ``PGPASSFILE``, `
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -63,13 +65,14 @@ def url_conninfo(url: str) -> str:
 
 
 def shown_url(url: str) -> str:
-    """The URL as messages show it: never with a password."""
-    head, sep, tail = url.partition("://")
+    """The URL as messages show it: never with a password (in the user part or the query)."""
+    shown = re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
+    head, sep, tail = shown.partition("://")
     if not sep or "@" not in tail.split("/", 1)[0]:
-        return url
+        return shown
     userinfo, _, rest = tail.partition("@")
     user = userinfo.split(":", 1)[0]
-    return f"{head}://{user}:***@{rest}" if ":" in userinfo else url
+    return f"{head}://{user}:***@{rest}" if ":" in userinfo else shown
 
 
 def clean(conn: Conn) -> bool:
@@ -133,6 +136,22 @@ async def _stop(conn: Conn, done: anyio.Event, scope: anyio.CancelScope | None) 
         await close_quietly(conn)
 
 
+async def _reset(conn: Conn) -> bool:
+    """Back to a fresh session before the next call: a function can SET a setting, make a
+    temporary table or take a session lock that would otherwise outlive its call (shielded,
+    bounded). False: the connection cannot be reused."""
+    if not clean(conn):
+        return False
+    with anyio.CancelScope(shield=True), anyio.move_on_after(GRACE_SECONDS):
+        try:
+            await conn.execute("DISCARD ALL")
+        except psycopg.Error as err:
+            logger.info("resetting a connection failed: %s", err)
+            return False
+        return clean(conn)
+    return False
+
+
 async def close_quietly(conn: Conn) -> None:
     with anyio.CancelScope(shield=True), anyio.move_on_after(GRACE_SECONDS):
         try:
@@ -144,13 +163,24 @@ async def close_quietly(conn: Conn) -> None:
 class Pool:
     """A few connections of one kind (readers or writers), reused only when clean."""
 
-    def __init__(self, connect: Callable[[], Awaitable[Conn]], size: int):
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[Conn]],
+        size: int,
+        unavailable: Callable[[BaseException], Exception],
+    ) -> None:
         self._connect = connect
+        self._unavailable = unavailable
         self._idle: list[Conn] = []
         self._slots = anyio.Semaphore(size)
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[Conn]:
+    async def connection(
+        self, start: Callable[[Conn], Awaitable[object]] | None = None
+    ) -> AsyncIterator[Conn]:
+        """A connection, with ``start(conn)`` (its BEGIN) already run. A pooled connection
+        whose server went away meanwhile (a restart, a failover) fails at ``start``, before
+        anything of the call was sent: it is dropped, and the call goes on on a new one."""
         async with self._slots:
             conn = None
             while self._idle and conn is None:
@@ -159,12 +189,30 @@ class Pool:
                     conn = candidate
                 else:
                     await close_quietly(candidate)
+            if conn is not None and start is not None:
+                try:
+                    await guarded(conn, functools.partial(start, conn))
+                except psycopg.OperationalError:
+                    if not (conn.broken or conn.closed):
+                        raise
+                    await close_quietly(conn)
+                    conn = None
+                else:
+                    start = None
             if conn is None:
                 conn = await self._connect()
+                if start is not None:
+                    try:
+                        await guarded(conn, functools.partial(start, conn))
+                    except BaseException as err:
+                        await close_quietly(conn)
+                        if isinstance(err, psycopg.OperationalError):
+                            raise self._unavailable(err) from err
+                        raise
             try:
                 yield conn
             finally:
-                if clean(conn):
+                if await _reset(conn):
                     self._idle.append(conn)
                 else:
                     await close_quietly(conn)

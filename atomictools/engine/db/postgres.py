@@ -31,6 +31,7 @@ import anyio
 import psycopg
 from psycopg import errors as pgerrors
 from psycopg.pq import TransactionStatus
+from psycopg.types.string import TextLoader
 
 from atomictools.engine.changes import idempotency, markers, pgmarkers
 from atomictools.engine.changes.model import Params, Statement
@@ -63,6 +64,8 @@ QUERY_TIMEOUT = 60.0
 COMMIT_SECONDS = 30.0
 """How long a COMMIT may take before its outcome is called unknown."""
 BATCH_SECONDS = 0.05
+DEADLINE_MARGIN = 1.0
+"""Seconds the server's statement timeout runs past the call's deadline."""
 KEY_TABLE = idempotency.KEY_TABLE
 _KEY_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS {} (scope TEXT NOT NULL, key TEXT NOT NULL, "
@@ -90,13 +93,16 @@ class _Replay(Exception):  # not an error: leaves the transaction, rolling back
 
 def _timeout_ms(default: float | None) -> int:
     """The call's deadline (or ``default``) as PostgreSQL's ``statement_timeout``, in
-    milliseconds (0: none): the server stops a statement even if this process cannot ask."""
+    milliseconds (0: none). A backstop: the server stops the statement even if this process
+    cannot ask; it goes off a little after the deadline, so that the call's own cancellation
+    (a cancel request, then a rollback) is what the caller sees."""
     remaining = anyio.current_effective_deadline() - anyio.current_time()
-    if default is not None:
-        remaining = min(remaining, default)
     if math.isinf(remaining):
-        return 0
-    return max(1, int(remaining * 1000))
+        return 0 if default is None else int(default * 1000)
+    backstop = remaining + DEADLINE_MARGIN
+    if default is not None:
+        backstop = min(backstop, default)
+    return max(1, int(backstop * 1000))
 
 
 class PgTransaction:
@@ -199,7 +205,7 @@ class PgDatabase(DatabaseCalls):
     Guarantee: a change is one transaction, committed whole or not at all, also when the call
     is cancelled or times out (the server's statement is stopped); queries cannot write.
     Caveat: asyncio only; ``StatementResult.lastrowid`` is always None (use ``RETURNING``); a
-    change set with files and a PostgreSQL step is not supported yet.
+    change set's PostgreSQL step needs the role to read its marker table at recovery.
     """
 
     def __init__(
@@ -220,8 +226,12 @@ class PgDatabase(DatabaseCalls):
         self.allow_superuser = allow_superuser
         self.idempotency_ttl = idempotency_ttl
         self.query_timeout = query_timeout
-        self._writers = pgconn.Pool(lambda: self._connect(read_only=False), pool_size)
-        self._readers = pgconn.Pool(lambda: self._connect(read_only=True), pool_size)
+        self._writers = pgconn.Pool(
+            lambda: self._connect(read_only=False), pool_size, self._unavailable
+        )
+        self._readers = pgconn.Pool(
+            lambda: self._connect(read_only=True), pool_size, self._unavailable
+        )
         self._checked = False
         self._key_table_ready = False
         self._marker_table_ready = False
@@ -254,13 +264,12 @@ class PgDatabase(DatabaseCalls):
     async def _connect(self, *, read_only: bool) -> Conn:
         try:
             with anyio.fail_after(pgconn.GRACE_SECONDS * 5):
-                conn: Conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+                conn: Conn = await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True, prepare_threshold=None
+                )
+            _exact_text(conn)
         except (psycopg.OperationalError, TimeoutError) as err:
-            raise DatabaseUnavailableError(
-                f"cannot connect to PostgreSQL database {self.name} ({self.url}): "
-                f"{_first_line(err) or 'timed out'}; check that the server runs, the URL, and "
-                "the password (PGPASSWORD or a passfile)"
-            ) from err
+            raise self._unavailable(err) from err
         try:
             if not self._checked:
                 await self._refuse_superuser(conn)
@@ -293,6 +302,14 @@ class PgDatabase(DatabaseCalls):
         schema = '"' + str(row[1]).replace('"', '""') + '"'
         self.key_table = f"{schema}.{KEY_TABLE}"
         self.marker_table = f"{schema}.{markers.MARKER_TABLE}"
+
+    def _unavailable(self, err: BaseException) -> DatabaseUnavailableError:
+        """The server could not be reached, or went away before the call's first statement."""
+        return DatabaseUnavailableError(
+            f"cannot reach PostgreSQL database {self.name} ({self.url}): "
+            f"{_first_line(err) or 'timed out'}; check that the server runs, the URL, and the "
+            "password (PGPASSWORD or a passfile)"
+        )
 
     async def _refuse_superuser(self, conn: Conn) -> None:
         if self.allow_superuser:
@@ -353,9 +370,8 @@ class PgDatabase(DatabaseCalls):
         """``BEGIN`` ... ``COMMIT``; any exit but success rolls everything back."""
         if self.read_only:
             raise ReadOnlyError(f"database {self.name} is read-only; it can be queried only")
-        async with self._writers.connection() as conn:
-            timeout = _timeout_ms(None)
-            await pgconn.guarded(conn, lambda: _begin(conn, "BEGIN", timeout))
+        timeout = _timeout_ms(None)
+        async with self._writers.connection(lambda c: _begin(c, "BEGIN", timeout)) as conn:
             tx = PgTransaction(self, conn)
             committed = False
             try:
@@ -385,11 +401,11 @@ class PgDatabase(DatabaseCalls):
             ):
                 await pgconn.close_quietly(conn)
                 raise CommitUnknownError(
-                    f"COMMIT on PostgreSQL database {self.name} did not answer "
-                    f"({_first_line(error) if error else 'timed out'}): whether it is committed "
-                    "is unknown; retry with the same idempotency_key (it returns the first "
-                    "result if the commit happened, and runs once if it did not), or check "
-                    "with Database.query"
+                    f"COMMIT on PostgreSQL database {self.name}: outcome unknown; retry with "
+                    "the same idempotency_key (it returns the first result if the commit "
+                    "happened, and runs once if it did not), or check with Database.query. "
+                    "The server did not answer the COMMIT "
+                    f"({_first_line(error) if error else 'timed out'})"
                 ) from error
             if error is not None:  # refused at COMMIT (a deferred constraint): rolled back
                 raise DatabaseError(
@@ -521,11 +537,12 @@ class PgDatabase(DatabaseCalls):
         return await self._read(lambda conn: _fetch(conn, item, max_rows), sql)
 
     async def _read(self, work: Callable[[Conn], Awaitable[T]], sql: str) -> T:
-        async with self._readers.connection() as conn:
-            timeout = _timeout_ms(self.query_timeout)
+        timeout = _timeout_ms(self.query_timeout)
+        async with self._readers.connection(
+            lambda c: _begin(c, "BEGIN READ ONLY", timeout)
+        ) as conn:
 
             async def run() -> T:
-                await _begin(conn, "BEGIN READ ONLY", timeout)
                 try:
                     return await work(conn)
                 finally:
@@ -628,7 +645,8 @@ ORDER BY n.nspname, c.relkind, c.relname
 _COLUMNS = """
 SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
        pg_get_expr(d.adbin, d.adrelid),
-       COALESCE(array_position(i.indkey::int2[], a.attnum), 0)
+       COALESCE((SELECT k.n FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
+                 WHERE k.attnum = a.attnum), 0)
 FROM pg_attribute a
 JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
@@ -691,6 +709,16 @@ async def _decide(conn: Conn, table: str, txid: str, xid: str | None) -> bool:
     except pgerrors.UndefinedTable:
         return False
     return await cursor.fetchone() is not None
+
+
+_AS_TEXT = ("interval", "date", "time", "timetz", "timestamp", "timestamptz", "json", "jsonb")
+"""Types read as PostgreSQL's own text: Python's types would lose what JSON cannot say
+(an interval's months, infinity, BC dates, a json number's digits)."""
+
+
+def _exact_text(conn: Conn) -> None:
+    for name in _AS_TEXT:
+        conn.adapters.register_loader(name, TextLoader)
 
 
 def _first_line(err: BaseException | None) -> str:

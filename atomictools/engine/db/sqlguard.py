@@ -209,5 +209,10 @@ class SqlGuard:
             if arg2 is None or name in READ_PRAGMAS_WITH_ARGUMENT:
                 return None
             return f"PRAGMA {arg1} = ... changes the database; Database.query only reads"
+        if action in (sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT):
+            return (
+                "Database.query only reads, in a transaction of its own: BEGIN/COMMIT/ROLLBACK/"
+                "SAVEPOINT/RELEASE are not allowed"
+            )
         what = _ACTION_NAMES.get(action, f"action {action}")
         return f"Database.query only reads, and this statement would {what}: use Database.execute"
