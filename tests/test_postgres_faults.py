@@ -978,3 +978,24 @@ def test_sigkill_of_a_mixed_set_at_each_crash_point(
             assert lane.markers() == [], f"{where}: markers left after the next set"
             assert lane.db_state()["counter"] == [(int(after),)], where
             assert scenario.snapshot(lane.root)["next.txt"] == b"the next set\n"
+
+
+async def test_a_huge_result_crosses_the_wire_only_up_to_max_rows(
+    pg_database: ClusterDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A query of a hundred million rows with maxRows 5 answers at once: the rows come
+    through a server-side cursor, not fetched whole into this process's memory."""
+    monkeypatch.setenv("PGPASSWORD", pg_database.password)
+    async with PgDatabase(pg_database.dsn, name="main") as db:
+        began = time.monotonic()
+        with anyio.fail_after(20):
+            result = await db.query(
+                "SELECT a.n * 10000 + b.n FROM generate_series(0, 9999) AS a(n), "
+                "generate_series(0, 9999) AS b(n)",  # 10**8 rows, made as they are read
+                max_rows=5,
+            )
+        assert len(result.rows) == 5
+        assert result.truncated
+        assert time.monotonic() - began < 10
+        shown = await db.query("SHOW server_version_num")  # no cursor can hold a SHOW
+        assert shown.columns == ("server_version_num",)

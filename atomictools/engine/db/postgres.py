@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import psycopg
@@ -188,9 +188,17 @@ class PgTransaction:
 
 
 async def _fetch(conn: Conn, item: pgguard.Prepared, max_rows: int) -> QueryResult:
-    cursor = psycopg.AsyncRawCursor(conn)
-    try:
+    """At most ``max_rows`` rows (and whether there were more). A SELECT goes through a
+    server-side cursor, so only those rows cross the wire and sit in memory, however large
+    the result; SHOW and EXPLAIN (which a cursor cannot hold) answer a few rows anyway."""
+    cursor: psycopg.AsyncRawCursor[tuple[Any, ...]] | psycopg.AsyncRawServerCursor[tuple[Any, ...]]
+    if item.kind == "SelectStmt":
+        cursor = psycopg.AsyncRawServerCursor(conn, "atomictools_rows")
+        await cursor.execute(item.sql, item.params or None)
+    else:
+        cursor = psycopg.AsyncRawCursor(conn)
         await cursor.execute(item.sql, item.params or None, prepare=False)
+    try:
         rows = await cursor.fetchmany(max_rows + 1) if cursor.description else []
         columns = tuple(d.name for d in cursor.description or ())
     finally:
