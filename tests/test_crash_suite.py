@@ -15,7 +15,7 @@ a thread that sees the committed journal record appear, so the roll-forward and 
 paths of startup recovery are exercised too. The control, a naive multi-file writer (each
 file replaced atomically, no journal), killed at random moments must show mixed sets.
 
-``ATOMICTOOLS_CRASH_ROUNDS`` (default 100, spread over the three tools),
+``ATOMICTOOLS_CRASH_ROUNDS`` (default 60, spread over the three tools),
 ``ATOMICTOOLS_CRASH_CONTROL_ROUNDS`` (default 30), ``ATOMICTOOLS_CRASH_LANES`` (default 2:
 rounds run in that many independent root/state-dir lanes at once) and
 ``ATOMICTOOLS_CRASH_SEED`` (replays the random choices) tune it. The long campaign is
@@ -48,7 +48,7 @@ from tests.crash_suite_harness import (
     write_plain,
 )
 
-ROUNDS = int(os.environ.get("ATOMICTOOLS_CRASH_ROUNDS", "100"))
+ROUNDS = int(os.environ.get("ATOMICTOOLS_CRASH_ROUNDS", "60"))
 CONTROL_ROUNDS = int(os.environ.get("ATOMICTOOLS_CRASH_CONTROL_ROUNDS", "30"))
 LANES = int(os.environ.get("ATOMICTOOLS_CRASH_LANES", "2"))
 SEED = int(os.environ.get("ATOMICTOOLS_CRASH_SEED", str(random.SystemRandom().getrandbits(32))))
