@@ -271,23 +271,6 @@ def install(root: Path, tree: Tree) -> None:
             path.write_bytes(content)
 
 
-def _list_crash_points() -> list[str]:
-    """Make every crash point of the engine append its name to the returned list."""
-    from atomictools.engine.durable import steps
-
-    reached: list[str] = []
-    real = steps.crash_point
-
-    def listing(name: str) -> None:
-        reached.append(name)
-        real(name)
-
-    for module_name, module in list(sys.modules.items()):
-        if module_name.startswith("atomictools") and getattr(module, "crash_point", None) is real:
-            module.crash_point = listing  # type: ignore[attr-defined]
-    return reached
-
-
 def main(argv: list[str]) -> int:
     listing = argv[0] == "--list"
     if listing:
@@ -296,8 +279,9 @@ def main(argv: list[str]) -> int:
     import anyio
 
     from atomictools import Workspace
+    from tests.crashpoints import list_crash_points
 
-    reached = _list_crash_points() if listing else []
+    reached = list_crash_points() if listing else []
     ws = Workspace([root], state_dir=state)
     anyio.run(scenario(name).run, ws, rest[0] if rest else None)
     if listing:

@@ -264,29 +264,13 @@ def invariant_problems(root: Path, db_path: Path) -> list[str]:
 # -- the child --------------------------------------------------------------------------------
 
 
-def _list_crash_points() -> list[str]:
-    """Make every crash point of the engine append its name to the returned list."""
-    from atomictools.engine.durable import steps
-
-    reached: list[str] = []
-    real = steps.crash_point
-
-    def listing(name: str) -> None:
-        reached.append(name)
-        real(name)
-
-    for module_name, module in list(sys.modules.items()):
-        if module_name.startswith("atomictools") and getattr(module, "crash_point", None) is real:
-            module.crash_point = listing  # type: ignore[attr-defined]
-    return reached
-
-
 def _apply(root: str, state: str, db_path: str, *, listing: bool, key: str | None) -> None:
     import anyio
 
     from atomictools import Database, Workspace
+    from tests.crashpoints import list_crash_points
 
-    reached = _list_crash_points() if listing else []
+    reached = list_crash_points() if listing else []
 
     async def run() -> str:
         ws = Workspace([root], state_dir=state)
