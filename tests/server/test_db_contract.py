@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,25 +48,21 @@ import anyio
 import anyio.to_thread
 import pytest
 from mcp import Client, StdioServerParameters
-from mcp.types import CallToolResult, TextContent
+from mcp.types import CallToolResult
 
 from atomictools import Workspace
 from atomictools.server import ServerOptions, create_server
 from atomictools.server.models import (
-    DbExecuteOutput,
     DbListOutput,
-    DbQueryOutput,
     DbSchemaOutput,
-    DbTransactionOutput,
 )
 from tests.pgserver import PgDatabase
 
-from .helpers import TRACEBACK_MARKERS, connect, state_env, text_of, wire_names
+from .dbcalls import COMMITTED_NOTHING, DB, DbCalls, ProgressLog
+from .helpers import TRACEBACK_MARKERS, connect, state_env, text_of
 
 pytestmark = pytest.mark.anyio
 
-DB = "main"
-COMMITTED_NOTHING = "nothing was committed"
 OWNS_TRANSACTION = "the tool owns the transaction"
 NEXT_CALL_LIMIT = 2.0
 """Seconds the first calls after a cancel may take (two busy cores): they must not wait for
@@ -235,14 +231,16 @@ def pg_backend(pg_database: PgDatabase, tmp_path: Path, monkeypatch: pytest.Monk
 # -- calling the tools ----------------------------------------------------------------------
 
 
-@dataclass
-class Tools:
-    """A connected client and its backend: calls that must succeed, or fail clearly."""
+class Tools(DbCalls):
+    """A connected client and its backend: calls that must succeed, or fail clearly; every
+    text it receives is kept, and none may hold the password."""
 
-    client: Client
-    b: Backend
-    texts: list[str] = field(default_factory=list)
-    """Every text this client received: none may hold the password."""
+    exact_fields = False
+
+    def __init__(self, client: Client, b: Backend) -> None:
+        super().__init__(client)
+        self.b = b
+        self.texts: list[str] = []
 
     async def call(self, tool: str, args: dict[str, Any], **kw: Any) -> CallToolResult:
         result = await self.client.call_tool(tool, args, **kw)
@@ -252,60 +250,6 @@ class Tools:
             assert self.b.secret not in text, f"{tool} showed the password: {text}"
             assert self.b.secret not in repr(result.structured_content)
         return result
-
-    async def ok(
-        self, tool: str, args: dict[str, Any], model: type[Any] | None = None, **kw: Any
-    ) -> dict[str, Any]:
-        result = await self.call(tool, args, **kw)
-        assert not result.is_error, f"{tool}({str(args)[:300]}) failed: {text_of(result)}"
-        content = result.structured_content
-        assert isinstance(content, dict), f"{tool}: no structured content"
-        assert isinstance(result.content[0], TextContent)
-        if model is not None:
-            assert set(content) <= wire_names(model), sorted(content)
-            assert wire_names(model, required_only=True) <= set(content), sorted(content)
-            model.model_validate(content)
-        return content
-
-    async def err(
-        self, tool: str, args: dict[str, Any], *fragments: str, committed_nothing: bool = False
-    ) -> str:
-        """An ``isError`` result naming ``fragments``, no traceback; the session still serves."""
-        result = await self.call(tool, args)
-        message = text_of(result)
-        assert result.is_error, f"{tool}({str(args)[:300]}) did not fail: {message}"
-        assert message.startswith(f"Error executing tool {tool}"), message
-        for fragment in fragments:
-            assert fragment.lower() in message.lower(), f"{fragment!r} not in {message!r}"
-        if committed_nothing:
-            assert COMMITTED_NOTHING in message, message
-        assert not TRACEBACK_MARKERS.search(message), message
-        assert result.structured_content is None
-        assert await self.rows("SELECT 1") == [[1]]
-        return message
-
-    async def query(self, sql: str, params: Any = None, **more: Any) -> dict[str, Any]:
-        args: dict[str, Any] = {"database": DB, "sql": sql, **more}
-        if params is not None:
-            args["params"] = params
-        return await self.ok("db_query", args, DbQueryOutput)
-
-    async def rows(self, sql: str, params: Any = None) -> list[list[Any]]:
-        return list((await self.query(sql, params))["rows"])
-
-    async def execute(self, sql: str, params: Any = None, **more: Any) -> dict[str, Any]:
-        args: dict[str, Any] = {"database": DB, "sql": sql, **more}
-        if params is not None:
-            args["params"] = params
-        return await self.ok("db_execute", args, DbExecuteOutput)
-
-    async def transaction(self, *statements: str | dict[str, Any], **kw: Any) -> dict[str, Any]:
-        stmts = [{"sql": s} if isinstance(s, str) else s for s in statements]
-        key = kw.pop("idempotencyKey", None)
-        args: dict[str, Any] = {"database": DB, "statements": stmts}
-        if key is not None:
-            args["idempotencyKey"] = key
-        return await self.ok("db_transaction", args, DbTransactionOutput, **kw)
 
     async def next_calls_served(self, table: str) -> None:
         """A write (it needs what an aborted call held) and a read, each served at once."""
@@ -321,24 +265,6 @@ class Tools:
 async def served(b: Backend, **kw: Any) -> AsyncIterator[Tools]:
     async with connect(b.server(**kw), "legacy") as client:
         yield Tools(client, b)
-
-
-class ProgressLog:
-    """A progress callback that keeps what arrived."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[float, float | None]] = []
-        self.all_done = anyio.Event()
-
-    async def __call__(self, progress: float, total: float | None, _message: str | None) -> None:
-        self.seen.append((progress, total))
-        if progress == total:
-            self.all_done.set()
-
-    async def complete(self) -> None:
-        """Callbacks run in tasks of their own: the last may land just after the result."""
-        with anyio.fail_after(5):
-            await self.all_done.wait()
 
 
 # -- db_list, db_schema -----------------------------------------------------------------------

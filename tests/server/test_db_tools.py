@@ -43,7 +43,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.shared.exceptions import MCPError
-from mcp.types import CallToolResult, TextContent
+from mcp.types import CallToolResult
 
 from atomictools import Workspace
 from atomictools.server import create_server
@@ -52,17 +52,15 @@ from atomictools.server.models import (
     DbListOutput,
     DbQueryOutput,
     DbSchemaOutput,
-    DbTransactionOutput,
 )
 
-from .helpers import TRACEBACK_MARKERS, connect, state_env, stdio_params, text_of, wire_names
+from .dbcalls import COMMITTED_NOTHING, DB, DbCalls, ProgressLog
+from .helpers import TRACEBACK_MARKERS, connect, state_env, stdio_params, text_of
 
 pytestmark = pytest.mark.anyio
 
 MODES = ["legacy", "default"]
-DB = "main"
 DB_TOOLS = {"db_list", "db_schema", "db_query", "db_execute", "db_transaction"}
-COMMITTED_NOTHING = "nothing was committed"
 OWNS_TRANSACTION = "the tool owns the transaction"
 NEXT_CALL_LIMIT = 1.0
 """Seconds the first call after a cancel may take: it must not wait for the aborted work."""
@@ -107,13 +105,13 @@ def disk(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, 
         return conn.execute(sql, params).fetchall()
 
 
-@dataclass
-class T:
+class T(DbCalls):
     """One check's handle: the client, the root, and a prefix for the check's own tables."""
 
-    client: Client
-    root: Path
-    name: str
+    def __init__(self, client: Client, root: Path, name: str) -> None:
+        super().__init__(client)
+        self.root = root
+        self.name = name
 
     @property
     def db_path(self) -> Path:
@@ -121,62 +119,6 @@ class T:
 
     def n(self, table: str) -> str:
         return f"{self.name}_{table}"
-
-    async def ok(
-        self,
-        tool: str,
-        args: dict[str, Any],
-        model: type[Any] | None = None,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        """The call succeeds; returns its structured content (checked against ``model``)."""
-        result = await self.client.call_tool(tool, args, **kwargs)
-        assert not result.is_error, f"{tool}({str(args)[:300]}) failed: {text_of(result)}"
-        content = result.structured_content
-        assert isinstance(content, dict), f"{tool}: no structured content"
-        assert isinstance(result.content[0], TextContent)
-        if model is not None:
-            assert set(content) == wire_names(model), sorted(content)
-            model.model_validate(content)
-        return content
-
-    async def err(
-        self, tool: str, args: dict[str, Any], *fragments: str, committed_nothing: bool = False
-    ) -> str:
-        """An ``isError`` result naming ``fragments``, no traceback; the session still serves."""
-        result = await self.client.call_tool(tool, args)
-        message = text_of(result)
-        assert result.is_error, f"{tool}({str(args)[:300]}) did not fail: {message}"
-        assert message.startswith(f"Error executing tool {tool}"), message
-        for fragment in fragments:
-            assert fragment in message, f"{fragment!r} not in {message!r}"
-        if committed_nothing:
-            assert COMMITTED_NOTHING in message, message
-        assert not TRACEBACK_MARKERS.search(message), message
-        assert result.structured_content is None
-        assert await self.rows("SELECT 1") == [[1]]
-        return message
-
-    async def query(self, sql: str, params: Any = None, **more: Any) -> dict[str, Any]:
-        args: dict[str, Any] = {"database": DB, "sql": sql, **more}
-        if params is not None:
-            args["params"] = params
-        return await self.ok("db_query", args, DbQueryOutput)
-
-    async def rows(self, sql: str, params: Any = None) -> list[list[Any]]:
-        return list((await self.query(sql, params))["rows"])
-
-    async def execute(self, sql: str, params: Any = None) -> dict[str, Any]:
-        args: dict[str, Any] = {"database": DB, "sql": sql}
-        if params is not None:
-            args["params"] = params
-        return await self.ok("db_execute", args, DbExecuteOutput)
-
-    async def transaction(self, *statements: str | dict[str, Any], **kw: Any) -> dict[str, Any]:
-        stmts = [{"sql": s} if isinstance(s, str) else s for s in statements]
-        return await self.ok(
-            "db_transaction", {"database": DB, "statements": stmts}, DbTransactionOutput, **kw
-        )
 
     def on_disk(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return disk(self.db_path, sql, params)
@@ -649,28 +591,6 @@ async def check_progress(t: T) -> None:
     assert done[0] > 0
     assert done[-1] == n
     assert t.on_disk(f"SELECT count(*) FROM {slow}") == [(n + 5,)]
-
-
-class ProgressLog:
-    """A progress callback that keeps what arrived, and when the first one did."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[float, float | None]] = []
-        self.start = time.monotonic()
-        self.first_at: float | None = None
-        self.all_done = anyio.Event()
-
-    async def __call__(self, progress: float, total: float | None, _message: str | None) -> None:
-        if self.first_at is None:
-            self.first_at = time.monotonic() - self.start
-        self.seen.append((progress, total))
-        if progress == total:
-            self.all_done.set()
-
-    async def complete(self) -> None:
-        """Callbacks run in tasks of their own: the last may land just after the result."""
-        with anyio.fail_after(5):
-            await self.all_done.wait()
 
 
 def check_id(fn: Check) -> str:
