@@ -50,3 +50,18 @@ def test_the_layer_contracts_hold() -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:]
     assert "0 broken" in done.stdout
+
+
+def test_the_postgresql_database_is_public_and_loaded_on_first_use() -> None:
+    """``from atomictools import PgDatabase`` works, documented; importing atomictools alone
+    does not load the PostgreSQL driver (an optional extra)."""
+    code = (
+        "import sys, atomictools; loaded = 'psycopg' in sys.modules; "
+        "from atomictools import PgDatabase; "
+        "print(loaded, PgDatabase.__name__, 'psycopg' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.stdout.split() == ["False", "PgDatabase", "True"], done.stderr
+    assert own_docstring(atomictools.PgDatabase)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = atomictools.Nope  # type: ignore[attr-defined]

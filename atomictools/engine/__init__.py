@@ -13,6 +13,8 @@ from the folders below (checked by the import-linter contracts in ``pyproject.to
 - ``workspace``: the object that joins them for a caller.
 """
 
+import importlib
+
 from atomictools.engine.changes.idempotency import DEFAULT_TTL_SECONDS, MAX_KEY_LENGTH
 from atomictools.engine.changes.model import MAX_CHANGES, Change
 from atomictools.engine.changes.recovery_report import RecoveryReport, UnfinishedSet
@@ -178,3 +180,12 @@ __all__ = [
     "recover",
     "spelled",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``PgDatabase`` (a PostgreSQL database behind the same calls as ``Database``) is
+    imported on first use: its driver is the optional ``atomictools[postgres]`` extra."""
+    if name == "PgDatabase":
+        module = importlib.import_module("atomictools.engine.db.postgres")
+        return module.PgDatabase
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
