@@ -35,31 +35,14 @@ from atomictools.engine.db.dberrors import DatabaseBusyError, DatabaseError
 from atomictools.engine.errors import PermissionDeniedError
 from tests.changeset_child import install, scenario, snapshot
 from tests.conftest import mounted_tmpfs, temp_files
+from tests.strace import STRACE, needs_strace
 from tests.test_recovery import crash_child, records, tree_with_ours
 
 CHILD = Path(__file__).with_name("fault_child.py")
-STRACE = shutil.which("strace")
 NOBODY = 65534
 MiB = 1024 * 1024
 
 
-def _strace_problem() -> str | None:
-    if STRACE is None:
-        return "strace is not installed (.ci/run installs it; apt-get install strace)"
-    probe = subprocess.run(
-        [STRACE, "-f", "-qq", "-e", "trace=getpid", "-e", "inject=getpid:error=EIO", "true"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    if probe.returncode != 0:
-        return f"strace cannot trace here ({probe.stderr.strip()[:200]})"
-    return None
-
-
-STRACE_PROBLEM = _strace_problem()
-needs_strace = pytest.mark.skipif(STRACE_PROBLEM is not None, reason=STRACE_PROBLEM or "")
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root (mounts a tmpfs, or drops to an unprivileged user)"
 )

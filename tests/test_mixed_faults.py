@@ -32,7 +32,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -66,11 +65,11 @@ from atomictools.engine.db import database as database_module
 from atomictools.engine.db.dberrors import DatabaseBusyError, StatementError
 from atomictools.engine.durable.steps import CRASH_ENV, observe_steps
 from tests.conftest import mounted_tmpfs, read_record
+from tests.strace import STRACE, needs_strace
 
 pytestmark = pytest.mark.anyio
 
 REPO = Path(__file__).resolve().parent.parent
-STRACE = shutil.which("strace")
 SET_UNCHANGED = "nothing was committed, and no file was changed"
 A_OLD, A_NEW = b"alpha old\n", b"alpha new\n"
 BIG = bytes(range(256)) * 1200  # 300 KiB
@@ -804,24 +803,6 @@ async def test_an_unreadable_marker_keeps_the_set_for_recovery(
 
 # -- a failed COMMIT for real: strace fails the WAL's fdatasync ------------------------------
 
-
-def _strace_problem() -> str | None:
-    if STRACE is None:
-        return "strace is not installed (apt-get install strace)"
-    probe = subprocess.run(
-        [STRACE, "-f", "-qq", "-e", "trace=getpid", "-e", "inject=getpid:error=EIO", "true"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    if probe.returncode != 0:
-        return f"strace cannot trace here ({probe.stderr.strip()[:200]})"
-    return None
-
-
-STRACE_PROBLEM = _strace_problem()
-needs_strace = pytest.mark.skipif(STRACE_PROBLEM is not None, reason=STRACE_PROBLEM or "")
 
 WAL_CHILD = r"""
 import json, os, sys
